@@ -1,0 +1,253 @@
+"""Stage-1 preprocessing: point-map normalization, crop around the mask, square pad, resize.
+
+Reproduces the official `ss_preprocessor` (pipeline.yaml) operation for operation, in plain torch:
+1. Normalize the full-resolution point map by the object median (shift) and the scene's median
+   Chebyshev radius (scale) (`ObjectCentricSSI`).
+2. Cropped branch: box of 1.2x the mask's bounding box (zero outside the image, the point map too),
+   centred square pad (0 for RGB and mask, NaN for the point map), resize.
+3. Full branch: centred square pad with 0 everywhere (the point map too), resize.
+Resizes: bilinear with antialias for RGB, legacy nearest for masks and point maps (torchvision's
+tensor `Resize`, which skips the call when the size already matches).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sam3d_core.config import PreprocessConfig
+
+# ----------------------------------------------------------------------------------------------
+# 1. Point-map normalization
+
+
+def apply_pointmap_normalization(
+    pointmap: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
+    """(p - shift) / scale per pixel, as the official 4x4 homogeneous transform computes it.
+
+    pointmap [3, H, W], scale [3], shift [3] -> [3, H, W]. The official code applies the inverse of
+    `Transform3d().scale(scale).translate(shift)` to [x, y, z, 1] row vectors and divides by w.
+    Because w = 0*x + 0*y + 0*z + 1, a non-finite coordinate makes w NaN and so turns all three
+    coordinates of that pixel into NaN. We keep that: invalid pixels come out all-NaN.
+    """
+    inv_scale = 1.0 / scale  # [3]
+    matrix = torch.zeros(4, 4, dtype=pointmap.dtype, device=pointmap.device)
+    matrix[[0, 1, 2], [0, 1, 2]] = inv_scale
+    matrix[3, :3] = -shift * inv_scale
+    matrix[3, 3] = 1.0
+    points = pointmap.permute(1, 2, 0).reshape(-1, 3)  # [HW, 3]
+    homog = torch.cat([points, torch.ones_like(points[:, :1])], dim=1)  # [HW, 4]
+    out = torch.bmm(homog[None], matrix[None])[0]  # [HW, 4]
+    out = out[:, :3] / out[:, 3:]
+    return out.reshape(pointmap.shape[1], pointmap.shape[2], 3).permute(2, 0, 1)
+
+
+def pointmap_scale_shift(pointmap: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Object-centric scale-shift statistics (official `ObjectCentricSSI`, scene scale).
+
+    pointmap [3, H, W], mask [H, W] bool -> scale [3], shift [3]:
+    shift = per-axis nanmedian of the masked points (+-inf count as numbers, NaN is skipped);
+    scale = nanmedian over all pixels of max_axis |p - shift| (NaN if any axis is NaN), x3.
+    With no finite masked value at all: scale 1, shift 0 (the official fallback).
+    """
+    flat = pointmap.reshape(3, -1)  # [3, HW]
+    masked = flat[:, mask.reshape(-1)]  # [3, M]
+    if not masked.isfinite().any():
+        return torch.ones_like(flat[:, 0]), torch.zeros_like(flat[:, 0])
+    shift = masked.nanmedian(dim=-1).values  # [3]
+    radius = (flat - shift[:, None]).abs().max(dim=0).values  # [HW]
+    scale = radius.nanmedian(dim=-1).values.expand(3) * 1.0  # scale_factor 1.0
+    return scale, shift
+
+
+def normalize_pointmap(
+    pointmap: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pointmap [3, H, W] float32, mask [H, W] bool -> (normalized [3, H, W], scale [3], shift [3])."""
+    if pointmap.ndim != 3 or pointmap.shape[0] != 3:
+        raise ValueError(f"pointmap: got shape {tuple(pointmap.shape)}, expected [3, H, W]")
+    if mask.shape != pointmap.shape[1:] or mask.dtype != torch.bool:
+        raise ValueError(
+            f"mask: got {mask.dtype} {tuple(mask.shape)}, expected bool {tuple(pointmap.shape[1:])}"
+        )
+    scale, shift = pointmap_scale_shift(pointmap, mask)
+    return apply_pointmap_normalization(pointmap, scale, shift), scale, shift
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Crop around the mask
+
+
+def mask_crop_box(mask: torch.Tensor, box_size_factor: float) -> tuple[int, int, int, int]:
+    """mask [H, W] -> crop box (x0, y0, x1, y1), end-exclusive, possibly outside the image.
+
+    Official rounding: w = max_x - min_x (no +1), size = int(max(w, h, 2) * factor), float centre,
+    corners int(centre -+ size // 2) truncated toward zero (so the box may be one pixel narrower
+    where a corner is negative).
+    """
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    if ys.numel() == 0:
+        raise ValueError("mask: got an empty mask (no pixel set); pass a mask that covers the object")
+    x_min, x_max, y_min, y_max = (int(v) for v in (xs.min(), xs.max(), ys.min(), ys.max()))
+    w, h = x_max - x_min, y_max - y_min
+    if w < 2 or h < 2:
+        raise ValueError(
+            f"mask: bounding box is {w + 1}x{h + 1} pixels (x {x_min}..{x_max}, y {y_min}..{y_max}), "
+            f"expected at least 3x3; pass a mask that covers more of the object"
+        )
+    cx, cy = (x_min + x_max) / 2, (y_min + y_max) / 2
+    half = int(max(w, h, 2) * box_size_factor) // 2
+    return math.trunc(cx - half), math.trunc(cy - half), math.trunc(cx + half), math.trunc(cy + half)
+
+
+def crop_with_zero_padding(x: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """x [C, H, W] -> [C, y1 - y0, x1 - x0]; the parts outside the image are 0 (as torchvision crop)."""
+    x0, y0, x1, y1 = box
+    h, w = x.shape[-2:]
+    inside = x[:, max(y0, 0) : y1, max(x0, 0) : x1]
+    pad = (max(-x0, 0), max(x1 - w, 0), max(-y0, 0), max(y1 - h, 0))  # left, right, top, bottom
+    return F.pad(inside, pad, value=0.0)
+
+
+def pad_to_square(x: torch.Tensor, value: float) -> torch.Tensor:
+    """x [C, H, W] -> [C, S, S], S = max(H, W), centred; the odd extra pixel goes bottom/right."""
+    h, w = x.shape[-2:]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    return F.pad(x, (left, side - w - left, top, side - h - top), value=value)
+
+
+def crop_around_mask(
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    pointmap: torch.Tensor,
+    box_size_factor: float = 1.2,
+    padding_factor: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """image [3, H, W], mask [1, H, W], pointmap [3, H, W] -> the same three, cropped and square.
+
+    Zero outside the image for all three; the square pad (and the optional padding_factor border)
+    is 0 for image and mask and NaN for the point map.
+    """
+    box = mask_crop_box(mask[0], box_size_factor)
+    rgba = pad_to_square(crop_with_zero_padding(torch.cat([image, mask]), box), 0.0)
+    pointmap = pad_to_square(crop_with_zero_padding(pointmap, box), float("nan"))
+    if padding_factor > 0:
+        extra = int(rgba.shape[-1] * padding_factor)
+        rgba = F.pad(rgba, (extra,) * 4, value=0.0)
+        pointmap = F.pad(pointmap, (extra,) * 4, value=float("nan"))
+    return rgba[:3], rgba[3:], pointmap
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Square pad + resize
+
+
+def resize_square(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """x [C, S, S] -> [C, size, size]; "bilinear" (antialiased) or "nearest"; no-op at the size."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x  # torchvision's Resize returns its input unchanged here
+    if mode == "bilinear":
+        return F.interpolate(
+            x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )[0]
+    return F.interpolate(x[None], size=(size, size), mode="nearest")[0]
+
+
+def _to_size(image: torch.Tensor, mask: torch.Tensor, pointmap: torch.Tensor, size: int):
+    """Official img/mask/pointmap transforms: centred square pad with 0, then resize."""
+    return (
+        resize_square(pad_to_square(image, 0.0), size, "bilinear"),
+        resize_square(pad_to_square(mask, 0.0), size, "nearest"),
+        resize_square(pad_to_square(pointmap, 0.0), size, "nearest"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage-1 recipe
+
+
+def _as_tensor(name: str, x, expected: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    raise ValueError(f"{name}: got {type(x).__name__}, expected a numpy array or torch tensor {expected}")
+
+
+def _check_inputs(image, mask, pointmap) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate and convert to image [3, H, W] float32 in [0, 1], mask [H, W] bool, pointmap [3, H, W]."""
+    image = _as_tensor("image", image, "uint8 [H, W, 3]")
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[-1] not in (3, 4):
+        raise ValueError(
+            f"image: got {image.dtype} {tuple(image.shape)}, expected uint8 [H, W, 3] (RGB in 0..255); "
+            f"convert with (img * 255).round().astype(np.uint8) if it is float in [0, 1]"
+        )
+    h, w = image.shape[:2]
+    mask = _as_tensor("mask", mask, "bool [H, W]")
+    if mask.ndim != 2 or mask.is_floating_point() or mask.is_complex():
+        raise ValueError(
+            f"mask: got {mask.dtype} {tuple(mask.shape)}, expected bool or integer [H, W] (nonzero = "
+            f"object); threshold a soft mask first, e.g. mask > 0.5"
+        )
+    if tuple(mask.shape) != (h, w):
+        raise ValueError(
+            f"mask: got size {tuple(mask.shape)}, expected the image size {(h, w)}; "
+            f"resize the mask (nearest) to the image"
+        )
+    pointmap = _as_tensor("pointmap", pointmap, "float [H, W, 3]")
+    if pointmap.ndim != 3 or pointmap.shape[-1] != 3 or not pointmap.is_floating_point():
+        raise ValueError(
+            f"pointmap: got {pointmap.dtype} {tuple(pointmap.shape)}, expected float [H, W, 3] "
+            f"(PyTorch3D camera frame; invalid pixels inf or NaN)"
+        )
+    # Official pipeline: [0, 255] -> float64 / 255 -> float32.
+    image = (image[..., :3].permute(2, 0, 1).double() / 255).float()  # [3, H, W]
+    pointmap = pointmap.float().permute(2, 0, 1)  # [3, h, w]
+    if tuple(pointmap.shape[1:]) != (h, w):  # the official pipeline resizes a user point map
+        pointmap = F.interpolate(pointmap[None], size=(h, w), mode="nearest")[0]
+    return image, mask != 0, pointmap
+
+
+def preprocess_stage1(
+    image: np.ndarray | torch.Tensor,
+    mask: np.ndarray | torch.Tensor,
+    pointmap: np.ndarray | torch.Tensor,
+    cfg: PreprocessConfig,
+) -> dict[str, torch.Tensor]:
+    """One photo + one object mask + the photo's point map -> the stage-1 condition inputs.
+
+    image: uint8 [H, W, 3] (numpy or torch, RGB 0..255); mask: bool/integer [H, W], nonzero =
+    object; pointmap: float [H, W, 3] in the PyTorch3D camera frame (x left, y up, z forward),
+    invalid pixels inf/NaN (resized with nearest to the image size if it differs).
+    Returns float32 tensors with a batch dim of 1 (official key names):
+    image, rgb_image, pointmap, rgb_pointmap [1, 3, S, S]; mask, rgb_image_mask [1, 1, S, S];
+    pointmap_scale, pointmap_shift [1, 3]. "rgb_*" are the full-image views.
+    """
+    image, mask, pointmap = _check_inputs(image, mask, pointmap)
+    size = cfg.image_size
+    # 1. Normalize the full-resolution point map; the same scale/shift serve both branches.
+    normed, scale, shift = normalize_pointmap(pointmap, mask)
+    mask = mask[None].float()  # [1, H, W] in {0, 1}
+    # 2. Cropped branch.
+    crop_image, crop_mask, crop_points = crop_around_mask(
+        image, mask, normed, cfg.box_size_factor, cfg.padding_factor
+    )
+    crop_image, crop_mask, crop_points = _to_size(crop_image, crop_mask, crop_points, size)
+    # 3. Full branch (the point map's square pad is 0, not NaN: an official quirk we keep).
+    full_image, full_mask, full_points = _to_size(image, mask, normed, size)
+    out = {
+        "image": crop_image,
+        "mask": crop_mask,
+        "rgb_image": full_image,
+        "rgb_image_mask": full_mask,
+        "pointmap": crop_points,
+        "rgb_pointmap": full_points,
+        "pointmap_scale": scale,
+        "pointmap_shift": shift,
+    }
+    return {k: v[None].contiguous() for k, v in out.items()}
