@@ -1,0 +1,267 @@
+"""Official SAM 3D Objects files -> our configs and state dicts.
+
+The official folder holds hydra YAMLs and pickled `.ckpt` files. We read the YAMLs as plain data
+(yaml.safe_load; `_target_` strings are checked, never instantiated) and the checkpoints with
+`torch.load(weights_only=True)`, which refuses any pickled code. Our modules use the official parameter
+names, so converting a checkpoint is a prefix map; hub.py then checks every key and shape.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sam3d_core.config import (
+    POSE_LATENTS,
+    ConditionConfig,
+    DinoConfig,
+    PointmapEmbedConfig,
+    PreprocessConfig,
+    SSDecoderConfig,
+    SSFlowConfig,
+    Stage1Config,
+)
+
+HF_REPO = "facebook/sam-3d-objects"
+WHERE_TO_GET = (
+    f"download the gated Hugging Face repository {HF_REPO} (folder checkpoints/) after accepting its "
+    "licence, then run `sam3d weights import <that folder>`"
+)
+
+# name -> (embed_dim, depth, num_heads) for the DINOv2 hub entries the official YAMLs may name.
+DINO_ARCHS = {"vits14": (384, 12, 6), "vitb14": (768, 12, 12), "vitl14": (1024, 24, 16)}
+DINO_OVERRIDABLE = {"embed_dim", "depth", "num_heads", "img_size", "pretrained"}
+
+
+@dataclass(frozen=True)
+class Component:
+    """One official checkpoint file and where its tensors go in our model."""
+
+    name: str  # official stem: ss_generator, ss_decoder, ...
+    state_dict_key: str | None  # "state_dict" for Lightning-style files, None for flat ones
+    prefixes: tuple[tuple[str, str], ...]  # (official prefix, our prefix)
+    target_suffix: str  # expected end of the YAML's _target_
+
+
+STAGE1_COMPONENTS = (
+    Component(
+        "ss_generator",
+        "state_dict",
+        (
+            ("_base_models.condition_embedder.", "condition_embedder."),
+            ("_base_models.generator.reverse_fn.backbone.", "generator."),
+        ),
+        "ShortCut",
+    ),
+    Component("ss_decoder", None, (("", "decoder."),), "SparseStructureDecoderTdfyWrapper"),
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or folder that cannot be used, with what is wrong and how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML -> config
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"missing {path.name} in {path.parent}; {WHERE_TO_GET}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{path} is not valid YAML ({e}); re-download it") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds no mapping; re-download it")
+    return data
+
+
+def _get(d: dict, dotted: str, where: str) -> Any:
+    node: Any = d
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise CheckpointError(f"{where}: field {dotted!r} is missing; is this an official SAM 3D file?")
+        node = node[part]
+    return node
+
+
+def _check_target(node: dict, suffix: str, where: str) -> None:
+    target = str(node.get("_target_", ""))
+    if not target.endswith(suffix):
+        raise CheckpointError(f"{where}: _target_ is {target!r}, expected one ending in {suffix!r}")
+
+
+def dino_config(entry: dict, where: str) -> DinoConfig:
+    _check_target(entry, ".Dino", where)
+    name = str(entry.get("dino_model", ""))
+    arch = name.removeprefix("dinov2_").removesuffix("_reg")
+    if arch not in DINO_ARCHS:
+        raise CheckpointError(f"{where}: dino_model {name!r} is not supported; expected one of "
+                              f"{sorted('dinov2_' + a + '_reg' for a in DINO_ARCHS)}")
+    embed_dim, depth, heads = DINO_ARCHS[arch]
+    kwargs = dict(entry.get("backbone_kwargs") or {})
+    unknown = set(kwargs) - DINO_OVERRIDABLE
+    if unknown:
+        raise CheckpointError(f"{where}: backbone_kwargs {sorted(unknown)} are not supported")
+    size = int(entry.get("input_size", 224))
+    if int(kwargs.get("img_size", 518)) != size:
+        raise CheckpointError(f"{where}: DINO img_size {kwargs.get('img_size', 518)} != input_size {size}; "
+                              "position-embedding interpolation is not supported")
+    return DinoConfig(
+        image_size=size,
+        embed_dim=int(kwargs.get("embed_dim", embed_dim)),
+        depth=int(kwargs.get("depth", depth)),
+        num_heads=int(kwargs.get("num_heads", heads)),
+        num_register_tokens=4 if name.endswith("_reg") else 0,
+        prenorm_features=bool(entry.get("prenorm_features", False)),
+    )
+
+
+def condition_config(fuser: dict, where: str) -> ConditionConfig:
+    _check_target(fuser, ".EmbedderFuser", where)
+    entries = fuser.get("embedder_list") or []
+    inputs = [[tuple(kg) for kg in e[1]] for e in entries]
+    expected = [[("image", "cropped"), ("rgb_image", "full")], [("mask", "cropped"), ("rgb_image_mask", "full")]]
+    if inputs[:2] != expected or len(entries) not in (2, 3):
+        raise CheckpointError(f"{where}: embedder_list inputs {inputs} do not match the official layout")
+    dinos = [dino_config(e[0], f"{where} embedder_list[{i}]") for i, e in enumerate(entries[:2])]
+    if dinos[0] != dinos[1]:
+        raise CheckpointError(f"{where}: the image and mask DINO configurations differ ({dinos})")
+    pointmap = None
+    if len(entries) == 3:
+        pm = entries[2][0]
+        _check_target(pm, ".PointPatchEmbed", where)
+        if pm.get("remap_output", "exp") != "linear":
+            raise CheckpointError(f"{where}: PointPatchEmbed remap_output {pm.get('remap_output')!r} unsupported")
+        pointmap = PointmapEmbedConfig(
+            input_size=int(pm["input_size"]), patch_size=int(pm["patch_size"]), embed_dim=int(pm["embed_dim"])
+        )
+    return ConditionConfig(
+        dino=dinos[0],
+        pointmap=pointmap,
+        projection_hidden_multiplier=float(fuser.get("projection_net_hidden_dim_multiplier", 4.0)),
+    )
+
+
+def flow_config(backbone: dict, where: str) -> SSFlowConfig:
+    _check_target(backbone, "SparseStructureFlowTdfyWrapper", where)
+    mapping = backbone.get("latent_mapping") or {}
+    want = dict(POSE_LATENTS) | {"shape": int(backbone.get("in_channels", 8))}
+    got = {k: int(v.get("in_channels", -1)) for k, v in mapping.items()}
+    if got != want:
+        raise CheckpointError(f"{where}: latent_mapping {got} differs from the official {want}")
+    shared = backbone.get("latent_share_transformer") or {}
+    if list(shared.get("6drotation_normalized", [])) != [n for n, _ in POSE_LATENTS]:
+        raise CheckpointError(f"{where}: latent_share_transformer {shared} differs from the official pose stream")
+    if backbone.get("pe_mode", "ape") != "ape" or int(backbone.get("patch_size", 1)) != 1:
+        raise CheckpointError(f"{where}: only pe_mode 'ape' with patch_size 1 is supported")
+    return SSFlowConfig(
+        model_channels=int(backbone["model_channels"]),
+        cond_channels=int(backbone["cond_channels"]),
+        num_blocks=int(backbone["num_blocks"]),
+        num_heads=int(backbone["num_heads"]),
+        mlp_ratio=float(backbone.get("mlp_ratio", 4)),
+        resolution=int(backbone["resolution"]),
+        latent_channels=int(backbone.get("in_channels", 8)),
+        qk_rms_norm=bool(backbone.get("qk_rms_norm", False)),
+        is_shortcut_model=bool(backbone.get("is_shortcut_model", False)),
+    )
+
+
+def decoder_config(data: dict, where: str) -> SSDecoderConfig:
+    _check_target(data, "SparseStructureDecoderTdfyWrapper", where)
+    if data.get("norm_type", "layer") != "layer":
+        raise CheckpointError(f"{where}: norm_type {data.get('norm_type')!r} unsupported (expected 'layer')")
+    return SSDecoderConfig(
+        latent_channels=int(data["latent_channels"]),
+        channels=tuple(int(c) for c in data["channels"]),
+        num_res_blocks=int(data["num_res_blocks"]),
+        num_res_blocks_middle=int(data.get("num_res_blocks_middle", 2)),
+        out_channels=int(data["out_channels"]),
+    )
+
+
+def preprocess_config(pipeline: dict, where: str) -> PreprocessConfig:
+    pre = _get(pipeline, "ss_preprocessor", where)
+    resize = [t for t in _get(pre, "img_transform.transforms", where) if "Resize" in str(t.get("_target_"))]
+    crop = [t for t in _get(pre, "img_mask_pointmap_joint_transform", where)
+            if str(t.get("_target_", "")).endswith("crop_around_mask_with_padding")]
+    if len(resize) != 1 or len(crop) != 1:
+        raise CheckpointError(f"{where}: ss_preprocessor does not have the official resize + crop")
+    return PreprocessConfig(
+        image_size=int(resize[0]["size"]),
+        box_size_factor=float(crop[0].get("box_size_factor", 1.2)),
+        padding_factor=float(crop[0].get("padding_factor", 0.0)),
+    )
+
+
+def stage1_config_from_official(folder: Path) -> Stage1Config:
+    """Read pipeline.yaml, ss_generator.yaml and ss_decoder.yaml of an official folder."""
+    pipeline = read_yaml(folder / "pipeline.yaml")
+    gen_path = folder / str(pipeline.get("ss_generator_config_path", "ss_generator.yaml"))
+    dec_path = folder / str(pipeline.get("ss_decoder_config_path", "ss_decoder.yaml"))
+    gen, dec = read_yaml(gen_path), read_yaml(dec_path)
+    w = gen_path.name
+    _check_target(_get(gen, "module.generator.backbone", w), "ShortCut", w)
+    cfg = Stage1Config(
+        condition=condition_config(_get(gen, "module.condition_embedder.backbone", w), w),
+        flow=flow_config(_get(gen, "module.generator.backbone.reverse_fn.backbone", w), w),
+        decoder=decoder_config(dec, dec_path.name),
+        preprocess=preprocess_config(pipeline, "pipeline.yaml"),
+    )
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: inconsistent configuration: {e}") from e
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# .ckpt -> our state dict
+
+
+def load_official_checkpoint(path: Path) -> dict:
+    """torch.load with weights_only=True (never unpickles code) and mmap (no RAM copy of 6 GB files)."""
+    if not path.is_file():
+        raise CheckpointError(f"missing {path.name} in {path.parent}; {WHERE_TO_GET}")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} ({path.stat().st_size} bytes) is truncated or not a PyTorch checkpoint "
+            f"(no zip central directory); re-download it ({WHERE_TO_GET})"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError or zip errors
+        text = str(e)
+        if "Weights only load failed" in text or "Unsupported global" in text:
+            raise CheckpointError(
+                f"{path} contains pickled objects other than tensors (possible code); refusing to load it. "
+                f"Use the official file from {HF_REPO}"
+            ) from None
+        raise CheckpointError(f"{path} cannot be read ({text.splitlines()[0]}); it is corrupt or "
+                              f"truncated: re-download it") from None
+
+
+def convert_state_dict(raw: dict, component: Component, path: Path) -> dict[str, torch.Tensor]:
+    """Select the component's tensors by official prefix and rename them to our prefix."""
+    if component.state_dict_key is not None:
+        if not isinstance(raw, dict) or component.state_dict_key not in raw:
+            keys = list(raw)[:5] if isinstance(raw, dict) else type(raw).__name__
+            raise CheckpointError(f"{path}: no {component.state_dict_key!r} entry (found {keys}); "
+                                  f"is this the official {component.name}.ckpt?")
+        raw = raw[component.state_dict_key]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        for official, ours in component.prefixes:
+            if key.startswith(official):
+                if not isinstance(value, torch.Tensor):
+                    raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+                out[ours + key[len(official):]] = value
+                break
+    return out

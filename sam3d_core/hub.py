@@ -1,0 +1,215 @@
+"""Find, import, verify and load model weights. Offline only: nothing here touches the network.
+
+An imported model is a folder `<data dir>/models/<name>/` holding
+    stage1.json                our Stage1Config
+    ss_generator.safetensors   condition_embedder.* and generator.* tensors
+    ss_decoder.safetensors     decoder.* tensors
+    manifest.json              sha256 and size of every file above and of the official sources
+The sha256 of every weight file is checked when it is loaded.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sam3d_core import __version__
+from sam3d_core.config import Stage1Config, load_json, save_json
+from sam3d_core.convert import (
+    STAGE1_COMPONENTS,
+    WHERE_TO_GET,
+    CheckpointError,
+    convert_state_dict,
+    load_official_checkpoint,
+    stage1_config_from_official,
+)
+
+MANIFEST_FORMAT = 1
+
+
+def data_dir() -> Path:
+    """The user data folder: $SAM3D_HOME, else the platform's per-user data location."""
+    if os.environ.get("SAM3D_HOME"):
+        return Path(os.environ["SAM3D_HOME"]).expanduser()
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "sam3d"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "sam3d"
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "sam3d"
+
+
+def models_dir() -> Path:
+    return data_dir() / "models"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    name: str
+    folder: Path
+    num_tensors: int
+    num_parameters: int
+    ignored_keys: int  # official entries outside the prefixes we load (e.g. EMA copies), as upstream
+
+
+def expected_stage1_shapes(cfg: Stage1Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor our Stage1Model holds in its state dict, built on the meta device (no memory)."""
+    from sam3d_core.stage1 import Stage1Model
+
+    with torch.device("meta"):
+        model = Stage1Model(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _check_keys(got: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], src: Path) -> None:
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(got) & set(expected) if tuple(got[k].shape) != expected[k])
+    if not (missing or unexpected or wrong):
+        return
+    lines = [f"{src}: the checkpoint does not match the model its YAML describes."]
+    for title, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            lines.append(f"  {len(keys)} {title} tensors: " + ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else ""))
+    for k in wrong[:12]:
+        lines.append(f"  shape of {k}: file {tuple(got[k].shape)}, model {expected[k]}")
+    lines.append(f"  Files from different releases or a partial download? {WHERE_TO_GET}")
+    raise CheckpointError("\n".join(lines))
+
+
+def import_official(src: str | Path, name: str = "official", root: Path | None = None,
+                    overwrite: bool = False) -> ImportReport:
+    """Convert an official checkpoint folder (YAML + .ckpt) into a verified model folder of ours."""
+    src = Path(src).expanduser().resolve()
+    if not src.is_dir():
+        raise CheckpointError(f"{src} is not a folder; pass the official checkpoints/ folder ({WHERE_TO_GET})")
+    cfg = stage1_config_from_official(src)
+    expected = expected_stage1_shapes(cfg)
+    root = models_dir() if root is None else Path(root)
+    dest = root / name
+    if dest.exists() and not overwrite:
+        raise CheckpointError(f"{dest} already exists; pass --overwrite to replace it or choose another --name")
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        sources, ignored = {}, 0
+        per_file: dict[str, list[str]] = {}
+        for comp in STAGE1_COMPONENTS:
+            path = src / f"{comp.name}.ckpt"
+            raw = load_official_checkpoint(path)
+            converted = convert_state_dict(raw, comp, path)
+            inner = raw[comp.state_dict_key] if comp.state_dict_key else raw
+            ignored += len(inner) - len(converted)
+            tensors.update(converted)
+            per_file[comp.name] = list(converted)
+            sources[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        _check_keys(tensors, expected, src)
+
+        files = {}
+        for comp_name, keys in per_file.items():
+            out = tmp / f"{comp_name}.safetensors"
+            save_file({k: tensors[k].contiguous() for k in keys}, str(out), metadata={"format": "pt"})
+            files[out.name] = {"sha256": sha256_file(out), "bytes": out.stat().st_size}
+        save_json(cfg, tmp / "stage1.json")
+        cfg_file = tmp / "stage1.json"
+        files[cfg_file.name] = {"sha256": sha256_file(cfg_file), "bytes": cfg_file.stat().st_size}
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "name": name,
+            "source": str(src),
+            "sources": sources,
+            "files": files,
+            "imported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "sam3d_version": __version__,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n_params = sum(t.numel() for t in tensors.values())
+    return ImportReport(name, dest, len(tensors), n_params, ignored)
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path).expanduser()
+    if (p / "manifest.json").is_file():
+        return p
+    q = models_dir() / str(name_or_path)
+    if (q / "manifest.json").is_file():
+        return q
+    raise CheckpointError(
+        f"no imported model {str(name_or_path)!r} (looked in {p} and {q}); "
+        f"run `sam3d weights list` to see what is there, or import one: {WHERE_TO_GET}"
+    )
+
+
+def verify(model_dir: str | Path) -> list[str]:
+    """Check every file of an imported model against its manifest. Returns the problems found."""
+    folder = resolve_model_dir(model_dir)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    problems = []
+    for fname, rec in manifest["files"].items():
+        path = folder / fname
+        if not path.is_file():
+            problems.append(f"{fname}: missing")
+        elif path.stat().st_size != rec["bytes"]:
+            problems.append(f"{fname}: {path.stat().st_size} bytes, expected {rec['bytes']} (truncated?)")
+        elif sha256_file(path) != rec["sha256"]:
+            problems.append(f"{fname}: sha256 differs from the one recorded at import (modified or corrupt)")
+    return problems
+
+
+def list_models() -> list[dict]:
+    root = models_dir()
+    out = []
+    for m in sorted(root.glob("*/manifest.json")) if root.is_dir() else []:
+        data = json.loads(m.read_text())
+        size = sum(r["bytes"] for r in data["files"].values())
+        out.append({"name": m.parent.name, "folder": str(m.parent), "bytes": size,
+                    "imported_at": data.get("imported_at"), "source": data.get("source")})
+    return out
+
+
+def remove(name: str) -> Path:
+    folder = resolve_model_dir(name)
+    shutil.rmtree(folder)
+    return folder
+
+
+def load_stage1_state(model_dir: str | Path, check_hashes: bool = True) -> tuple[Stage1Config, dict, str]:
+    """Config, tensors and a short weights hash (provenance) of an imported model."""
+    folder = resolve_model_dir(model_dir)
+    if check_hashes:
+        problems = verify(folder)
+        if problems:
+            raise CheckpointError(f"{folder} failed its integrity check: " + "; ".join(problems)
+                                  + ". Re-import the official folder with `sam3d weights import`.")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    cfg = load_json(Stage1Config, folder / "stage1.json")
+    state: dict[str, torch.Tensor] = {}
+    for comp in STAGE1_COMPONENTS:
+        state.update(load_file(str(folder / f"{comp.name}.safetensors")))
+    digest = hashlib.sha256("".join(sorted(r["sha256"] for r in manifest["files"].values())).encode())
+    return cfg, state, digest.hexdigest()[:16]
