@@ -1,0 +1,166 @@
+"""`sam3d` command line: thin subcommands over library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EXAMPLE_PHOTO = ASSETS / "examples" / "coffee.png"
+EXAMPLE_MASK = ASSETS / "examples" / "coffee_mask.png"
+
+
+def _fail(msg: str) -> int:
+    print(f"sam3d: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from sam3d_core import hub
+
+    if args.action == "import":
+        t0 = time.perf_counter()
+        rep = hub.import_official(args.folder, name=args.name, root=args.root, overwrite=args.overwrite)
+        print(f"imported {rep.num_tensors} tensors ({rep.num_parameters / 1e6:.1f} M parameters) "
+              f"into {rep.folder} in {time.perf_counter() - t0:.1f} s"
+              + (f"; {rep.ignored_keys} other entries ignored" if rep.ignored_keys else ""))
+    elif args.action == "list":
+        models = hub.list_models()
+        if not models:
+            print(f"no models in {hub.models_dir()}; import one with `sam3d weights import FOLDER`")
+        for m in models:
+            print(f"{m['name']:<16} {m['bytes'] / 1e9:6.2f} GB  {m['folder']}  (from {m['source']})")
+    elif args.action == "verify":
+        problems = hub.verify(args.name)
+        for p in problems:
+            print(f"FAIL {p}")
+        print("ok" if not problems else f"{len(problems)} problem(s); re-import the model")
+        return 0 if not problems else 1
+    elif args.action == "remove":
+        print(f"removed {hub.remove(args.name)}")
+    return 0
+
+
+def _load_inputs(photo: Path, mask: Path):
+    import numpy as np
+    from PIL import Image
+
+    for p in (photo, mask):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} does not exist")
+    image = np.asarray(Image.open(photo).convert("RGB"))
+    m = np.asarray(Image.open(mask).convert("L")) > 127
+    return image, m
+
+
+def _pick_pipeline(model: str | None, device: str | None):
+    """The best model available: an imported one (official first), else a tiny random-weight model."""
+    import torch
+
+    from sam3d_core import hub
+    from sam3d_core.registry import stage1_preset
+    from sam3d_core.stage1 import Stage1Pipeline
+
+    names = [m["name"] for m in hub.list_models()]
+    cuda = torch.cuda.is_available()
+    if model is None and "official" in names and cuda:
+        model = "official"
+    if model and model != "tiny":
+        return Stage1Pipeline.from_pretrained(model, device=device), f"imported model {model!r}"
+    why = "no imported weights" if not names else "no GPU for the official model (use --model official to force)"
+    pipe = Stage1Pipeline.from_random(stage1_preset("tiny"), seed=0, device=device or "cpu")
+    return pipe, f"tiny random-weight model ({why}; output shapes are meaningless)"
+
+
+def cmd_stage1(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from sam3d_core.camera import fallback_pointmap
+    from sam3d_core.export.voxels import save_voxels_glb
+
+    image, mask = _load_inputs(Path(args.photo), Path(args.mask))
+    pipe, which = _pick_pipeline(args.model, args.device)
+    print(f"model: {which}")
+    pointmap, K = fallback_pointmap(*image.shape[:2])
+    print("point map: none given; a plane at unit distance with a 60 degree field of view (relative units)")
+    t0 = time.perf_counter()
+    out = pipe(image, mask, pointmap, seed=args.seed, steps=args.steps, shortcut=args.fast,
+               progress=lambda i, n: print(f"\rstage 1: step {i}/{n}", end="", flush=True))
+    print(f"\rstage 1: {len(out.coords)} voxels in {time.perf_counter() - t0:.1f} s")
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    pose = out.pose
+    rot, trans, scale = (pose.rotation[0].cpu().numpy(), pose.translation[0].cpu().numpy(),
+                         pose.scale[0].cpu().numpy())
+    glb = save_voxels_glb(outdir / "object_0_voxels.glb", out.coords[:, 1:].cpu().numpy(), rot, trans, scale)
+    record = {
+        "frame": "PyTorch3D camera (x left, y up, z forward); the GLB is in glTF camera space (camera at the "
+                 "origin looking down -z)",
+        "intrinsics": np.asarray(K).tolist(), "image_size": list(image.shape[:2]),
+        "objects": [{"glb": glb.name, "num_voxels": int(len(out.coords)),
+                     "rotation_wxyz": pose.quaternion[0].tolist(), "translation": trans.tolist(),
+                     "scale": scale.tolist(), "settings": out.settings}],
+        "model": which,
+    }
+    (outdir / "scene.json").write_text(json.dumps(record, indent=2))
+    print(f"wrote {glb} and {outdir / 'scene.json'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.photo, args.mask = str(EXAMPLE_PHOTO), str(EXAMPLE_MASK)
+    args.steps, args.fast = None, False
+    return cmd_stage1(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sam3d", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("weights", help="import, list, verify or remove model weights (offline)")
+    wsub = w.add_subparsers(dest="action", required=True)
+    wi = wsub.add_parser("import", help="convert an official checkpoint folder (YAML + .ckpt)")
+    wi.add_argument("folder")
+    wi.add_argument("--name", default="official")
+    wi.add_argument("--root", type=Path, default=None, help="models folder (default: the user data folder)")
+    wi.add_argument("--overwrite", action="store_true")
+    wsub.add_parser("list")
+    for action in ("verify", "remove"):
+        wsub.add_parser(action).add_argument("name")
+    w.set_defaults(func=cmd_weights)
+
+    def common(sp):
+        sp.add_argument("--out", default="sam3d_out")
+        sp.add_argument("--model", default=None, help="an imported model name, or 'tiny'")
+        sp.add_argument("--device", default=None)
+        sp.add_argument("--seed", type=int, default=42)
+
+    s1 = sub.add_parser("stage1", help="coarse shape + layout of one masked object")
+    s1.add_argument("photo")
+    s1.add_argument("--mask", required=True)
+    s1.add_argument("--steps", type=int, default=None)
+    s1.add_argument("--fast", action="store_true", help="shortcut mode: few steps, no CFG")
+    common(s1)
+    s1.set_defaults(func=cmd_stage1)
+
+    d = sub.add_parser("demo", help="run on the bundled example photo")
+    common(d)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sam3d_core.convert import CheckpointError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Writers for reconstructed objects (GLB, PLY, scene JSON). trimesh is imported lazily."""
