@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="torch.compile the flow model's fast path")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="launch kernels eagerly (for comparison)")
     ap.add_argument("--official-json", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -67,26 +68,29 @@ def main() -> None:
     image, mask = _load_inputs(EXAMPLE_PHOTO, EXAMPLE_MASK)
     pointmap, _ = fallback_pointmap(*image.shape[:2])
     pipe = Stage1Pipeline.from_random(stage1_preset(args.preset), seed=0, device=args.device,
-                                      dtype=DTYPES[args.dtype], compile=args.compile)
+                                      dtype=DTYPES[args.dtype],
+                                      compile=args.compile)
+    pipe.cuda_graphs = pipe.cuda_graphs and not args.no_cuda_graphs
     rows = {}
     for mode, shortcut in (("default (25 steps, CFG 7)", False), ("shortcut (4 steps)", True)):
-        run_once(pipe, image, mask, pointmap, shortcut)  # warm-up
+        first = run_once(pipe, image, mask, pointmap, shortcut)  # warm-up: compilation, graph capture
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         runs = [run_once(pipe, image, mask, pointmap, shortcut) for _ in range(args.repeats)]
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         if device.type == "cuda":
             med["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        med["first_call_s"] = first["total"]
         rows[mode] = med
 
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "torch": torch.__version__, "preset": args.preset, "dtype": args.dtype, "compile": args.compile,
+        "torch": torch.__version__, "preset": args.preset, "dtype": args.dtype,
+        "compile": args.compile, "cuda_graphs": pipe.cuda_graphs,
         "date": time.strftime("%Y-%m-%d"), "ours": rows,
     }
     if args.official_json and args.official_json.is_file():
         result["official"] = json.loads(args.official_json.read_text())
-    print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     for mode, r in rows.items():

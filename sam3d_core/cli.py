@@ -56,7 +56,7 @@ def _load_inputs(photo: Path, mask: Path):
     return image, m
 
 
-def _pick_pipeline(model: str | None, device: str | None):
+def _pick_pipeline(model: str | None, device: str | None, compile: bool = False):
     """The best model available: an imported one (official first), else a tiny random-weight model."""
     import torch
 
@@ -69,7 +69,8 @@ def _pick_pipeline(model: str | None, device: str | None):
     if model is None and "official" in names and cuda:
         model = "official"
     if model and model != "tiny":
-        return Stage1Pipeline.from_pretrained(model, device=device), f"imported model {model!r}"
+        pipe = Stage1Pipeline.from_pretrained(model, device=device, compile=compile)
+        return pipe, f"imported model {model!r}"
     why = "no imported weights" if not names else "no GPU for the official model (use --model official to force)"
     pipe = Stage1Pipeline.from_random(stage1_preset("tiny"), seed=0, device=device or "cpu")
     return pipe, f"tiny random-weight model ({why}; output shapes are meaningless)"
@@ -82,7 +83,7 @@ def cmd_stage1(args: argparse.Namespace) -> int:
     from sam3d_core.export.voxels import save_voxels_glb
 
     image, mask = _load_inputs(Path(args.photo), Path(args.mask))
-    pipe, which = _pick_pipeline(args.model, args.device)
+    pipe, which = _pick_pipeline(args.model, args.device, args.compile)
     print(f"model: {which}")
     pointmap, K = fallback_pointmap(*image.shape[:2])
     print("point map: none given; a plane at unit distance with a 60 degree field of view (relative units)")
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", default=None, help="an imported model name, or 'tiny'")
         sp.add_argument("--device", default=None)
         sp.add_argument("--seed", type=int, default=42)
+        sp.add_argument("--compile", action="store_true",
+                        help="torch.compile the flow model (faster sampling after a one-off compile; needs triton)")
 
     s1 = sub.add_parser("stage1", help="coarse shape + layout of one masked object")
     s1.add_argument("photo")

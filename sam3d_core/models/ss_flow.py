@@ -161,12 +161,13 @@ class MoTBlock(nn.Module):
 
     def attend(self, x: dict, mod: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         shift, scale, gate = mod[:3]
-        h = self.self_attn({s: self.norm1(v) * (1 + scale) + shift for s, v in x.items()})
-        return {s: v + h[s] * gate for s, v in x.items()}
+        h = self.self_attn({s: torch.addcmul(shift, self.norm1(v), 1 + scale) for s, v in x.items()})
+        return {s: torch.addcmul(v, h[s], gate) for s, v in x.items()}
 
     def feed_forward(self, x: dict, mod: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         shift, scale, gate = mod[3:]
-        return {s: v + self.mlp[s](self.norm3(v) * (1 + scale) + shift) * gate for s, v in x.items()}
+        return {s: torch.addcmul(v, self.mlp[s](torch.addcmul(shift, self.norm3(v), 1 + scale)), gate)
+                for s, v in x.items()}
 
     def forward(self, x: dict, t_emb: torch.Tensor, cond: torch.Tensor) -> dict[str, torch.Tensor]:
         mod = self.modulation(t_emb)
@@ -335,12 +336,44 @@ class SSFlowModel(nn.Module):
     # --- fast exact path ---
 
     @torch.no_grad()
-    def prepare_condition(self, cond: torch.Tensor) -> ConditionCache:
-        """Project the condition tokens [B, Nc, Cc] to every block's cross-attention K/V, once."""
+    def prepare_condition(self, cond: torch.Tensor, out: ConditionCache | None = None) -> ConditionCache:
+        """Project the condition tokens [B, Nc, Cc] to every block's cross-attention K/V, once.
+
+        With `out`, the values are written into its tensors (static buffers of a captured CUDA graph)
+        one block at a time, so no second full-size cache is ever held.
+        """
         self._check_cond(cond, None)
+        if out is not None and tuple(out.kv[0]["shape"][0].shape[:2]) != tuple(cond.shape[:2]):
+            raise ValueError(
+                f"cond has {tuple(cond.shape[:2])} (batch, tokens) but the cache holds "
+                f"{tuple(out.kv[0]['shape'][0].shape[:2])}; allocate a cache for this size"
+            )
         cond = cond.to(self.dtype)
-        kv = tuple({s: blk.cross_attn[s].project_kv(cond) for s in STREAMS} for blk in self.blocks)
-        zero = tuple({s: blk.cross_attn[s].zero_condition_output() for s in STREAMS} for blk in self.blocks)
+        kv, zero = [], []
+        for i, blk in enumerate(self.blocks):
+            pairs = {}
+            for s in STREAMS:
+                k, v = blk.cross_attn[s].project_kv(cond)  # [B, Nc, H, D] views of one projection
+                if out is None:
+                    pairs[s] = (k.contiguous(), v.contiguous())
+                else:
+                    out.kv[i][s][0].copy_(k)
+                    out.kv[i][s][1].copy_(v)
+                    out.zero_out[i][s].copy_(blk.cross_attn[s].zero_condition_output())
+            kv.append(pairs)
+            zero.append({s: blk.cross_attn[s].zero_condition_output() for s in STREAMS})
+        return out if out is not None else ConditionCache(kv=tuple(kv), zero_out=tuple(zero))
+
+    def empty_condition_cache(self, batch: int, num_tokens: int, device: torch.device | str) -> ConditionCache:
+        """Uninitialised cache tensors for `batch` samples of `num_tokens` condition tokens."""
+        c, h = self.cfg.model_channels, self.cfg.num_heads
+        shape = (batch, num_tokens, h, c // h)
+
+        def new():
+            return torch.empty(shape, dtype=self.dtype, device=device)
+
+        kv = tuple({s: (new(), new()) for s in STREAMS} for _ in self.blocks)
+        zero = tuple({s: torch.empty(c, dtype=self.dtype, device=device) for s in STREAMS} for _ in self.blocks)
         return ConditionCache(kv=kv, zero_out=zero)
 
     def forward_cfg(
