@@ -173,7 +173,7 @@ def _to_size(image: torch.Tensor, mask: torch.Tensor, pointmap: torch.Tensor, si
 
 def _as_tensor(name: str, x, expected: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
+        return torch.from_numpy(np.array(x, copy=True))  # a copy: callers' arrays may be read-only
     if isinstance(x, torch.Tensor):
         return x.detach().cpu()
     raise ValueError(f"{name}: got {type(x).__name__}, expected a numpy array or torch tensor {expected}")
