@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
+from stage1_fixture import group, load_official_generator
 
 from sam3d_core.config import SSFlowConfig
 from sam3d_core.models.layers import absolute_position_embedding
@@ -190,25 +190,6 @@ def test_bad_inputs_raise(small):
 
 # --- parity with the official code (tests/fixtures/stage1_small, see its meta.json) --------------------
 
-FIXTURE = Path(__file__).parent / "fixtures" / "stage1_small"
-PREFIX = "_base_models.generator.reverse_fn.backbone."
-
-
-def load_official_generator() -> tuple[SSFlowModel, dict[str, torch.Tensor]]:
-    """The fixture's ss_generator.ckpt in our model (strict load), and the fixture tensors."""
-    if not (FIXTURE / "data.safetensors").is_file():
-        pytest.skip(f"parity fixture {FIXTURE} is not present")
-    from safetensors.torch import load_file
-
-    ckpt = torch.load(FIXTURE / "official" / "ss_generator.ckpt", weights_only=True, map_location="cpu")
-    weights = {k[len(PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
-    model = SSFlowModel(stage1_preset("tiny").flow).eval()
-    model.load_state_dict(weights, strict=True)
-    return model, load_file(FIXTURE / "data.safetensors")
-
-
-def group(data: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in data.items() if k.startswith(prefix)}
 
 
 @torch.no_grad()
