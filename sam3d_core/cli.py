@@ -56,26 +56,6 @@ def _load_inputs(photo: Path, mask: Path):
     return image, m
 
 
-def _pick_pipeline(model: str | None, device: str | None, compile: bool = False):
-    """The best model available: an imported one (official first), else a tiny random-weight model."""
-    import torch
-
-    from sam3d_core import hub
-    from sam3d_core.registry import stage1_preset
-    from sam3d_core.stage1 import Stage1Pipeline
-
-    names = [m["name"] for m in hub.list_models()]
-    cuda = torch.cuda.is_available()
-    if model is None and "official" in names and cuda:
-        model = "official"
-    if model and model != "tiny":
-        pipe = Stage1Pipeline.from_pretrained(model, device=device, compile=compile)
-        return pipe, f"imported model {model!r}"
-    why = "no imported weights" if not names else "no GPU for the official model (use --model official to force)"
-    pipe = Stage1Pipeline.from_random(stage1_preset("tiny"), seed=0, device=device or "cpu")
-    return pipe, f"tiny random-weight model ({why}; output shapes are meaningless)"
-
-
 def cmd_stage1(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -83,7 +63,9 @@ def cmd_stage1(args: argparse.Namespace) -> int:
     from sam3d_core.export.voxels import save_voxels_glb
 
     image, mask = _load_inputs(Path(args.photo), Path(args.mask))
-    pipe, which = _pick_pipeline(args.model, args.device, args.compile)
+    from sam3d_core.stage1 import Stage1Pipeline
+
+    pipe, which = Stage1Pipeline.best_available(args.model, args.device, args.compile)
     print(f"model: {which}")
     pointmap, K = fallback_pointmap(*image.shape[:2])
     print("point map: none given; a plane at unit distance with a 60 degree field of view (relative units)")
@@ -152,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run on the bundled example photo")
     common(d)
     d.set_defaults(func=cmd_demo)
+
+    from sam3d_core.serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return p
 
 

@@ -133,6 +133,23 @@ class Stage1Pipeline:
         return cls(model, device, dtype, weights_id=f"sha256:{digest}", compile=compile)
 
     @classmethod
+    def best_available(cls, model: str | None = None, device: str | None = None,
+                       compile: bool = False) -> tuple[Stage1Pipeline, str]:
+        """The best model there is, and a sentence saying which: `model` if named ('tiny' for the random
+        test model), else the imported 'official' weights when a GPU is present, else the tiny model."""
+        from sam3d_core import hub
+        from sam3d_core.registry import stage1_preset
+
+        names = [m["name"] for m in hub.list_models()]
+        if model is None and "official" in names and torch.cuda.is_available():
+            model = "official"
+        if model and model != "tiny":
+            return cls.from_pretrained(model, device=device, compile=compile), f"imported model {model!r}"
+        why = "no imported weights" if not names else "no GPU for the official model (use --model official)"
+        pipe = cls.from_random(stage1_preset("tiny"), seed=0, device=device or "cpu")
+        return pipe, f"tiny random-weight model ({why}; output shapes are meaningless)"
+
+    @classmethod
     def from_random(cls, cfg: Stage1Config, seed: int = 0, device: str = "cpu",
                     dtype: torch.dtype = torch.float32, compile: bool = False) -> Stage1Pipeline:
         """A random-weight pipeline (tests, and the demo when no weights are installed)."""

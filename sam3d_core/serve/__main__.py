@@ -1,0 +1,7 @@
+"""`python -m sam3d_core.serve [--model NAME] [--device DEV]`: the worker, as `sam3d serve` runs it."""
+
+import sys
+
+from sam3d_core.serve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,34 @@
+"""The `serve` subcommand. The lead wires it into `sam3d_core/cli.py` with `add_serve_parser(sub)`."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "run the worker that Blender and the desktop app talk to (JSON lines on stdin/stdout)"
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="an imported model name, or 'tiny' (default: 'official' if imported and a GPU is "
+                        "present, else the tiny random-weight model)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if present)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sam3d_core.serve import worker
+
+    return worker.main(model=args.model, device=args.device)
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `serve` to the `sam3d` subcommands (the result of `ArgumentParser.add_subparsers`)."""
+    p = subparsers.add_parser("serve", help=HELP, description=HELP + ". Protocol: docs/protocol.md")
+    _add_options(p)
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sam3d_core.serve", description=HELP)
+    _add_options(p)
+    return cmd_serve(p.parse_args(argv))

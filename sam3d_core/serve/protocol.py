@@ -1,0 +1,250 @@
+"""The `sam3d serve` wire protocol: versioned JSON messages, one per line. STDLIB ONLY.
+
+Blender's addon and the desktop app import this module (and `client.py`) without torch or numpy, so
+it must never import anything outside the Python standard library. See docs/protocol.md.
+
+Framing: one JSON object per line, UTF-8, terminated by "\\n", over the worker's stdin (requests)
+and stdout (responses and events). The worker's stdout carries nothing else; its logs go to stderr.
+
+Every message has "v" (PROTOCOL_VERSION), "id" and "type". A request's id is chosen by the client;
+the worker's messages about a request carry that id (null when the request could not be parsed).
+Unknown fields are ignored; unknown types are answered with a `bad_request` error; a message of
+another protocol version is answered with a `version_mismatch` error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+
+PROTOCOL_VERSION = 1
+
+REQUEST_TYPES = ("hello", "reconstruct", "cancel", "shutdown", "status")
+RESPONSE_TYPES = ("hello", "progress", "result", "error", "cancelled", "status")
+# Responses that end a request (progress events do not). A cancel request gets no reply of its own.
+FINAL_TYPES = ("hello", "result", "error", "cancelled", "status")
+STAGES = ("preprocess", "condition", "sample", "decode", "export")
+ERROR_CODES = (
+    "bad_request",  # the message is malformed: not JSON, a missing or mistyped field, an unknown type
+    "bad_input",  # the request is well formed but its inputs are not usable (missing file, empty mask)
+    "missing_weights",  # the requested model is not imported or failed its integrity check
+    "out_of_memory",  # the GPU ran out of memory
+    "cancelled",  # used by clients for a job that ended with a "cancelled" message
+    "internal",  # a bug, or the worker process died
+    "version_mismatch",  # the message's "v" is not this protocol version
+)
+
+MAX_LINE_BYTES = 1 << 20  # a request line longer than this is rejected (paths, not pixels)
+
+
+class ProtocolError(Exception):
+    """A structured protocol error: `code` (one of ERROR_CODES), human `message`, `details` dict."""
+
+    def __init__(self, code: str, message: str, details: dict | None = None, request_id: str | None = None):
+        if code not in ERROR_CODES:
+            raise ValueError(f"unknown error code {code!r}; expected one of {ERROR_CODES}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = dict(details or {})
+        self.request_id = request_id  # the offending request's id when it could be read, else None
+
+    def to_message(self, id: str | None = None) -> dict:
+        return error(id if id is not None else self.request_id, self.code, self.message, self.details)
+
+
+def new_id() -> str:
+    """A fresh request id (any unique string works; clients may choose their own)."""
+    return uuid.uuid4().hex[:12]
+
+
+# ----------------------------------------------------------------------------------------------
+# Framing
+
+
+def encode(msg: dict) -> bytes:
+    """One message -> one UTF-8 line (compact JSON + "\\n"). Checks the envelope; no NaN or inf."""
+    if not isinstance(msg, dict):
+        raise TypeError(f"a protocol message is a dict, got {type(msg).__name__}")
+    for key in ("v", "id", "type"):
+        if key not in msg:
+            raise ValueError(f"a protocol message needs {key!r}: {msg!r}")
+    text = json.dumps(msg, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return (text + "\n").encode("utf-8")  # json.dumps escapes newlines inside strings
+
+
+def _parse(line: bytes | str) -> dict:
+    if isinstance(line, (bytes, bytearray)):
+        if len(line) > MAX_LINE_BYTES:
+            raise ProtocolError("bad_request", f"message of {len(line)} bytes is longer than the limit of "
+                                f"{MAX_LINE_BYTES}; send file paths, not pixel data")
+        try:
+            line = bytes(line).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ProtocolError("bad_request", f"message is not valid UTF-8 ({e}); encode lines as UTF-8") from None
+    try:
+        msg = json.loads(line, parse_constant=_reject_constant)
+    except ValueError as e:
+        raise ProtocolError("bad_request", f"message is not valid JSON ({e}); send one JSON object per line",
+                            {"line": line[:200]}) from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("bad_request", f"message is a JSON {type(msg).__name__}, expected an object "
+                            '{"v": 1, "id": ..., "type": ...}')
+    return msg
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_envelope(msg: dict, types: tuple[str, ...], what: str, id_required: bool) -> dict:
+    v = msg.get("v")
+    if "v" not in msg or isinstance(v, bool) or not isinstance(v, int):
+        raise ProtocolError("bad_request", f'{what} has no integer "v" (protocol version); add "v": '
+                            f"{PROTOCOL_VERSION}")
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "version_mismatch",
+            f"{what} uses protocol version {v} but this side speaks version {PROTOCOL_VERSION}; "
+            f"update the addon or app and sam3d so that both are the same release",
+            {"expected": PROTOCOL_VERSION, "got": v})
+    mid = msg.get("id")
+    if id_required and (not isinstance(mid, str) or not mid):
+        raise ProtocolError("bad_request", f'{what} needs a non-empty string "id", got {mid!r}')
+    if not id_required and mid is not None and not isinstance(mid, str):
+        raise ProtocolError("bad_request", f'{what} has a non-string "id" {mid!r}')
+    mtype = msg.get("type")
+    if mtype not in types:
+        raise ProtocolError("bad_request", f"unknown {what} type {mtype!r}; expected one of {list(types)}",
+                            {"type": mtype if isinstance(mtype, str) else None})
+    return msg
+
+
+def _safe_id(msg: dict) -> str | None:
+    mid = msg.get("id")
+    return mid if isinstance(mid, str) and mid else None
+
+
+def decode_request(line: bytes | str) -> dict:
+    """Parse and validate one request line (worker side). Raises ProtocolError.
+
+    The error's `request_id` holds the request's id when it could be read, so the answer can carry it.
+    """
+    msg = _parse(line)
+    try:
+        _check_envelope(msg, REQUEST_TYPES, "request", id_required=True)
+        _REQUEST_CHECKS.get(msg["type"], lambda m: None)(msg)
+    except ProtocolError as e:
+        e.request_id = _safe_id(msg)
+        raise
+    return msg
+
+
+def decode_response(line: bytes | str) -> dict:
+    """Parse and validate one response/event line (client side). Raises ProtocolError."""
+    msg = _parse(line)
+    _check_envelope(msg, RESPONSE_TYPES, "response", id_required=False)
+    _RESPONSE_CHECKS.get(msg["type"], lambda m: None)(msg)
+    return msg
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-type field checks
+
+
+def _field(msg: dict, name: str, kinds: tuple[type, ...], required: bool, what: str):
+    if name not in msg or msg[name] is None:
+        if required:
+            raise ProtocolError("bad_request", f'{msg["type"]} request needs "{name}" ({what})',
+                                {"field": name})
+        return None
+    value = msg[name]
+    if isinstance(value, bool) and bool not in kinds:
+        ok = False
+    else:
+        ok = isinstance(value, kinds)
+    if not ok:
+        raise ProtocolError("bad_request", f'{msg["type"]} request: "{name}" is {value!r}, expected {what}',
+                            {"field": name})
+    return value
+
+
+def _check_reconstruct(msg: dict) -> None:
+    for name in ("photo", "mask", "out"):
+        path = _field(msg, name, (str,), True, "a file path string" if name != "out" else "a folder path string")
+        if not path:
+            raise ProtocolError("bad_request", f'reconstruct request: "{name}" is empty; give a path',
+                                {"field": name})
+    _field(msg, "seed", (int,), False, "an integer or null")
+    steps = _field(msg, "steps", (int,), False, "an integer >= 1 or null (the model's default)")
+    if steps is not None and not 1 <= steps <= 1000:
+        raise ProtocolError("bad_request", f'reconstruct request: "steps" is {steps}, expected 1..1000 or null',
+                            {"field": "steps"})
+    _field(msg, "fast", (bool,), False, "true or false")
+
+
+def _check_cancel(msg: dict) -> None:
+    _field(msg, "target", (str,), True, "the id of the job to cancel")
+
+
+def _check_progress(msg: dict) -> None:
+    if msg.get("stage") not in STAGES:
+        raise ProtocolError("bad_request", f"progress event with unknown stage {msg.get('stage')!r}")
+    for k in ("step", "total"):
+        if isinstance(msg.get(k), bool) or not isinstance(msg.get(k), int):
+            raise ProtocolError("bad_request", f"progress event needs an integer {k!r}")
+
+
+def _check_error(msg: dict) -> None:
+    if msg.get("code") not in ERROR_CODES or not isinstance(msg.get("message"), str):
+        raise ProtocolError("bad_request", f"error message needs a known 'code' and a 'message': {msg!r}")
+    if not isinstance(msg.get("details", {}), dict):
+        raise ProtocolError("bad_request", "error message 'details' must be an object")
+
+
+_REQUEST_CHECKS = {"reconstruct": _check_reconstruct, "cancel": _check_cancel}
+_RESPONSE_CHECKS = {"progress": _check_progress, "error": _check_error}
+
+
+# ----------------------------------------------------------------------------------------------
+# Message constructors
+
+
+def request(type: str, id: str | None = None, **fields) -> dict:
+    """A request dict: request("reconstruct", photo=..., mask=..., out=...). Validated like the worker does."""
+    msg = {"v": PROTOCOL_VERSION, "id": id or new_id(), "type": type, **fields}
+    _check_envelope(msg, REQUEST_TYPES, "request", id_required=True)
+    _REQUEST_CHECKS.get(type, lambda m: None)(msg)
+    return msg
+
+
+def response(type: str, id: str | None, **fields) -> dict:
+    if type not in RESPONSE_TYPES:
+        raise ValueError(f"unknown response type {type!r}; expected one of {RESPONSE_TYPES}")
+    return {"v": PROTOCOL_VERSION, "id": id, "type": type, **fields}
+
+
+def progress(id: str, stage: str, step: int, total: int) -> dict:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    return response("progress", id, stage=stage, step=int(step), total=int(total))
+
+
+def error(id: str | None, code: str, message: str, details: dict | None = None) -> dict:
+    if code not in ERROR_CODES:
+        raise ValueError(f"unknown error code {code!r}; expected one of {ERROR_CODES}")
+    return response("error", id, code=code, message=message, details=_jsonable(details or {}))
+
+
+def _jsonable(obj):
+    """Make details JSON-safe (non-finite floats -> None, unknown objects -> str)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
