@@ -133,8 +133,8 @@ def test_flash_windowed_matches_reference_on_gpu(shell, dtype, shift):
     coords = torch.cat([shell(32), second]).cuda()
     n = coords.shape[0]
     q, k, v, g = (rand(n, 12, 64, seed=s).float().cuda() for s in (1, 2, 3, 4))
-    fast = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    fast = [t.detach().clone().to(dtype).requires_grad_() for t in (q, k, v)]
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out = windowed_attention(*fast, coords, 8, shift, backend="flash")
     expect = windowed_attention(*ref, coords, 8, shift, backend="reference")
     out.backward(g.to(dtype))

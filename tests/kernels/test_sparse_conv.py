@@ -153,8 +153,8 @@ def test_triton_matches_reference_on_gpu(voxels, dtype, n_res, cin, cout):
     bias = torch.randn(cout, generator=g).cuda()
     grad = torch.randn(coords.shape[0], cout, generator=g).cuda()
     nbr = build_neighbour_map(coords)
-    fast = [t.to(dtype).requires_grad_() for t in (feats, weight, bias)]
-    ref = [t.double().requires_grad_() for t in (feats, weight, bias)]
+    fast = [t.detach().clone().to(dtype).requires_grad_() for t in (feats, weight, bias)]
+    ref = [t.detach().double().requires_grad_() for t in (feats, weight, bias)]
     out = submanifold_conv3d(fast[0], coords, fast[1], fast[2], nbr, backend="triton")
     expect = submanifold_conv3d(ref[0], coords, ref[1], ref[2], nbr, backend="reference")
     out.backward(grad.to(dtype))
