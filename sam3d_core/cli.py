@@ -20,6 +20,7 @@ def _fail(msg: str) -> int:
 
 def cmd_weights(args: argparse.Namespace) -> int:
     from sam3d_core import hub
+    from sam3d_core.segment import weights as sam_weights
 
     if args.action == "import":
         t0 = time.perf_counter()
@@ -29,19 +30,36 @@ def cmd_weights(args: argparse.Namespace) -> int:
               + (f"; {rep.ignored_keys} other entries ignored" if rep.ignored_keys else ""))
     elif args.action == "list":
         models = hub.list_models()
-        if not models:
-            print(f"no models in {hub.models_dir()}; import one with `sam3d weights import FOLDER`")
+        sams = sam_weights.list_sam()
+        if not models and not sams:
+            print(f"no models in {hub.data_dir()}; import SAM 3D weights with `sam3d weights import FOLDER` "
+                  "and SAM weights with `sam3d weights import-sam FILE`")
         for m in models:
-            print(f"{m['name']:<16} {m['bytes'] / 1e9:6.2f} GB  {m['folder']}  (from {m['source']})")
+            print(f"sam3d  {m['name']:<16} {m['bytes'] / 1e9:6.2f} GB  {m['folder']}  (from {m['source']})")
+        for m in sams:
+            print(f"sam    {m['name']:<16} {m.get('bytes', 0) / 1e9:6.2f} GB  {m.get('folder', '')}")
     elif args.action == "verify":
-        problems = hub.verify(args.name)
+        problems = _on_either(args.name, hub.verify, sam_weights.verify)
         for p in problems:
             print(f"FAIL {p}")
         print("ok" if not problems else f"{len(problems)} problem(s); re-import the model")
         return 0 if not problems else 1
     elif args.action == "remove":
-        print(f"removed {hub.remove(args.name)}")
+        print(f"removed {_on_either(args.name, hub.remove, sam_weights.remove)}")
     return 0
+
+
+def _on_either(name: str, sam3d_fn, sam_fn):
+    """Apply to the SAM 3D model called `name`, else to the SAM checkpoint of that name."""
+    from sam3d_core.convert import CheckpointError
+
+    try:
+        return sam3d_fn(name)
+    except CheckpointError as first:
+        try:
+            return sam_fn(name)
+        except (CheckpointError, FileNotFoundError):
+            raise first from None
 
 
 def _load_inputs(photo: Path, mask: Path):
@@ -114,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     for action in ("verify", "remove"):
         wsub.add_parser(action).add_argument("name")
     w.set_defaults(func=cmd_weights)
+    from sam3d_core.segment.cli import add_segment_parser, add_weights_sam_parser
+
+    add_weights_sam_parser(wsub)
+    add_segment_parser(sub)
 
     def common(sp):
         sp.add_argument("--out", default="sam3d_out")
@@ -147,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
         return _fail(str(e))
 
 

@@ -1,0 +1,125 @@
+"""segment-anything (SAM 1) back-end: its own model registry, SamPredictor and SamAutomaticMaskGenerator.
+
+The model is built with checkpoint=None and our verified safetensors are loaded with strict keys:
+segment-anything's own loader calls torch.load without weights_only (a full unpickle on old torch).
+segment-anything needs torchvision (resize in its transforms, batched_nms in its mask generator).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sam3d_core.segment.base import MaskCandidate, Prompt, check_image
+
+INSTALL_HINT = "pip install segment-anything torchvision (torchvision matching your torch build)"
+
+
+def import_error() -> str | None:
+    """Why segment-anything cannot be used here, or None when it imports."""
+    try:
+        import segment_anything  # noqa: F401
+    except Exception as e:  # a torchvision built for another torch raises RuntimeError, not ImportError
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _segment_anything():
+    try:
+        import segment_anything
+    except Exception as e:
+        raise ImportError(f"the SAM back-end needs segment-anything ({type(e).__name__}: {e}); {INSTALL_HINT}") from e
+    return segment_anything
+
+
+def filter_objects(masks: list[np.ndarray], scores: list[float], max_fraction: float = 0.6,
+                   min_fraction: float = 0.001, contained: float = 0.8) -> list[int]:
+    """Indices of whole objects among automatic masks, largest first.
+
+    Drops background/stuff (area > max_fraction of the image), crumbs (< min_fraction), and parts:
+    masks whose area lies at least `contained` inside a larger mask already kept.
+    """
+    if not masks:
+        return []
+    total = masks[0].size
+    areas = [int(m.sum()) for m in masks]
+    order = sorted(range(len(masks)), key=lambda i: (-areas[i], -scores[i]))
+    kept: list[int] = []
+    for i in order:
+        if not (min_fraction * total <= areas[i] <= max_fraction * total):
+            continue
+        if any(np.logical_and(masks[i], masks[j]).sum() >= contained * areas[i] for j in kept):
+            continue
+        kept.append(i)
+    return kept
+
+
+class SamSegmenter:
+    """SamPredictor around a built `segment_anything.modeling.Sam`."""
+
+    is_basic = False
+    reason = ""  # set by load_segmenter: which back-end and why
+
+    def __init__(self, sam, name: str = "sam", device: str | None = None, amg: dict | None = None):
+        sa = _segment_anything()
+        self.model = sam.to(device or "cpu").eval()
+        self.predictor = sa.SamPredictor(self.model)
+        self.name = name
+        self.amg = {"points_per_side": 32, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95} | (amg or {})
+        self.image: np.ndarray | None = None
+
+    @classmethod
+    def from_state_dict(cls, model_type: str, state: dict, name: str | None = None, device: str | None = None):
+        """Build through segment-anything's registry (vit_h / vit_l / vit_b) and load strictly."""
+        sa = _segment_anything()
+        if model_type not in ("vit_h", "vit_l", "vit_b"):
+            raise ValueError(f"model_type {model_type!r}: expected vit_h, vit_l or vit_b "
+                             "(a custom-size checkpoint needs its Sam built in code)")
+        sam = sa.sam_model_registry[model_type](checkpoint=None)
+        sam.load_state_dict(state, strict=True)
+        return cls(sam, name or f"sam {model_type}", device)
+
+    @classmethod
+    def from_imported(cls, name: str, device: str | None = None, root=None):
+        from sam3d_core.segment.weights import load_sam_state
+
+        model_type, state, _ = load_sam_state(name, root)
+        return cls.from_state_dict(model_type, state, f"sam {model_type}", device)
+
+    def set_image(self, image: np.ndarray) -> None:
+        import torch
+
+        self.image = check_image(image)
+        with torch.inference_mode():
+            self.predictor.set_image(self.image, image_format="RGB")  # encoder runs once here
+
+    def predict(self, prompt: Prompt, multimask: bool = True) -> list[MaskCandidate]:
+        """Candidates best first; score = SAM's predicted IoU; native = [1, 256, 256] logits."""
+        import torch
+
+        if self.image is None:
+            raise RuntimeError("call set_image(image) before predict()")
+        prompt.validate(*self.image.shape[:2])
+        coords = np.array([[x, y] for x, y, _ in prompt.points], np.float32) if prompt.points else None
+        labels = np.array([lab for *_, lab in prompt.points], np.int64) if prompt.points else None
+        box = np.array(prompt.box, np.float32) if prompt.box is not None else None
+        mi = prompt.mask_input
+        mask_input = mi.astype(np.float32) if mi is not None and mi.ndim == 3 and mi.shape[0] == 1 else None  # logits
+        with torch.inference_mode():
+            masks, scores, logits = self.predictor.predict(point_coords=coords, point_labels=labels, box=box,
+                                                           mask_input=mask_input, multimask_output=multimask)
+        order = np.argsort(-scores)
+        return [MaskCandidate(masks[i].astype(bool), float(scores[i]), self.name, "predicted IoU", logits[i:i + 1])
+                for i in order]
+
+    def segment_all(self) -> list[MaskCandidate]:
+        """SamAutomaticMaskGenerator (it encodes the image again), then `filter_objects`."""
+        import torch
+
+        if self.image is None:
+            raise RuntimeError("call set_image(image) before segment_all()")
+        gen = _segment_anything().SamAutomaticMaskGenerator(self.model, **self.amg)
+        with torch.inference_mode():
+            records = gen.generate(self.image)
+        masks = [r["segmentation"].astype(bool) for r in records]
+        scores = [float(r["predicted_iou"]) for r in records]
+        return [MaskCandidate(masks[i], scores[i], self.name, "predicted IoU") for i in filter_objects(masks, scores)]
