@@ -167,7 +167,11 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
 
 def verify(model_dir: str | Path) -> list[str]:
     """Check every file of an imported model against its manifest. Returns the problems found."""
-    folder = resolve_model_dir(model_dir)
+    return verify_folder(resolve_model_dir(model_dir))
+
+
+def verify_folder(folder: Path) -> list[str]:
+    """Problems of a folder with a manifest.json (empty = intact): files missing, truncated or changed."""
     manifest = json.loads((folder / "manifest.json").read_text())
     problems = []
     for fname, rec in manifest["files"].items():

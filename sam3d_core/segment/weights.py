@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sam3d_core.convert import CheckpointError
-from sam3d_core.hub import data_dir, sha256_file
+from sam3d_core.hub import data_dir, sha256_file, verify_folder
 
 # Official file names (dl.fbaipublicfiles.com/segment_anything/). Their full sha256 is not published
 # by Meta; we record the hash at import and check it on every load.
@@ -115,18 +115,7 @@ def resolve(name: str | Path, root: Path | None = None) -> Path:
 
 def verify(name: str | Path, root: Path | None = None) -> list[str]:
     """Problems found (empty = intact): files missing, truncated or with a different sha256."""
-    folder = resolve(name, root)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    problems = []
-    for fname, rec in manifest["files"].items():
-        path = folder / fname
-        if not path.is_file():
-            problems.append(f"{fname}: missing")
-        elif path.stat().st_size != rec["bytes"]:
-            problems.append(f"{fname}: {path.stat().st_size} bytes, expected {rec['bytes']} (truncated?)")
-        elif sha256_file(path) != rec["sha256"]:
-            problems.append(f"{fname}: sha256 differs from the one recorded at import (modified or corrupt)")
-    return problems
+    return verify_folder(resolve(name, root))
 
 
 def list_sam(root: Path | None = None) -> list[dict]:
