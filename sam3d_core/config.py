@@ -161,6 +161,80 @@ class Stage1Config:
             raise ValueError("decoder latent_channels must equal flow latent_channels")
 
 
+@dataclass(frozen=True)
+class SLatFlowConfig:
+    """Stage-2 sparse flow transformer over the structured latent (SLAT), 32^3 tokens after patch 2."""
+
+    resolution: int = 64
+    latent_channels: int = 8
+    model_channels: int = 1024
+    cond_channels: int = 1024
+    num_blocks: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    patch_size: int = 2
+    io_block_channels: tuple[int, ...] = (128,)
+    num_io_res_blocks: int = 2
+    qk_rms_norm: bool = True
+
+
+@dataclass(frozen=True)
+class SLatGaussianDecoderConfig:
+    """SLAT -> 3D Gaussians (num_gaussians per voxel), swin sparse transformer."""
+
+    resolution: int = 64
+    latent_channels: int = 8
+    model_channels: int = 768
+    num_blocks: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    window_size: int = 8
+    num_gaussians: int = 32
+    voxel_size: float = 1.5
+    scaling_bias: float = 0.004
+    opacity_bias: float = 0.1
+    filter_3d: float = 0.0009  # official 3d_filter_kernel_size
+    lr_xyz: float = 1.0
+    lr_features_dc: float = 1.0
+    lr_opacity: float = 1.0
+    lr_scaling: float = 1.0
+    lr_rotation: float = 0.1
+
+
+@dataclass(frozen=True)
+class SLatMeshDecoderConfig:
+    """SLAT -> 256^3 FlexiCubes mesh with vertex colours (two sparse subdivisions)."""
+
+    resolution: int = 64
+    latent_channels: int = 8
+    model_channels: int = 768
+    num_blocks: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    window_size: int = 8
+    use_color: bool = True
+
+
+SLAT_MEAN = (0.12211431, 0.37204156, -1.26521907, -2.05276058, -3.10432536, -0.11294304, -0.85146744, 0.45506954)
+SLAT_STD = (2.37326008, 2.13174402, 2.2413953, 2.30589401, 2.1191894, 1.8969511, 2.41684989, 2.08374642)
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """Texture and refinement: condition embedder, SLAT flow, decoders, sampler, SLAT statistics."""
+
+    condition: ConditionConfig = field(
+        default_factory=lambda: ConditionConfig(dino=DinoConfig(prenorm_features=True), pointmap=None)
+    )
+    flow: SLatFlowConfig = field(default_factory=SLatFlowConfig)
+    gaussian: SLatGaussianDecoderConfig = field(default_factory=SLatGaussianDecoderConfig)
+    mesh: SLatMeshDecoderConfig = field(default_factory=SLatMeshDecoderConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(rescale_t=1.0, cfg_strength=1.0))
+    slat_mean: tuple[float, ...] = SLAT_MEAN  # official pipeline.yaml values (not TRELLIS's)
+    slat_std: tuple[float, ...] = SLAT_STD
+
+
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 

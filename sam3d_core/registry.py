@@ -7,9 +7,13 @@ from sam3d_core.config import (
     DinoConfig,
     PointmapEmbedConfig,
     PreprocessConfig,
+    SLatFlowConfig,
+    SLatGaussianDecoderConfig,
+    SLatMeshDecoderConfig,
     SSDecoderConfig,
     SSFlowConfig,
     Stage1Config,
+    Stage2Config,
 )
 
 STAGE1_PRESETS: dict[str, Stage1Config] = {
@@ -25,6 +29,28 @@ STAGE1_PRESETS: dict[str, Stage1Config] = {
         preprocess=PreprocessConfig(image_size=70),
     ),
 }
+
+
+STAGE2_PRESETS: dict[str, Stage2Config] = {
+    "official": Stage2Config(),
+    # The sizes of tests/fixtures/stage2_small (made by the official code; see its meta.json).
+    "tiny": Stage2Config(
+        condition=ConditionConfig(
+            dino=DinoConfig(image_size=70, embed_dim=64, depth=2, num_heads=2, prenorm_features=True), pointmap=None
+        ),
+        flow=SLatFlowConfig(model_channels=64, cond_channels=64, num_blocks=2, num_heads=2, io_block_channels=(16,)),
+        gaussian=SLatGaussianDecoderConfig(model_channels=64, num_blocks=2, num_heads=2),
+        mesh=SLatMeshDecoderConfig(model_channels=256, num_blocks=1, num_heads=4, mlp_ratio=1.0),
+        preprocess=PreprocessConfig(image_size=70),
+    ),
+}
+
+
+def stage2_preset(name: str) -> Stage2Config:
+    try:
+        return STAGE2_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown stage-2 preset {name!r}; choose one of {sorted(STAGE2_PRESETS)}") from None
 
 
 def stage1_preset(name: str) -> Stage1Config:
