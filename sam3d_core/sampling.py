@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from sam3d_core.config import SamplerConfig, SSFlowConfig
+from sam3d_core.config import SamplerConfig, SSFlowConfig, Stage2Config
+from sam3d_core.models.slat_flow import SLatFlowModel, SLatGrids
 from sam3d_core.models.ss_flow import LATENT_NAMES, SSFlowModel, latent_shapes
 
 Latents = dict[str, torch.Tensor]
@@ -213,3 +214,90 @@ def sample_stage1(
         return guided_velocity(model, x, t_net, cond, d_net, s)
 
     return euler_sample(velocity, {k: noise[k] for k in LATENT_NAMES}, ts, progress)
+
+
+# --- stage 2 ----------------------------------------------------------------------------------------
+
+
+def slat_time_grid(steps: int, rescale_t: float = 1.0) -> torch.Tensor:
+    """The stage-2 (FlowMatching) schedule, float32 [steps + 1] from 0 to 1.
+
+    torch.linspace(0, 1, steps + 1) in float32, then t / (1 + (r - 1)(1 - t)) in float32, as the
+    official generator computes it; r = 1 (the pipeline's value) leaves the uniform grid unchanged.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps={steps!r}; expected an int >= 1 (the number of Euler steps)")
+    if not rescale_t > 0:
+        raise ValueError(f"rescale_t={rescale_t!r}; expected a float > 0 (1.0 for a uniform grid)")
+    t = torch.linspace(0, 1, steps + 1, dtype=torch.float32)
+    return t / (1 + (rescale_t - 1) * (1 - t))
+
+
+def stage2_noise(
+    num_voxels: int,
+    channels: int = 8,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Initial SLAT noise [N, channels] float32: the same draws as the official randn (1, N, channels)."""
+    if not isinstance(num_voxels, int) or num_voxels < 0:
+        raise ValueError(f"num_voxels={num_voxels!r}; expected an int >= 0 (the rows of the coords)")
+    return torch.randn((1, num_voxels, channels), generator=generator, device=device, dtype=torch.float32)[0]
+
+
+def denormalize_slat(feats: torch.Tensor, cfg: Stage2Config) -> torch.Tensor:
+    """Sampled (normalised) SLAT feats [N, C] -> decoder space: feats * slat_std + slat_mean."""
+    if feats.ndim != 2 or feats.shape[1] != len(cfg.slat_mean):
+        raise ValueError(f"feats has shape {tuple(feats.shape)}, expected (N, {len(cfg.slat_mean)})")
+    mean = torch.tensor(cfg.slat_mean, dtype=feats.dtype, device=feats.device)
+    std = torch.tensor(cfg.slat_std, dtype=feats.dtype, device=feats.device)
+    return feats * std + mean
+
+
+@torch.no_grad()
+def sample_stage2(
+    model: SLatFlowModel,
+    cond: torch.Tensor,
+    coords: torch.Tensor,
+    noise: torch.Tensor,
+    sampler: SamplerConfig,
+    steps: int | None = None,
+    cfg_strength: float | None = None,
+    use_fast_path: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    grids: SLatGrids | None = None,
+) -> torch.Tensor:
+    """Denoise the SLAT feats of the voxels `coords` [N, 4] from `noise` [N, 8] (t = 0) to data (t = 1).
+
+    cond: condition tokens [B, Nc, Cc], one row per object of coords' batch column. Default (a
+    Stage2Config's sampler): 25 Euler steps on the uniform float32 grid, CFG strength 1 where
+    t * 1000 lies in [0, 500], the unconditional pass with cond * 0. use_fast_path=False runs the
+    reference SLatFlowModel.forward passes. Returns normalised float32 feats [N, 8]; see
+    denormalize_slat.
+    """
+    # 1. validate and resolve the settings
+    steps = steps if steps is not None else sampler.steps
+    strength = float(cfg_strength if cfg_strength is not None else sampler.cfg_strength)
+    if not strength >= 0:
+        raise ValueError(f"cfg_strength={cfg_strength!r}; expected a float >= 0 (0 turns guidance off)")
+    ts = slat_time_grid(steps, sampler.rescale_t)
+    grids = grids if grids is not None else model.build_grids(coords, cond.shape[0])
+    if grids.fine.coords.shape != coords.shape:
+        raise ValueError(f"grids were built for {tuple(grids.fine.coords.shape)} coords, not {tuple(coords.shape)}")
+    b = grids.batch
+
+    # 2. the condition, once
+    cache = model.prepare_condition(cond) if use_fast_path else None
+
+    # 3. integrate
+    def velocity(x: dict[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
+        t_net = torch.full((b,), t * sampler.time_scale, dtype=torch.float32, device=noise.device)
+        s = cfg_strength_at(t, strength, sampler.cfg_interval, sampler.time_scale)
+        if cache is not None:
+            return {"slat": model.forward_cfg(x["slat"], t_net, cache, grids, s)}
+        v = model(x["slat"], coords, t_net, cond, grids)
+        if s != 0:
+            v = (1 + s) * v - s * model(x["slat"], coords, t_net, cond * 0, grids)
+        return {"slat": v}
+
+    return euler_sample(velocity, {"slat": noise}, ts, progress)["slat"]
