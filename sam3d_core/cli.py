@@ -25,7 +25,8 @@ def cmd_weights(args: argparse.Namespace) -> int:
     if args.action == "import":
         t0 = time.perf_counter()
         rep = hub.import_official(args.folder, name=args.name, root=args.root, overwrite=args.overwrite)
-        print(f"imported {rep.num_tensors} tensors ({rep.num_parameters / 1e6:.1f} M parameters) "
+        print(f"imported {' + '.join(rep.stages)}: {rep.num_tensors} tensors "
+              f"({rep.num_parameters / 1e6:.1f} M parameters) "
               f"into {rep.folder} in {time.perf_counter() - t0:.1f} s"
               + (f"; {rep.ignored_keys} other entries ignored" if rep.ignored_keys else ""))
     elif args.action == "list":

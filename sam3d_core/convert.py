@@ -22,9 +22,14 @@ from sam3d_core.config import (
     DinoConfig,
     PointmapEmbedConfig,
     PreprocessConfig,
+    SamplerConfig,
+    SLatFlowConfig,
+    SLatGaussianDecoderConfig,
+    SLatMeshDecoderConfig,
     SSDecoderConfig,
     SSFlowConfig,
     Stage1Config,
+    Stage2Config,
 )
 
 HF_REPO = "facebook/sam-3d-objects"
@@ -59,6 +64,21 @@ STAGE1_COMPONENTS = (
         "ShortCut",
     ),
     Component("ss_decoder", None, (("", "decoder."),), "SparseStructureDecoderTdfyWrapper"),
+)
+
+
+STAGE2_COMPONENTS = (
+    Component(
+        "slat_generator",
+        "state_dict",
+        (
+            ("_base_models.condition_embedder.", "condition_embedder."),
+            ("_base_models.generator.reverse_fn.backbone.", "generator."),
+        ),
+        "FlowMatching",
+    ),
+    Component("slat_decoder_gs", None, (("", "decoder_gs."),), "SLatGaussianDecoderTdfyWrapper"),
+    Component("slat_decoder_mesh", None, (("", "decoder_mesh."),), "SLatMeshDecoderTdfyWrapper"),
 )
 
 
@@ -219,6 +239,97 @@ def stage1_config_from_official(folder: Path) -> Stage1Config:
         cfg.check()
     except ValueError as e:
         raise CheckpointError(f"{folder}: inconsistent configuration: {e}") from e
+    return cfg
+
+
+def slat_flow_config(backbone: dict, where: str) -> SLatFlowConfig:
+    _check_target(backbone, "SLatFlowModelTdfyWrapper", where)
+    if backbone.get("pe_mode", "ape") != "ape" or int(backbone.get("patch_size", 2)) != 2:
+        raise CheckpointError(f"{where}: only pe_mode 'ape' with patch_size 2 is supported")
+    if int(backbone.get("in_channels", 8)) != int(backbone.get("out_channels", 8)):
+        raise CheckpointError(f"{where}: in_channels and out_channels differ; expected one latent width")
+    return SLatFlowConfig(
+        resolution=int(backbone["resolution"]),
+        latent_channels=int(backbone.get("in_channels", 8)),
+        model_channels=int(backbone["model_channels"]),
+        cond_channels=int(backbone["cond_channels"]),
+        num_blocks=int(backbone["num_blocks"]),
+        num_heads=int(backbone["num_heads"]),
+        mlp_ratio=float(backbone.get("mlp_ratio", 4)),
+        io_block_channels=tuple(int(c) for c in backbone["io_block_channels"]),
+        num_io_res_blocks=int(backbone.get("num_io_res_blocks", 2)),
+        qk_rms_norm=bool(backbone.get("qk_rms_norm", False)),
+    )
+
+
+def _swin(data: dict, where: str) -> dict:
+    if data.get("attn_mode", "swin") != "swin":
+        raise CheckpointError(f"{where}: attn_mode {data.get('attn_mode')!r} unsupported (expected 'swin')")
+    return dict(
+        resolution=int(data["resolution"]), latent_channels=int(data["latent_channels"]),
+        model_channels=int(data["model_channels"]), num_blocks=int(data["num_blocks"]),
+        num_heads=int(data["num_heads"]), mlp_ratio=float(data.get("mlp_ratio", 4)),
+        window_size=int(data.get("window_size", 8)),
+    )
+
+
+def gaussian_decoder_config(data: dict, where: str) -> SLatGaussianDecoderConfig:
+    _check_target(data, "SLatGaussianDecoderTdfyWrapper", where)
+    rep = data.get("representation_config") or {}
+    lr = rep.get("lr") or {}
+    if rep.get("scaling_activation", "softplus") != "softplus":
+        raise CheckpointError(f"{where}: scaling_activation {rep.get('scaling_activation')!r} unsupported")
+    return SLatGaussianDecoderConfig(
+        **_swin(data, where),
+        num_gaussians=int(rep.get("num_gaussians", 32)),
+        voxel_size=float(rep.get("voxel_size", 1.5)),
+        scaling_bias=float(rep.get("scaling_bias", 0.004)),
+        opacity_bias=float(rep.get("opacity_bias", 0.1)),
+        filter_3d=float(rep.get("3d_filter_kernel_size", 0.0009)),
+        lr_xyz=float(lr.get("_xyz", 1.0)), lr_features_dc=float(lr.get("_features_dc", 1.0)),
+        lr_opacity=float(lr.get("_opacity", 1.0)), lr_scaling=float(lr.get("_scaling", 1.0)),
+        lr_rotation=float(lr.get("_rotation", 0.1)),
+    )
+
+
+def mesh_decoder_config(data: dict, where: str) -> SLatMeshDecoderConfig:
+    _check_target(data, "SLatMeshDecoderTdfyWrapper", where)
+    use_color = bool((data.get("representation_config") or {}).get("use_color", False))
+    return SLatMeshDecoderConfig(**_swin(data, where), use_color=use_color)
+
+
+def stage2_config_from_official(folder: Path) -> Stage2Config:
+    """Read pipeline.yaml, slat_generator.yaml and the Gaussian and mesh decoder YAMLs."""
+    pipeline = read_yaml(folder / "pipeline.yaml")
+    paths = {k: folder / str(pipeline.get(f"{k}_config_path", f"{k}.yaml"))
+             for k in ("slat_generator", "slat_decoder_gs", "slat_decoder_mesh")}
+    gen = read_yaml(paths["slat_generator"])
+    w = paths["slat_generator"].name
+    _check_target(_get(gen, "module.generator.backbone", w), "FlowMatching", w)
+    condition = condition_config(_get(gen, "module.condition_embedder.backbone", w), w)
+    if condition.pointmap is not None or not condition.dino.prenorm_features:
+        raise CheckpointError(f"{w}: expected the stage-2 condition (image + mask DINO with prenorm features)")
+    slat_pre = _get(pipeline, "slat_preprocessor", "pipeline.yaml")
+    joint = _get(slat_pre, "img_mask_joint_transform", "pipeline.yaml slat_preprocessor")
+    pre = preprocess_config({"ss_preprocessor": {**slat_pre, "img_mask_pointmap_joint_transform": joint}},
+                            "pipeline.yaml (slat_preprocessor)")
+    cfg = Stage2Config(
+        condition=condition,
+        flow=slat_flow_config(_get(gen, "module.generator.backbone.reverse_fn.backbone", w), w),
+        gaussian=gaussian_decoder_config(read_yaml(paths["slat_decoder_gs"]), paths["slat_decoder_gs"].name),
+        mesh=mesh_decoder_config(read_yaml(paths["slat_decoder_mesh"]), paths["slat_decoder_mesh"].name),
+        preprocess=pre,
+        sampler=SamplerConfig(rescale_t=float(pipeline.get("slat_rescale_t", 1)),
+                              cfg_strength=float(pipeline.get("slat_cfg_strength", 1))),
+        slat_mean=tuple(float(x) for x in _get(pipeline, "slat_mean", "pipeline.yaml")),
+        slat_std=tuple(float(x) for x in _get(pipeline, "slat_std", "pipeline.yaml")),
+    )
+    if cfg.condition.embed_dim != cfg.flow.cond_channels:
+        raise CheckpointError(
+            f"{w}: condition width {cfg.condition.embed_dim} != cond_channels {cfg.flow.cond_channels}"
+        )
+    if len(cfg.slat_mean) != cfg.flow.latent_channels or len(cfg.slat_std) != cfg.flow.latent_channels:
+        raise CheckpointError("pipeline.yaml: slat_mean / slat_std must have one value per latent channel")
     return cfg
 
 

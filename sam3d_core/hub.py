@@ -1,10 +1,14 @@
 """Find, import, verify and load model weights. Offline only: nothing here touches the network.
 
-An imported model is a folder `<data dir>/models/<name>/` holding
-    stage1.json                our Stage1Config
-    ss_generator.safetensors   condition_embedder.* and generator.* tensors
-    ss_decoder.safetensors     decoder.* tensors
-    manifest.json              sha256 and size of every file above and of the official sources
+An imported model is a folder `<data dir>/models/<name>/` holding, for each stage the official folder had,
+    stage1.json                    our Stage1Config
+    ss_generator.safetensors       condition_embedder.* and generator.* tensors
+    ss_decoder.safetensors         decoder.* tensors
+    stage2.json                    our Stage2Config
+    slat_generator.safetensors     condition_embedder.* and generator.* tensors
+    slat_decoder_gs.safetensors    decoder_gs.* tensors
+    slat_decoder_mesh.safetensors  decoder_mesh.* tensors
+    manifest.json                  sha256 and size of every file above and of the official sources
 The sha256 of every weight file is checked when it is loaded.
 """
 
@@ -17,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,14 +29,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sam3d_core import __version__
-from sam3d_core.config import Stage1Config, load_json, save_json
+from sam3d_core.config import Stage1Config, Stage2Config, load_json, save_json
 from sam3d_core.convert import (
     STAGE1_COMPONENTS,
+    STAGE2_COMPONENTS,
     WHERE_TO_GET,
     CheckpointError,
+    Component,
     convert_state_dict,
     load_official_checkpoint,
     stage1_config_from_official,
+    stage2_config_from_official,
 )
 
 MANIFEST_FORMAT = 1
@@ -67,6 +75,7 @@ class ImportReport:
     num_tensors: int
     num_parameters: int
     ignored_keys: int  # official entries outside the prefixes we load (e.g. EMA copies), as upstream
+    stages: tuple[str, ...] = ("stage1",)
 
 
 def expected_stage1_shapes(cfg: Stage1Config) -> dict[str, tuple[int, ...]]:
@@ -76,6 +85,18 @@ def expected_stage1_shapes(cfg: Stage1Config) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = Stage1Model(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def expected_stage2_shapes(cfg: Stage2Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the stage-2 networks under our prefixes, built on the meta device."""
+    from sam3d_core.models.condition import ConditionEmbedder
+    from sam3d_core.models.slat_flow import SLatFlowModel
+    from sam3d_core.models.slat_vae import SLatGaussianDecoder, SLatMeshDecoder
+
+    with torch.device("meta"):
+        parts = {"condition_embedder": ConditionEmbedder(cfg.condition), "generator": SLatFlowModel(cfg.flow),
+                 "decoder_gs": SLatGaussianDecoder(cfg.gaussian), "decoder_mesh": SLatMeshDecoder(cfg.mesh)}
+    return {f"{p}.{k}": tuple(v.shape) for p, m in parts.items() for k, v in m.state_dict().items()}
 
 
 def _check_keys(got: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], src: Path) -> None:
@@ -94,14 +115,38 @@ def _check_keys(got: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...
     raise CheckpointError("\n".join(lines))
 
 
+@dataclass(frozen=True)
+class _Stage:
+    """One importable stage: the YAML whose presence marks it, its files and its config reader."""
+
+    name: str  # stage1 | stage2: also the name of its config JSON
+    marker: str  # the generator YAML
+    components: tuple[Component, ...]
+    read_config: Callable[[Path], object]
+    expected_shapes: Callable[[object], dict[str, tuple[int, ...]]]
+
+
+STAGES = (
+    _Stage("stage1", "ss_generator.yaml", STAGE1_COMPONENTS, stage1_config_from_official,
+           lambda cfg: expected_stage1_shapes(cfg)),
+    _Stage("stage2", "slat_generator.yaml", STAGE2_COMPONENTS, stage2_config_from_official,
+           lambda cfg: expected_stage2_shapes(cfg)),
+)
+
+
 def import_official(src: str | Path, name: str = "official", root: Path | None = None,
                     overwrite: bool = False) -> ImportReport:
-    """Convert an official checkpoint folder (YAML + .ckpt) into a verified model folder of ours."""
+    """Convert an official checkpoint folder (YAML + .ckpt) into a verified model folder of ours.
+
+    Every stage whose generator YAML is in the folder is imported (stage 1: ss_*, stage 2: slat_*).
+    """
     src = Path(src).expanduser().resolve()
     if not src.is_dir():
         raise CheckpointError(f"{src} is not a folder; pass the official checkpoints/ folder ({WHERE_TO_GET})")
-    cfg = stage1_config_from_official(src)
-    expected = expected_stage1_shapes(cfg)
+    stages = [st for st in STAGES if (src / st.marker).is_file()]
+    if not stages:
+        raise CheckpointError(f"{src} holds neither ss_generator.yaml nor slat_generator.yaml; {WHERE_TO_GET}")
+    configs = {st.name: st.read_config(src) for st in stages}  # all YAMLs checked before any heavy work
     root = models_dir() if root is None else Path(root)
     dest = root / name
     if dest.exists() and not overwrite:
@@ -110,31 +155,33 @@ def import_official(src: str | Path, name: str = "official", root: Path | None =
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        tensors: dict[str, torch.Tensor] = {}
-        sources, ignored = {}, 0
-        per_file: dict[str, list[str]] = {}
-        for comp in STAGE1_COMPONENTS:
-            path = src / f"{comp.name}.ckpt"
-            raw = load_official_checkpoint(path)
-            converted = convert_state_dict(raw, comp, path)
-            inner = raw[comp.state_dict_key] if comp.state_dict_key else raw
-            ignored += len(inner) - len(converted)
-            tensors.update(converted)
-            per_file[comp.name] = list(converted)
-            sources[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-        _check_keys(tensors, expected, src)
-
-        files = {}
-        for comp_name, keys in per_file.items():
-            out = tmp / f"{comp_name}.safetensors"
-            save_file({k: tensors[k].contiguous() for k in keys}, str(out), metadata={"format": "pt"})
-            files[out.name] = {"sha256": sha256_file(out), "bytes": out.stat().st_size}
-        save_json(cfg, tmp / "stage1.json")
-        cfg_file = tmp / "stage1.json"
-        files[cfg_file.name] = {"sha256": sha256_file(cfg_file), "bytes": cfg_file.stat().st_size}
+        sources, files, counts = {}, {}, [0, 0, 0]  # tensors, parameters, ignored entries
+        for st in stages:
+            tensors, per_file = {}, {}
+            for comp in st.components:
+                path = src / f"{comp.name}.ckpt"
+                raw = load_official_checkpoint(path)
+                converted = convert_state_dict(raw, comp, path)
+                inner = raw[comp.state_dict_key] if comp.state_dict_key else raw
+                counts[2] += len(inner) - len(converted)
+                tensors.update(converted)
+                per_file[comp.name] = list(converted)
+                sources[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            _check_keys(tensors, st.expected_shapes(configs[st.name]), src)
+            for comp_name, keys in per_file.items():
+                out = tmp / f"{comp_name}.safetensors"
+                save_file({k: tensors[k].contiguous() for k in keys}, str(out), metadata={"format": "pt"})
+                files[out.name] = {"sha256": sha256_file(out), "bytes": out.stat().st_size}
+            cfg_file = tmp / f"{st.name}.json"
+            save_json(configs[st.name], cfg_file)
+            files[cfg_file.name] = {"sha256": sha256_file(cfg_file), "bytes": cfg_file.stat().st_size}
+            counts[0] += len(tensors)
+            counts[1] += sum(t.numel() for t in tensors.values())
+            del tensors
         manifest = {
             "format": MANIFEST_FORMAT,
             "name": name,
+            "stages": [st.name for st in stages],
             "source": str(src),
             "sources": sources,
             "files": files,
@@ -148,8 +195,7 @@ def import_official(src: str | Path, name: str = "official", root: Path | None =
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    n_params = sum(t.numel() for t in tensors.values())
-    return ImportReport(name, dest, len(tensors), n_params, ignored)
+    return ImportReport(name, dest, counts[0], counts[1], counts[2], tuple(st.name for st in stages))
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
@@ -202,18 +248,31 @@ def remove(name: str) -> Path:
     return folder
 
 
-def load_stage1_state(model_dir: str | Path, check_hashes: bool = True) -> tuple[Stage1Config, dict, str]:
-    """Config, tensors and a short weights hash (provenance) of an imported model."""
+def _load_stage_state(model_dir: str | Path, stage: str, cls: type, components, check_hashes: bool):
     folder = resolve_model_dir(model_dir)
+    if not (folder / f"{stage}.json").is_file():
+        raise CheckpointError(f"{folder} has no {stage} weights (its official folder lacked them); "
+                              f"re-import a folder that has them: {WHERE_TO_GET}")
     if check_hashes:
-        problems = verify(folder)
+        problems = verify_folder(folder)
         if problems:
             raise CheckpointError(f"{folder} failed its integrity check: " + "; ".join(problems)
                                   + ". Re-import the official folder with `sam3d weights import`.")
     manifest = json.loads((folder / "manifest.json").read_text())
-    cfg = load_json(Stage1Config, folder / "stage1.json")
+    cfg = load_json(cls, folder / f"{stage}.json")
     state: dict[str, torch.Tensor] = {}
-    for comp in STAGE1_COMPONENTS:
+    for comp in components:
         state.update(load_file(str(folder / f"{comp.name}.safetensors")))
-    digest = hashlib.sha256("".join(sorted(r["sha256"] for r in manifest["files"].values())).encode())
+    names = [f"{c.name}.safetensors" for c in components] + [f"{stage}.json"]
+    digest = hashlib.sha256("".join(manifest["files"][n]["sha256"] for n in names).encode())
     return cfg, state, digest.hexdigest()[:16]
+
+
+def load_stage1_state(model_dir: str | Path, check_hashes: bool = True) -> tuple[Stage1Config, dict, str]:
+    """Config, tensors and a short weights hash (provenance) of an imported model's stage 1."""
+    return _load_stage_state(model_dir, "stage1", Stage1Config, STAGE1_COMPONENTS, check_hashes)
+
+
+def load_stage2_state(model_dir: str | Path, check_hashes: bool = True) -> tuple[Stage2Config, dict, str]:
+    """Config, tensors and a short weights hash (provenance) of an imported model's stage 2."""
+    return _load_stage_state(model_dir, "stage2", Stage2Config, STAGE2_COMPONENTS, check_hashes)

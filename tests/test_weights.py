@@ -144,3 +144,55 @@ def test_cli_weights_commands(home, official_copy, capsys):
     assert main(["weights", "remove", "official"]) == 0
     assert main(["weights", "verify", "official"]) == 2  # now missing: a clear error, not a traceback
     assert "no imported model 'official'" in capsys.readouterr().err
+
+
+STAGE2 = Path(__file__).parent / "fixtures" / "stage2_small" / "official"
+
+
+def test_stage2_yamls_give_the_tiny_stage2_preset():
+    from sam3d_core.convert import stage2_config_from_official
+    from sam3d_core.registry import stage2_preset
+
+    assert stage2_config_from_official(STAGE2) == stage2_preset("tiny")
+
+
+def test_import_both_stages_from_one_folder_like_the_release(home, tmp_path):
+    both = tmp_path / "release"
+    shutil.copytree(OFFICIAL, both)
+    for f in STAGE2.iterdir():  # its pipeline.yaml names both stages' files
+        shutil.copy(f, both / f.name)
+    rep = hub.import_official(both)
+    assert rep.stages == ("stage1", "stage2")
+    manifest = json.loads((rep.folder / "manifest.json").read_text())
+    assert {"stage1.json", "stage2.json", "slat_generator.safetensors", "slat_decoder_gs.safetensors",
+            "slat_decoder_mesh.safetensors"} <= set(manifest["files"])
+    cfg, state, _ = hub.load_stage2_state("official")
+    raw = torch.load(STAGE2 / "slat_decoder_mesh.ckpt", weights_only=True)
+    key = next(iter(raw))
+    torch.testing.assert_close(state[f"decoder_mesh.{key}"], raw[key], rtol=0, atol=0)
+    assert hub.load_stage1_state("official")[0].flow.num_blocks == 2
+
+
+def test_stage2_only_folder_has_no_stage1(home, tmp_path):
+    dst = tmp_path / "s2"
+    shutil.copytree(STAGE2, dst)
+    rep = hub.import_official(dst)
+    assert rep.stages == ("stage2",)
+    with pytest.raises(CheckpointError, match="has no stage1 weights"):
+        hub.load_stage1_state("official")
+
+
+def test_stage2_mismatched_decoder_is_rejected(home, tmp_path):
+    dst = tmp_path / "s2"
+    shutil.copytree(STAGE2, dst)
+    sd = torch.load(dst / "slat_decoder_gs.ckpt", weights_only=True)
+    sd["out_layer.weight"] = sd["out_layer.weight"][:-1]
+    torch.save(sd, dst / "slat_decoder_gs.ckpt")
+    with pytest.raises(CheckpointError, match=r"shape of decoder_gs\.out_layer\.weight"):
+        hub.import_official(dst)
+
+
+def test_folder_without_any_generator_yaml(home, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither ss_generator.yaml nor slat_generator.yaml"):
+        hub.import_official(tmp_path / "empty")
