@@ -251,3 +251,39 @@ def preprocess_stage1(
         "pointmap_shift": shift,
     }
     return {k: v[None].contiguous() for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage-2 recipe
+
+
+def preprocess_stage2(
+    image: np.ndarray | torch.Tensor,
+    mask: np.ndarray | torch.Tensor,
+    cfg: PreprocessConfig,
+) -> dict[str, torch.Tensor]:
+    """One photo + one object mask -> the stage-2 (SLAT) condition inputs; no point map.
+
+    The official `slat_preprocessor` crops, pads and resizes image and mask exactly as the stage-1
+    branch does (box 1.2x the mask's bounding box, square pad with 0, bilinear/nearest resize); only
+    the point map is absent. Same inputs as `preprocess_stage1`. Returns float32 tensors with a batch
+    dim of 1: image, rgb_image [1, 3, S, S]; mask, rgb_image_mask [1, 1, S, S].
+    """
+    raw = _as_tensor("image", image, "uint8 [H, W, 3]")
+    # _check_inputs validates image and mask; a zero point map of the image size stands in for the absent one.
+    image, mask, _ = _check_inputs(raw, mask, torch.zeros(*raw.shape[:2], 3))
+    size = cfg.image_size
+    mask = mask[None].float()  # [1, H, W] in {0, 1}
+    # 1. Cropped branch: box around the mask, zero outside the image, square pad, optional border.
+    box = mask_crop_box(mask[0], cfg.box_size_factor)
+    rgba = pad_to_square(crop_with_zero_padding(torch.cat([image, mask]), box), 0.0)
+    if cfg.padding_factor > 0:
+        rgba = F.pad(rgba, (int(rgba.shape[-1] * cfg.padding_factor),) * 4, value=0.0)
+    out = {
+        "image": resize_square(pad_to_square(rgba[:3], 0.0), size, "bilinear"),
+        "mask": resize_square(pad_to_square(rgba[3:], 0.0), size, "nearest"),
+        # 2. Full branch: square pad and resize only.
+        "rgb_image": resize_square(pad_to_square(image, 0.0), size, "bilinear"),
+        "rgb_image_mask": resize_square(pad_to_square(mask, 0.0), size, "nearest"),
+    }
+    return {k: v[None].contiguous() for k, v in out.items()}
