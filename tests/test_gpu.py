@@ -83,3 +83,26 @@ def test_cuda_compiled_fast_path_equals_eager(model_dir, data):
     a, b = _run(eager, data, steps=3), _run(compiled, data, steps=3)
     for k in a.latents:
         torch.testing.assert_close(b.latents[k], a.latents[k], rtol=1e-3, atol=1e-3)
+
+
+def test_cuda_stage2_chain_matches_official(tmp_path, monkeypatch):
+    """Stage 2 on the GPU (float32, TF32 off) against the official stage-2 fixture."""
+    from sam3d_core.stage2 import Stage2Pipeline
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    fixture = Path(__file__).parent / "fixtures" / "stage2_small"
+    hub.import_official(fixture / "official", name="s2", root=tmp_path)
+    pipe = Stage2Pipeline.from_pretrained(str(tmp_path / "s2"), device="cuda")
+    data = load_file(fixture / "data.safetensors")
+    cond = pipe.encode(pipe.prepare(data["input/rgb"].numpy(), data["input/mask"].numpy() > 0))
+    coords = data["input/coords"].to(torch.int32).cuda()
+    from sam3d_core.sampling import denormalize_slat, sample_stage2
+
+    noise = data["sample/noise"].reshape(-1, 8).cuda()
+    slat = denormalize_slat(sample_stage2(pipe.model.generator, cond, coords, noise, pipe.cfg.sampler), pipe.cfg)
+    ref = data["sample/slat_feats"].reshape(slat.shape)
+    torch.testing.assert_close(slat.cpu(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    mesh = pipe.decode_mesh(slat, coords)
+    assert mesh.faces.shape == data["mesh/faces"].shape
+    torch.testing.assert_close(mesh.vertices.cpu(), data["mesh/vertices"], rtol=1e-3, atol=1e-3)
