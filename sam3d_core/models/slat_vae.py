@@ -151,7 +151,7 @@ class SLatGaussianDecoder(SparseTransformerBase):
             raise ValueError("SLatGaussianDecoder decodes one object at a time; split coords by batch index first")
         h = super().forward(feats, coords).float()
         h = F.layer_norm(h, h.shape[-1:])  # eps 1e-5, no affine
-        h = self.out_layer(h)  # [N, G * 14]
+        h = self.out_layer(h.to(self.out_layer.weight.dtype)).float()  # [N, G * 14]; a half model stays usable
         return self.to_gaussians(h, coords)
 
     def to_gaussians(self, h: torch.Tensor, coords: torch.Tensor) -> Gaussians:
@@ -283,4 +283,4 @@ class SLatMeshDecoder(SparseTransformerBase):
         h = super().forward(feats, coords)
         for block in self.upsample:
             h, coords = block(h, coords)
-        return coords, self.out_layer(h.float())
+        return coords, self.out_layer(h.to(self.out_layer.weight.dtype)).float()
