@@ -14,6 +14,7 @@ The sha256 of every weight file is checked when it is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -21,7 +22,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,27 @@ def data_dir() -> Path:
 
 def models_dir() -> Path:
     return data_dir() / "models"
+
+
+@contextlib.contextmanager
+def staged_folder(root: Path, name: str, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder in `root` that replaces `root/name` only if the block completes.
+
+    Nothing the user already had is touched on failure: the previous folder stays until the new one is whole.
+    """
+    dest = root / name
+    if dest.exists() and not overwrite:
+        raise CheckpointError(f"{dest} already exists; pass --overwrite to replace it or choose another --name")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -148,13 +170,7 @@ def import_official(src: str | Path, name: str = "official", root: Path | None =
         raise CheckpointError(f"{src} holds neither ss_generator.yaml nor slat_generator.yaml; {WHERE_TO_GET}")
     configs = {st.name: st.read_config(src) for st in stages}  # all YAMLs checked before any heavy work
     root = models_dir() if root is None else Path(root)
-    dest = root / name
-    if dest.exists() and not overwrite:
-        raise CheckpointError(f"{dest} already exists; pass --overwrite to replace it or choose another --name")
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    try:
+    with staged_folder(root, name, overwrite) as tmp:
         sources, files, counts = {}, {}, [0, 0, 0]  # tensors, parameters, ignored entries
         for st in stages:
             tensors, per_file = {}, {}
@@ -189,13 +205,7 @@ def import_official(src: str | Path, name: str = "official", root: Path | None =
             "sam3d_version": __version__,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ImportReport(name, dest, counts[0], counts[1], counts[2], tuple(st.name for st in stages))
+    return ImportReport(name, root / name, counts[0], counts[1], counts[2], tuple(st.name for st in stages))
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:

@@ -70,7 +70,7 @@ def test_basic_segment_all_returns_large_regions(vase):
     small = BasicSegmenter(work_long_side=160)
     small.set_image(image)
     objs = small.segment_all()
-    assert 1 <= len(objs) <= 5
+    assert 0 < len(objs) <= 5  # at least one region, at most the documented five
     assert all(o.mask.shape == image.shape[:2] and o.area >= 0.02 * image.shape[0] * image.shape[1] for o in objs)
     assert [o.area for o in objs] == sorted((o.area for o in objs), reverse=True)
 

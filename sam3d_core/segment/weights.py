@@ -13,7 +13,6 @@ import datetime as _dt
 import json
 import pickle
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sam3d_core.convert import CheckpointError
-from sam3d_core.hub import data_dir, sha256_file, verify_folder
+from sam3d_core.hub import data_dir, sha256_file, staged_folder, verify_folder
 
 # Official file names (dl.fbaipublicfiles.com/segment_anything/). Their full sha256 is not published
 # by Meta; we record the hash at import and check it on every load.
@@ -78,12 +77,7 @@ def import_sam_checkpoint(src: str | Path, name: str | None = None, overwrite: b
     model_type = model_type_of(sd)
     name = name or model_type
     root = segment_dir() if root is None else Path(root)
-    dest = root / name
-    if dest.exists() and not overwrite:
-        raise CheckpointError(f"{dest} already exists; pass --overwrite to replace it or choose another --name")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    try:
+    with staged_folder(root, name, overwrite) as tmp:
         out = tmp / "sam.safetensors"
         save_file({k: v.contiguous() for k, v in sd.items()}, str(out), metadata={"format": "pt"})
         manifest = {
@@ -93,13 +87,7 @@ def import_sam_checkpoint(src: str | Path, name: str | None = None, overwrite: b
             "imported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+    return root / name
 
 
 def resolve(name: str | Path, root: Path | None = None) -> Path:
