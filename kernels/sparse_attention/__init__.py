@@ -4,8 +4,9 @@
     perm, cu = window_partition(coords, window=8, shift=4)
     out = windowed_attention(q, k, v, coords, window=8, shift=4)       # [N, H, D], in the order of coords
 
-The dispatcher runs PyTorch's flash varlen op (`flash.py`) for CUDA fp16/bf16 inputs where this PyTorch
-has it, and the per-segment SDPA reference (`reference.py`) otherwise (CPU, fp32, unusual head dims).
+The dispatcher runs, for CUDA fp16/bf16 inputs, one batched dense SDPA call (cuDNN's kernel first,
+`dense.py`) when all segments have equal length, else PyTorch's flash varlen op (`flash.py`) where this
+PyTorch has it, and the per-segment SDPA reference (`reference.py`) otherwise (CPU, fp32, unusual head dims).
 Full sparse self-attention over each batch item is `varlen_attention` with one segment per batch item.
 """
 
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import torch
 
+from .dense import dense_attention, equal_segments
 from .flash import supports, varlen_attention_flash
 from .reference import check_varlen_inputs, varlen_attention_reference
 from .windows import window_partition
 
 __all__ = ["varlen_attention", "varlen_attention_reference", "window_partition", "windowed_attention"]
 
-_BACKENDS = ("auto", "reference", "flash")
+_BACKENDS = ("auto", "reference", "flash", "dense")
 
 
 def varlen_attention(
@@ -36,11 +38,19 @@ def varlen_attention(
     """q [Tq, H, D], k [Tk, H, D], v [Tk, H, Dv], cu_seqlens [S + 1] -> [Tq, H, Dv] (see `reference.py`).
 
     `max_seqlen_*` (the longest segment) are computed from cu_seqlens when not given (a host sync).
-    `backend`: "auto", "reference" or "flash" (CUDA fp16/bf16 only).
+    `backend`: "auto", "reference", "flash" (CUDA fp16/bf16 only) or "dense" (equal-length segments only).
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    segments = cu_seqlens_q.shape[0] - 1
+    if backend == "dense" or (backend == "auto" and supports(q, v) and max_seqlen_q and max_seqlen_k):
+        mq = max_seqlen_q if max_seqlen_q is not None else int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+        mk = max_seqlen_k if max_seqlen_k is not None else int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+        if equal_segments(q.shape[0], k.shape[0], segments, mq, mk):
+            return dense_attention(q, k, v, segments, scale)
+        if backend == "dense":
+            raise ValueError("backend='dense' needs segments of equal length; use backend='auto'")
     use_flash = backend == "flash" or (backend == "auto" and supports(q, v))
     if not use_flash or q.shape[0] == 0:
         return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)

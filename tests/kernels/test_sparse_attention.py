@@ -158,3 +158,47 @@ def test_flash_varlen_full_attention_on_gpu(dtype, scale):
     assert relative_error(out, expect) < TOLERANCES[dtype]
     auto = varlen_attention(q.to(dtype), k.to(dtype), v.to(dtype), cu, cu, scale=scale)  # auto picks flash
     assert auto.dtype == dtype and torch.equal(auto, out)
+
+
+@pytest.mark.parametrize("segments,lq,lk", [(1, 7, 7), (2, 5, 9), (3, 4, 1)])
+def test_dense_path_matches_varlen_reference(segments, lq, lk):
+    cu_q = torch.arange(segments + 1, dtype=torch.int32) * lq
+    cu_k = torch.arange(segments + 1, dtype=torch.int32) * lk
+    q, k, v = rand(segments * lq, 3, 8, seed=1), rand(segments * lk, 3, 8, seed=2), rand(segments * lk, 3, 8, seed=3)
+
+    def dense(q, k, v):
+        return varlen_attention(q, k, v, cu_q, cu_k, lq, lk, scale=0.2, backend="dense")
+
+    def ref(q, k, v):
+        allowed = segment_ids(cu_q, len(q))[:, None] == segment_ids(cu_k, len(k))[None, :]
+        return masked_attention(q * (0.2 * math.sqrt(q.shape[-1])), k, v, allowed)
+
+    check_fwd_bwd(dense, ref, [q, k, v])
+
+
+def test_dense_path_refuses_unequal_segments():
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    q = rand(5, 2, 8)
+    with pytest.raises(ValueError, match="equal length"):
+        varlen_attention(q, q, q, cu, cu, backend="dense")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_auto_dense_path_on_gpu(dtype):
+    """Equal segments with the maxima given: 'auto' takes the batched dense (cuDNN-first) path."""
+    n, nk = 1500, 700
+    cu_q = torch.tensor([0, n, 2 * n], dtype=torch.int32).cuda()
+    cu_k = torch.tensor([0, nk, 2 * nk], dtype=torch.int32).cuda()
+    q = rand(2 * n, 16, 64, seed=1).float().cuda()
+    k, v = (rand(2 * nk, 16, 64, seed=s).float().cuda() for s in (2, 3))
+    fast = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = varlen_attention(*fast, cu_q, cu_k, n, nk)
+    expect = varlen_attention(*ref, cu_q, cu_k, n, nk, backend="reference")
+    assert relative_error(out, expect) < TOLERANCES[dtype]
+    g = rand(2 * n, 16, 64, seed=4).float().cuda()
+    out.backward(g.to(dtype))
+    expect.backward(g)
+    for name, a, b in zip("qkv", fast, ref, strict=True):
+        assert relative_error(a.grad, b.grad) < TOLERANCES[dtype], f"grad {name}"
