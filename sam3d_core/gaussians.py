@@ -1,7 +1,8 @@
-"""3D Gaussians as decoded from a SLAT: raw fields, their activations, and a 3DGS-convention PLY writer.
+"""3D Gaussians as decoded from a SLAT: raw fields, their activations, posing, and a 3DGS-convention PLY writer.
 
-Positions live in the object's local frame [-0.5, 0.5]³ (z up). The raw fields are what the decoder
-predicts; the `get_*` properties apply the official activations and biases.
+Decoded positions live in the object's local frame [-0.5, 0.5]³ (z up). The raw fields are what the decoder
+predicts; the `get_*` properties apply the official activations and biases. `posed` places them with the
+stage-1 pose in the PyTorch3D camera frame (or another frame of `sam3d_core.frames`, e.g. our glTF world).
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from sam3d_core.frames import CONVENTIONS, FROM_P3D
+from sam3d_core.layout import Pose, matrix_to_quaternion, quaternion_invert, quaternion_multiply
 
 SH_C0 = 0.28209479177387814  # degree-0 spherical harmonic: colour = SH_C0 * dc + 0.5
 
@@ -28,7 +32,7 @@ def logit(x: torch.Tensor) -> torch.Tensor:
 class Gaussians:
     """M Gaussians (sh degree 0). Raw fields as predicted; biases from `SLatGaussianDecoderConfig`."""
 
-    _xyz: torch.Tensor  # [M, 3] in [0, 1]
+    _xyz: torch.Tensor  # [M, 3]; get_xyz = _xyz - 0.5 (the official aabb offset), so [0, 1] when local
     _features_dc: torch.Tensor  # [M, 1, 3]
     _scaling: torch.Tensor  # [M, 3]
     _rotation: torch.Tensor  # [M, 4] (w, x, y, z), before the identity bias
@@ -66,6 +70,60 @@ class Gaussians:
     @property
     def colors(self) -> torch.Tensor:  # [M, 3] RGB, nominally in [0, 1]
         return SH_C0 * self._features_dc[:, 0] + 0.5
+
+    def transformed(self, rotation: torch.Tensor, translation: torch.Tensor, scale: float) -> Gaussians:
+        """A similarity applied to the Gaussians: x' = (x * scale) @ rotation + translation (row vectors).
+
+        rotation [3, 3] proper rotation, translation [3], scale > 0. Follows the official `make_scene` rule:
+        q' = q_R^-1 (x) q, so that the covariance becomes scale^2 R^T Sigma R; scale' = max(scale_g * scale,
+        1.1 * min_kernel * scale) and min_kernel *= scale (the 3D filter scales with the object).
+        """
+        rot = torch.as_tensor(rotation, dtype=torch.float64)
+        t = torch.as_tensor(translation, dtype=torch.float64).reshape(-1)
+        if rot.shape != (3, 3) or t.shape != (3,):
+            raise ValueError(f"rotation, translation: got {tuple(rot.shape)}, {tuple(t.shape)}; expected [3, 3], [3]")
+        if not torch.allclose(rot.T @ rot, torch.eye(3, dtype=rot.dtype), atol=1e-4) or torch.linalg.det(rot) <= 0:
+            raise ValueError("rotation: not a proper rotation (R^T R != I or det <= 0); a mirror would flip the object")
+        if not scale > 0:
+            raise ValueError(f"scale: got {scale}, expected a positive uniform scale")
+        dtype, device = self._xyz.dtype, self._xyz.device
+        rot, t = rot.to(device), t.to(device)
+        xyz = (self.get_xyz.double() * scale) @ rot + t  # [M, 3]
+        q_rot = matrix_to_quaternion(rot)  # quaternion_to_matrix(q_rot) = rot (PyTorch3D convention)
+        quat = quaternion_multiply(quaternion_invert(q_rot)[None], self.get_rotation.double())  # [M, 4]
+        min_kernel = self.min_kernel_size * scale
+        scales = torch.clamp_min(self.get_scaling.double() * scale, 1.1 * min_kernel)  # [M, 3]
+        # Invert get_scaling: softplus(raw + bias) = sqrt(scale^2 - min_kernel^2).
+        bias = inverse_softplus(torch.tensor(self.scaling_bias, dtype=torch.float64))
+        raw_scaling = inverse_softplus(torch.sqrt(scales.square() - min_kernel**2)) - bias.to(device)
+        return Gaussians(
+            _xyz=(xyz + 0.5).to(dtype),
+            _features_dc=self._features_dc.clone(),  # degree-0 colour does not depend on direction
+            _scaling=raw_scaling.to(dtype),
+            _rotation=(quat - quat.new_tensor([1.0, 0.0, 0.0, 0.0])).to(dtype),
+            _opacity=self._opacity.clone(),
+            scaling_bias=self.scaling_bias,
+            opacity_bias=self.opacity_bias,
+            min_kernel_size=min_kernel,
+        )
+
+    def posed(self, pose: Pose, convention: str = "pytorch3d") -> Gaussians:
+        """The Gaussians placed with a stage-1 pose of ONE object (a batch of one: `pose[i]`).
+
+        convention "pytorch3d": the photo's camera frame, as the official `make_scene`; "gltf": our glTF scene
+        world (for a scene PLY next to the scene GLB); "opencv", "blender" likewise (see `sam3d_core.frames`).
+        """
+        if pose.rotation.shape[0] != 1:
+            raise ValueError(f"pose: got a batch of {pose.rotation.shape[0]} poses, expected one; pass pose[i]")
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention: got {convention!r}, expected one of {CONVENTIONS}")
+        s = pose.scale[0].double()
+        if not torch.allclose(s, s[:1].expand(3), rtol=1e-6):
+            raise ValueError(f"pose.scale: got {s.tolist()}, expected a uniform scale (decode_pose returns one)")
+        to_frame = torch.as_tensor(FROM_P3D[convention], dtype=torch.float64)  # column-vector 3x3 rotation
+        rot = pose.rotation[0].double().cpu() @ to_frame.T  # row vectors: p_frame = p_p3d @ to_frame^T
+        t = pose.translation[0].double().cpu() @ to_frame.T
+        return self.transformed(rot, t, float(s[0]))
 
     def save_ply(self, path: str | Path) -> None:
         """Write the 3DGS PLY convention (binary little-endian float32): x y z, nx ny nz (0), f_dc_0..2,

@@ -10,7 +10,8 @@ z forward):
 
 with p_local in the voxel frame [-0.5, 0.5]^3 (TRELLIS, z-up), see `local_voxel_centers`.
 In closed form (sigma isotropic): scale = mean(exp(x_scale)) * sigma, R = gram_schmidt(6D),
-translation = x_translation * sigma + shift.
+translation = x_translation * sigma + shift. `encode_pose` is the exact inverse (pose -> latents, for training
+targets); frame conversions of the pose (OpenCV, glTF, Blender) live in `sam3d_core.frames`.
 """
 
 from __future__ import annotations
@@ -103,6 +104,35 @@ def matrix_to_quaternion(matrix: torch.Tensor) -> torch.Tensor:
     return torch.where(q[..., :1] < 0, -q, q)
 
 
+def quaternion_invert(q: torch.Tensor) -> torch.Tensor:
+    """Inverse of unit quaternions [..., 4] (w, x, y, z): the conjugate (w, -x, -y, -z)."""
+    if q.shape[-1] != 4:
+        raise ValueError(f"q: got shape {tuple(q.shape)}, expected [..., 4] with (w, x, y, z)")
+    return q * q.new_tensor([1.0, -1.0, -1.0, -1.0])
+
+
+def quaternion_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hamilton product a (x) b of quaternions [..., 4] (w, x, y, z), real part made non-negative.
+
+    quaternion_to_matrix(a (x) b) = quaternion_to_matrix(a) @ quaternion_to_matrix(b), as PyTorch3D's
+    `quaternion_multiply` (which also standardises the sign).
+    """
+    if a.shape[-1] != 4 or b.shape[-1] != 4:
+        raise ValueError(f"a, b: got shapes {tuple(a.shape)}, {tuple(b.shape)}, expected [..., 4] (w, x, y, z)")
+    aw, ax, ay, az = a.unbind(-1)
+    bw, bx, by, bz = b.unbind(-1)
+    q = torch.stack(
+        [
+            aw * bw - ax * bx - ay * by - az * bz,
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+        ],
+        dim=-1,
+    )
+    return torch.where(q[..., :1] < 0, -q, q)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The pose
 # ---------------------------------------------------------------------------------------------------
@@ -134,6 +164,14 @@ class Pose:
         p = p * self.scale[:, None, :].to(p.dtype)
         out = p @ self.rotation.to(p.dtype) + self.translation[:, None, :].to(p.dtype)  # [B, N, 3]
         return out[0] if squeeze else out
+
+    def __getitem__(self, index: int) -> Pose:
+        """The pose of object `index` as a batch of one."""
+        b = self.rotation.shape[0]
+        if not -b <= index < b:
+            raise IndexError(f"index {index} out of range for a batch of {b} poses")
+        sl = slice(index % b, index % b + 1)
+        return Pose(self.rotation[sl], self.quaternion[sl], self.translation[sl], self.scale[sl])
 
     def as_matrix(self) -> torch.Tensor:
         """[B, 4, 4] homogeneous matrix M for column vectors: p_cam = M @ [p; 1], the same map as `apply`."""
@@ -211,6 +249,52 @@ def decode_pose(
     translation = t * sigma + shift  # [B, 3]
     scale = axis_scale.mean(dim=-1, keepdim=True).expand(b, 3) * downsample_factor
     return Pose(rotation, matrix_to_quaternion(rotation), translation, scale)
+
+
+def encode_pose(
+    pose: Pose,
+    pointmap_scale: torch.Tensor,
+    pointmap_shift: torch.Tensor,
+    downsample_factor: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """Object pose in the camera frame -> stage-1 pose latents; the exact inverse of `decode_pose`.
+
+    pose: rotation [B, 3, 3] (a proper rotation), translation [B, 3], scale [B, 3] (decoding returns the
+    mean of a per-axis scale, so only a uniform scale round-trips exactly). pointmap_scale / pointmap_shift:
+    the point-map normalization of the photo (isotropic scale, as the official normalization produces).
+    Returns float32 '6drotation_normalized' [B, 1, 6] (the first two columns of R, normalized with the
+    training statistics), 'scale' [B, 1, 3] (log of scale / (sigma * downsample_factor)) and
+    'translation' [B, 1, 3] ((t - shift) / sigma). 'translation_scale' is not produced: decoding ignores it.
+    """
+    rot = pose.rotation.double()
+    b = rot.shape[0]
+    if rot.shape != (b, 3, 3) or pose.translation.shape != (b, 3) or pose.scale.shape not in ((b, 3), (b, 1)):
+        raise ValueError(
+            f"pose: got rotation {tuple(rot.shape)}, translation {tuple(pose.translation.shape)}, scale "
+            f"{tuple(pose.scale.shape)}; expected [B, 3, 3], [B, 3], [B, 3]"
+        )
+    eye = torch.eye(3, dtype=rot.dtype, device=rot.device).expand(b, 3, 3)
+    if not torch.allclose(rot.transpose(-1, -2) @ rot, eye, atol=1e-4) or (torch.linalg.det(rot) <= 0).any():
+        raise ValueError("pose.rotation: not a proper rotation (R^T R != I or det <= 0); pass an orthonormal R, det +1")
+    if not downsample_factor > 0:
+        raise ValueError(f"downsample_factor: got {downsample_factor}, expected the positive factor from cap_voxels")
+    sigma = _scene_vector(pointmap_scale, "pointmap_scale", b).to(rot)  # [B, 3]
+    shift = _scene_vector(pointmap_shift, "pointmap_shift", b).to(rot)  # [B, 3]
+    if not torch.allclose(sigma, sigma[:, :1].expand(b, 3), rtol=1e-6) or (sigma <= 0).any():
+        raise ValueError(
+            f"pointmap_scale: got {sigma.tolist()}, expected one positive value per object repeated on the 3 axes "
+            "(the official scene scale is isotropic)"
+        )
+    mean = torch.tensor(ROT6D_MEAN, dtype=rot.dtype, device=rot.device)
+    std = torch.tensor(ROT6D_STD, dtype=rot.dtype, device=rot.device)
+    r6 = torch.cat([rot[..., :, 0], rot[..., :, 1]], dim=-1)  # Gram-Schmidt returns these two columns as they are
+    log_scale = torch.log(pose.scale.double().to(rot.device).expand(b, 3) / (sigma * downsample_factor))
+    translation = (pose.translation.double().to(rot.device) - shift) / sigma
+    return {
+        "6drotation_normalized": ((r6 - mean) / std)[:, None].float(),
+        "scale": log_scale[:, None].float(),
+        "translation": translation[:, None].float(),
+    }
 
 
 def local_voxel_centers(coords: torch.Tensor, resolution: int = 64) -> torch.Tensor:

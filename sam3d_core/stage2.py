@@ -96,8 +96,9 @@ class Stage2Pipeline:
         dtype: torch.dtype = torch.float32,
         weights_id: str = "unknown",
     ):
-        if dtype != torch.float32:
-            raise ValueError(f"dtype: got {dtype}, expected torch.float32 (stage 2 runs in float32 for now)")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype: got {dtype}, expected torch.float32, torch.bfloat16 or torch.float16")
+        # Half precision: every weight in `dtype`; the decoders' outputs and FlexiCubes stay float32.
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.cfg = model.cfg
         self.device = torch.device(device)
@@ -105,8 +106,10 @@ class Stage2Pipeline:
         self.weights_id = weights_id
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str, device: str | None = None, check_hashes: bool = True) -> Stage2Pipeline:
-        """Load the stage-2 weights of an imported model (see `sam3d weights import`), hashes checked."""
+    def from_pretrained(cls, name_or_dir: str, device: str | None = None, check_hashes: bool = True,
+                        dtype: torch.dtype | None = None) -> Stage2Pipeline:
+        """Load the stage-2 weights of an imported model (see `sam3d weights import`), hashes checked.
+        dtype: default bfloat16 on CUDA, float32 on the CPU."""
         from sam3d_core.hub import load_stage2_state
 
         cfg, state, digest = load_stage2_state(name_or_dir, check_hashes=check_hashes)
@@ -114,7 +117,8 @@ class Stage2Pipeline:
             model = Stage2Model(cfg)
         model.load_state_dict(state, strict=True, assign=True)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model, device, torch.float32, weights_id=f"sha256:{digest}")
+        dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        return cls(model, device, dtype, weights_id=f"sha256:{digest}")
 
     @classmethod
     def from_random(
@@ -168,7 +172,7 @@ class Stage2Pipeline:
     @torch.no_grad()
     def decode_mesh(self, slat_feats: torch.Tensor, coords: torch.Tensor) -> MeshResult:
         """Step 6: the mesh decoder (two 2x subdivisions to 256^3) and FlexiCubes."""
-        fine_coords, fine_feats = self.model.decoder_mesh(slat_feats, coords)
+        fine_coords, fine_feats = self.model.decoder_mesh(slat_feats.to(self.dtype), coords)
         return extract_mesh(fine_coords, fine_feats.float(), resolution=4 * self.cfg.mesh.resolution)
 
     @torch.no_grad()
@@ -199,7 +203,7 @@ class Stage2Pipeline:
         # 3.-4. Noise, flow sampling (fast path: the condition's keys and values computed once), de-normalisation.
         slat = self.sample(cond, coords, seed=seed, steps=steps, cfg_strength=cfg_strength, progress=progress)
         # 5. Gaussians: num_gaussians per voxel around the voxel centres.
-        gaussians = self.model.decoder_gs(slat, coords) if "gaussian" in decode else None
+        gaussians = self.model.decoder_gs(slat.to(self.dtype), coords) if "gaussian" in decode else None
         # 6. Mesh: fine SDF features on the 256^3 grid -> FlexiCubes.
         mesh = self.decode_mesh(slat, coords) if "mesh" in decode else None
         sampler = self.cfg.sampler
