@@ -113,9 +113,11 @@ def cmd_stage1(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    args.photo, args.mask = str(EXAMPLE_PHOTO), str(EXAMPLE_MASK)
-    args.steps, args.fast = None, False
-    return cmd_stage1(args)
+    """The main job on the bundled example: photo + mask -> placed, textured object, scene GLB and JSON."""
+    from sam3d_core.reconstruct_cli import cmd_reconstruct
+
+    args.photo, args.mask, args.point, args.box = str(EXAMPLE_PHOTO), [str(EXAMPLE_MASK)], None, None
+    return cmd_reconstruct(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sam3d_core.segment.cli import add_segment_parser, add_weights_sam_parser
 
     add_weights_sam_parser(wsub)
+    from sam3d_core.download import add_download_parser
+
+    add_download_parser(wsub)
     add_segment_parser(sub)
 
     def common(sp):
@@ -154,9 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(s1)
     s1.set_defaults(func=cmd_stage1)
 
-    d = sub.add_parser("demo", help="run on the bundled example photo")
-    common(d)
-    d.set_defaults(func=cmd_demo)
+    from sam3d_core.reconstruct_cli import add_model_args, add_reconstruct_parsers
+
+    add_reconstruct_parsers(sub)
+    d = sub.add_parser("demo", help="the main job on the bundled example photo (writes demo_out/)")
+    add_model_args(d)
+    d.set_defaults(func=cmd_demo, out="demo_out")
 
     from sam3d_core.serve.cli import add_serve_parser
 
@@ -172,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
         return _fail(str(e))
+    except RuntimeError as e:  # GPU out of memory even in low-VRAM mode, an empty mesh: already explained
+        from sam3d_core.pipeline import GPUOutOfMemory
+
+        if isinstance(e, GPUOutOfMemory) or "stage 2 produced" in str(e):
+            return _fail(str(e))
+        raise
 
 
 if __name__ == "__main__":

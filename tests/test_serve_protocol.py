@@ -75,7 +75,7 @@ def test_valid_requests_and_defaults():
 
 
 def test_responses_validate():
-    ok = [P.progress("a", "sample", 1, 25), P.error("a", "bad_input", "photo missing", {"x": float("nan")}),
+    ok = [P.progress("a", "stage1", 1, 25), P.error("a", "bad_input", "photo missing", {"x": float("nan")}),
           P.response("result", "a", glb="/o/x.glb"), P.response("cancelled", "a"), P.response("hello", "a")]
     for msg in ok:
         assert P.decode_response(P.encode(msg)) == json.loads(P.encode(msg))

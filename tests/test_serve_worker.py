@@ -15,7 +15,7 @@ from sam3d_core.serve import protocol as P
 from sam3d_core.serve.client import JobCancelled, WorkerClient, WorkerError
 
 REPO = Path(__file__).resolve().parent.parent
-WORKER_ARGS = ("-m", "sam3d_core.serve")  # `sam3d serve` once the lead wires serve.cli into sam3d_core.cli
+WORKER_ARGS = ("-m", "sam3d_core.serve", "--max-voxels", "200")  # few voxels: stage 2 stays quick on a CPU
 
 
 def _start(home: Path, logs: list[str]) -> WorkerClient:
@@ -57,44 +57,87 @@ def test_hello_handshake(worker):
     hello = worker.hello(timeout=120)
     assert hello["v"] == P.PROTOCOL_VERSION and hello["protocol"] == P.PROTOCOL_VERSION
     assert hello["ready"] and hello["model_error"] is None
-    assert hello["weights"] == "random:0" and "tiny" in hello["model"] and hello["device"] == "cpu"
+    assert hello["weights"] == "random:0+random:1" and "tiny" in hello["model"] and hello["device"] == "cpu"
     assert {"reconstruct", "cancel"} <= set(hello["capabilities"])
     assert worker.status()["state"] == "idle"
 
 
 def test_reconstruct_reports_progress_and_writes_glb(worker, files, tmp_path):
-    job = _reconstruct(worker, files, tmp_path / "out", seed=3, steps=2)
+    job = _reconstruct(worker, files, tmp_path / "out", seed=3, steps=2, stage2=False)
     events = list(job.events(timeout=120))
     final = events[-1]
     assert final["type"] == "result", final
     progress = [(e["stage"], e["step"], e["total"]) for e in events[:-1]]
     assert all(e["type"] == "progress" and e["id"] == job.id for e in events[:-1])
-    assert progress == [("preprocess", 0, 1), ("condition", 0, 1), ("sample", 0, 2), ("sample", 1, 2),
-                        ("sample", 2, 2), ("decode", 0, 1), ("export", 0, 1)]
+    assert progress == [("preprocess", 0, 1), ("stage1", 0, 2), ("stage1", 1, 2), ("stage1", 2, 2),
+                        ("export", 0, 1)]
     glb = Path(final["glb"])
     assert glb.is_absolute() and glb.is_file() and glb.read_bytes()[:4] == b"glTF"
     assert Path(final["scene"]).is_file() and final["num_voxels"] > 0
-    assert set(final["pose"]) >= {"rotation_wxyz", "translation", "scale"}
-    assert final["settings"]["seed"] == 3 and final["settings"]["steps"] == 2
+    assert set(final["pose"]) >= {"rotation_wxyz", "translation", "scale", "matrix"}
+    assert final["settings"]["seed"] == 3 and final["settings"]["stage1"]["steps"] == 2
     assert job.result() is final and job.poll() == []
+
+
+def test_reconstruct_textured_mesh_with_blender_placement(worker, files, tmp_path):
+    """Stage 2, clean-up, UV bake and placement: a textured GLB, the Gaussians and ready Blender matrices."""
+    import trimesh
+
+    job = _reconstruct(worker, files, tmp_path / "out", seed=1, steps=2, texture_size=64, faces=500, name="cup")
+    events = list(job.events(timeout=300))
+    final = events[-1]
+    assert final["type"] == "result", final
+    stages = [e["stage"] for e in events[:-1]]
+    assert stages.index("stage1") < stages.index("stage2") < stages.index("postprocess") < stages.index("bake")
+    assert stages[-1] == "export"
+    mesh = trimesh.load(final["mesh_glb"], force="mesh")
+    assert isinstance(mesh.visual, trimesh.visual.TextureVisuals) and mesh.visual.uv is not None
+    assert mesh.visual.material.baseColorTexture.size == (64, 64)
+    assert Path(final["gaussians_ply"]).is_file() and Path(final["mask"]).is_file()
+    m = np.array(final["blender"]["object_matrix_world"])
+    assert m.shape == (4, 4) and np.allclose(m[3], [0, 0, 0, 1])
+    cam = final["blender"]["camera"]
+    assert cam["resolution_x"] == 64 and cam["resolution_y"] == 48 and cam["lens_mm"] > 0
+    assert 0.0 <= final["mask_iou"] <= 1.0
+    assert Path(final["mesh_glb"]).name == "cup.glb" and Path(final["scene_glb"]).is_file()
+
+
+def test_open_photo_and_segment_requests(worker, files, tmp_path):
+    pytest.importorskip("sam3d_core.segment.session", reason="the worker's segment lane needs segment.session")
+    info = worker.open_photo(str(files["photo"])).result(timeout=60)
+    assert info["type"] == "photo" and (info["width"], info["height"]) == (64, 48)
+    assert info["intrinsics_source"] == "default_fov" and len(info["K"]) == 3
+    assert info["blender_camera"]["resolution_x"] == 64 and info["segmenter"]["name"]
+    res = worker.segment(str(files["photo"]), str(tmp_path / "m.png"), points=[[32, 25, 1]],
+                         box=[15, 10, 50, 40]).result(timeout=60)
+    mask = np.asarray(Image.open(res["mask"]))
+    assert mask.shape == (48, 64) and res["area"] == int((mask > 127).sum()) > 0
+    again = worker.segment(str(files["photo"]), str(tmp_path / "m2.png"), points=[[32, 25, 1], [20, 15, 0]],
+                           previous=res["mask"]).result(timeout=60)
+    assert Path(again["mask"]).is_file()
+    with pytest.raises(WorkerError) as info:
+        worker.segment(str(files["photo"]), str(tmp_path / "m3.png"), points=[[640, 25, 1]]).result(timeout=60)
+    assert info.value.code == "bad_input" and "outside" in info.value.message
+    every = worker.segment_all(str(files["photo"]), str(tmp_path / "all"), max_objects=3).result(timeout=60)
+    assert len(every["masks"]) <= 3 and all(Path(p).is_file() for p in every["masks"])
 
 
 def test_cancel_running_and_queued_jobs(worker, files, tmp_path):
     long = _reconstruct(worker, files, tmp_path / "long", steps=25)
     queued = _reconstruct(worker, files, tmp_path / "queued", steps=2)
-    after = _reconstruct(worker, files, tmp_path / "after", steps=2)
+    after = _reconstruct(worker, files, tmp_path / "after", steps=2, stage2=False)
     status = worker.status()
     assert status["state"] == "busy" and status["queued"][-1] == after.id
     assert status["running"] is None or status["running"]["id"] == long.id
     queued.cancel()  # still queued behind `long`: removed without running
     for ev in long.events(timeout=120):
-        if ev["type"] == "progress" and ev["stage"] == "sample" and ev["step"] >= 1:
+        if ev["type"] == "progress" and ev["stage"] == "stage1" and ev["step"] >= 1:
             long.cancel()
             break
     with pytest.raises(JobCancelled):
         long.result(timeout=60)
-    assert long.final["type"] == "cancelled" and long.final["stage"] == "sample"
-    steps_seen = [e["step"] for e in long.poll() if e["type"] == "progress" and e["stage"] == "sample"]
+    assert long.final["type"] == "cancelled" and long.final["stage"] == "stage1"
+    steps_seen = [e["step"] for e in long.poll() if e["type"] == "progress" and e["stage"] == "stage1"]
     assert not steps_seen or max(steps_seen) < 25  # stopped within the sampling loop
     with pytest.raises(JobCancelled):
         queued.result(timeout=10)
@@ -105,13 +148,13 @@ def test_cancel_running_and_queued_jobs(worker, files, tmp_path):
 
 @pytest.mark.parametrize("photo, mask, words", [
     ("missing", "mask", ["does not exist"]),
-    ("not_an_image", "mask", ["not a readable image"]),
+    ("not_an_image", "mask", ["not_an_image.png"]),
     ("photo", "empty_mask", ["empty"]),
     ("photo", "small_mask", ["32x24", "64x48"]),
 ])
 def test_bad_input_is_reported_and_worker_survives(worker, files, tmp_path, photo, mask, words):
     path = {k: str(files[k]) if k in files else str(files["dir"] / f"{k}.png") for k in (photo, mask)}
-    job = worker.reconstruct(path[photo], path[mask], str(tmp_path / "out"), steps=2)
+    job = worker.reconstruct(path[photo], path[mask], str(tmp_path / "out"), steps=2, stage2=False)
     with pytest.raises(WorkerError) as info:
         job.result(timeout=60)
     assert info.value.code == "bad_input"
@@ -143,7 +186,6 @@ def test_bad_requests(worker):
 def test_missing_weights_and_out_of_memory_in_process(tmp_path, monkeypatch):
     """Paths a CPU test cannot reach with a real model: driven through a Worker object in this process."""
     import io
-    from types import SimpleNamespace
 
     import torch
 
@@ -164,17 +206,20 @@ def test_missing_weights_and_out_of_memory_in_process(tmp_path, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    sampler = SimpleNamespace(steps=25, shortcut_steps=4)
-    pipe = SimpleNamespace(cfg=SimpleNamespace(sampler=sampler, flow=SimpleNamespace(is_shortcut_model=True)),
-                           prepare=oom, device=torch.device("cpu"), dtype=torch.float32, weights_id="fake")
-    w = Worker(LoadedModel(pipe, "fake model"), io.BytesIO())
+    from sam3d_core.pipeline import Pipeline
+
+    pipe, which = Pipeline.load("tiny", "cpu", max_voxels=100)
+    pipe.stage1.sample = oom
+    w = Worker(LoadedModel(pipe, which), io.BytesIO())
     photo = tmp_path / "p.png"
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photo)
-    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "m.png")
+    Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(photo)
+    m = np.zeros((40, 40), np.uint8)
+    m[10:30, 10:30] = 255
+    Image.fromarray(m).save(tmp_path / "m.png")
     req = P.request("reconstruct", id="j", photo=str(photo), mask=str(tmp_path / "m.png"), out=str(tmp_path))
     msg = w.run_job(Job("j", req))
-    assert msg["type"] == "error" and msg["code"] == "out_of_memory" and msg["details"]["stage"] == "preprocess"
-    assert "low-memory" in msg["message"]
+    assert msg["type"] == "error" and msg["code"] == "out_of_memory" and msg["details"]["stage"] == "stage1"
+    assert "low-VRAM" in msg["message"]
 
 
 def test_worker_killed_mid_job_is_reported(files, tmp_path):

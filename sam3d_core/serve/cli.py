@@ -12,12 +12,15 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help="an imported model name, or 'tiny' (default: 'official' if imported and a GPU is "
                         "present, else the tiny random-weight model)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if present)")
+    p.add_argument("--low-vram", action="store_true", help="one stage on the GPU at a time (whole object <= 8 GB)")
+    p.add_argument("--max-voxels", type=int, default=None,
+                   help="cap on stage-1 voxels (default: the model's; fewer is faster and coarser)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from sam3d_core.serve import worker
 
-    return worker.main(model=args.model, device=args.device)
+    return worker.main(model=args.model, device=args.device, low_vram=args.low_vram, max_voxels=args.max_voxels)
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:

@@ -192,8 +192,22 @@ class WorkerClient:
         return self.submit({"type": "status"}).result(timeout)
 
     def reconstruct(self, photo: str, mask: str, out: str, **options) -> Job:
-        """Submit a reconstruct job (options: seed, steps, fast). Paths should be absolute."""
+        """Submit a reconstruct job (options: seed, steps, fast, texture_size, faces, name, stage2).
+        Paths should be absolute."""
         return self.submit({"type": "reconstruct", "photo": photo, "mask": mask, "out": out, **options})
+
+    def open_photo(self, photo: str, **options) -> Job:
+        """The photo's size and camera (intrinsics, Blender camera) and which segmenter answers clicks."""
+        return self.submit({"type": "open_photo", "photo": photo, **options})
+
+    def segment(self, photo: str, out: str, points=(), box=None, previous: str | None = None) -> Job:
+        """A mask from clicks [[x, y, 1|0], ...] and/or a box [x0, y0, x1, y1] (photo pixels), written to `out`."""
+        return self.submit({"type": "segment", "photo": photo, "out": out, "points": [list(p) for p in points],
+                            "box": None if box is None else list(box), "previous": previous})
+
+    def segment_all(self, photo: str, out_dir: str, max_objects: int | None = None) -> Job:
+        """Every object the segmenter finds, as mask PNGs in `out_dir`."""
+        return self.submit({"type": "segment_all", "photo": photo, "out_dir": out_dir, "max_objects": max_objects})
 
     def close(self, timeout: float = 15) -> int | None:
         """Ask the worker to shut down (cancelling its jobs), wait up to `timeout` s, then kill it."""

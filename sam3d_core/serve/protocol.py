@@ -20,11 +20,12 @@ import uuid
 
 PROTOCOL_VERSION = 1
 
-REQUEST_TYPES = ("hello", "reconstruct", "cancel", "shutdown", "status")
-RESPONSE_TYPES = ("hello", "progress", "result", "error", "cancelled", "status")
+REQUEST_TYPES = ("hello", "reconstruct", "cancel", "shutdown", "status", "open_photo", "segment", "segment_all")
+RESPONSE_TYPES = ("hello", "progress", "result", "error", "cancelled", "status", "photo")
 # Responses that end a request (progress events do not). A cancel request gets no reply of its own.
-FINAL_TYPES = ("hello", "result", "error", "cancelled", "status")
-STAGES = ("preprocess", "condition", "sample", "decode", "export")
+FINAL_TYPES = ("hello", "result", "error", "cancelled", "status", "photo")
+# Progress stages this version sends, in order; clients must accept others (a newer worker may add some).
+STAGES = ("preprocess", "stage1", "stage2", "postprocess", "bake", "export")
 ERROR_CODES = (
     "bad_request",  # the message is malformed: not JSON, a missing or mistyped field, an unknown type
     "bad_input",  # the request is well formed but its inputs are not usable (missing file, empty mask)
@@ -182,6 +183,51 @@ def _check_reconstruct(msg: dict) -> None:
         raise ProtocolError("bad_request", f'reconstruct request: "steps" is {steps}, expected 1..1000 or null',
                             {"field": "steps"})
     _field(msg, "fast", (bool,), False, "true or false")
+    _field(msg, "stage2", (bool,), False, "true or false (false: stage 1 only, voxels)")
+    _field(msg, "name", (str,), False, "an object name string")
+    _bounded(msg, "texture_size", 64, 8192, "texture size in pixels")
+    _bounded(msg, "faces", 100, 2_000_000, "target face count")
+
+
+def _bounded(msg: dict, name: str, lo: int, hi: int, what: str) -> None:
+    value = _field(msg, name, (int,), False, f"an integer {lo}..{hi} or null ({what})")
+    if value is not None and not lo <= value <= hi:
+        raise ProtocolError("bad_request", f'{msg["type"]} request: "{name}" is {value}, expected {lo}..{hi} ({what})',
+                            {"field": name})
+
+
+def _path(msg: dict, name: str, what: str) -> None:
+    if not _field(msg, name, (str,), True, what):
+        raise ProtocolError("bad_request", f'{msg["type"]} request: "{name}" is empty; give a path', {"field": name})
+
+
+def _check_open_photo(msg: dict) -> None:
+    _path(msg, "photo", "an image file path string")
+    _field(msg, "fov", (int, float), False, "a horizontal field of view in degrees, or null")
+
+
+def _check_segment(msg: dict) -> None:
+    _path(msg, "photo", "an image file path string")
+    _path(msg, "out", "the mask PNG path to write")
+    points = _field(msg, "points", (list,), False, "a list of [x, y, label] (label 1 include, 0 exclude)") or []
+    for p in points:
+        if (not isinstance(p, list) or len(p) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                              for v in p) or p[2] not in (0, 1)):
+            raise ProtocolError("bad_request", f"segment request: point {p!r} is not [x, y, label] with label 1 "
+                                "(include) or 0 (exclude), in photo pixels", {"field": "points"})
+    box = _field(msg, "box", (list,), False, "[x0, y0, x1, y1] in photo pixels, or null")
+    if box is not None and (len(box) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                     for v in box)):
+        raise ProtocolError("bad_request", f"segment request: box {box!r} is not [x0, y0, x1, y1]", {"field": "box"})
+    if not points and box is None:
+        raise ProtocolError("bad_request", "segment request needs at least one point or a box", {"field": "points"})
+    _field(msg, "previous", (str,), False, "the path of a previous mask to refine, or null")
+
+
+def _check_segment_all(msg: dict) -> None:
+    _path(msg, "photo", "an image file path string")
+    _path(msg, "out_dir", "a folder path string for the mask PNGs")
+    _bounded(msg, "max_objects", 1, 100, "the most objects to return")
 
 
 def _check_cancel(msg: dict) -> None:
@@ -189,8 +235,8 @@ def _check_cancel(msg: dict) -> None:
 
 
 def _check_progress(msg: dict) -> None:
-    if msg.get("stage") not in STAGES:
-        raise ProtocolError("bad_request", f"progress event with unknown stage {msg.get('stage')!r}")
+    if not isinstance(msg.get("stage"), str) or not msg["stage"]:  # unknown names are fine (see STAGES)
+        raise ProtocolError("bad_request", f"progress event needs a stage name, got {msg.get('stage')!r}")
     for k in ("step", "total"):
         if isinstance(msg.get(k), bool) or not isinstance(msg.get(k), int):
             raise ProtocolError("bad_request", f"progress event needs an integer {k!r}")
@@ -203,7 +249,8 @@ def _check_error(msg: dict) -> None:
         raise ProtocolError("bad_request", "error message 'details' must be an object")
 
 
-_REQUEST_CHECKS = {"reconstruct": _check_reconstruct, "cancel": _check_cancel}
+_REQUEST_CHECKS = {"reconstruct": _check_reconstruct, "cancel": _check_cancel, "open_photo": _check_open_photo,
+                   "segment": _check_segment, "segment_all": _check_segment_all}
 _RESPONSE_CHECKS = {"progress": _check_progress, "error": _check_error}
 
 

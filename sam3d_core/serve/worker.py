@@ -26,7 +26,14 @@ from sam3d_core.serve import protocol as P
 log = logging.getLogger("sam3d.serve")
 
 SCENE_JSON = "scene.json"
-GLB_NAME = "object_0_voxels.glb"
+CAPABILITIES = ["reconstruct", "cancel", "status", "shutdown", "open_photo", "segment", "segment_all", "stage2",
+                "texture_bake"]
+
+
+def load_mask_file(path: str, ctx):
+    from sam3d_core.imageio import load_mask
+
+    return load_mask(Path(path).expanduser(), ctx.photo)
 
 
 class Cancelled(Exception):
@@ -68,13 +75,14 @@ class LoadedModel:
     error: P.ProtocolError | None = None
 
 
-def load_model(model: str | None, device: str | None) -> LoadedModel:
-    """The best model available, as `sam3d stage1` picks it; a failure becomes a structured error."""
+def load_model(model: str | None, device: str | None, low_vram: bool = False,
+               max_voxels: int | None = None) -> LoadedModel:
+    """The best model available (`Pipeline.load`); a failure becomes a structured error."""
     from sam3d_core.convert import CheckpointError
-    from sam3d_core.stage1 import Stage1Pipeline
+    from sam3d_core.pipeline import Pipeline
 
     try:
-        pipe, which = Stage1Pipeline.best_available(model, device)
+        pipe, which = Pipeline.load(model, device, low_vram=low_vram, max_voxels=max_voxels)
     except (CheckpointError, FileNotFoundError) as e:
         err = P.ProtocolError("missing_weights", f"could not load model {model!r}: {e}. Import the official "
                               "weights with `sam3d weights import FOLDER`, or start the worker with --model tiny",
@@ -85,7 +93,7 @@ def load_model(model: str | None, device: str | None) -> LoadedModel:
         if _is_oom(e):
             err = P.ProtocolError("out_of_memory", f"the GPU ran out of memory loading model {model or 'default'!r}: "
                                   "close other programs using the GPU and restart the worker, or start it with "
-                                  "--device cpu (slow)", {"model": model, "device": device})
+                                  "--low-vram or --device cpu (slow)", {"model": model, "device": device})
             return LoadedModel(None, f"no model ({e})", err)
         err = P.ProtocolError("internal", f"could not load model {model or 'default'!r} on device "
                               f"{device or 'default'!r}: {type(e).__name__}: {e}. Check the worker log and the "
@@ -102,34 +110,12 @@ def _is_oom(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
-def _load_image(path: Path, what: str, mode: str):
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise BadInput(f"{what} file {str(path)!r} does not exist; check the path (use an absolute path: the "
-                       f"worker's working folder is {os.getcwd()!r})", field=what, path=str(path))
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert(mode))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise BadInput(f"{what} file {str(path)!r} is not a readable image ({e}); save it as PNG or JPEG",
-                       field=what, path=str(path)) from None
-
-
-def load_inputs(photo: str, mask: str):
-    """Photo (RGB uint8) and mask (bool, > 127 of its grey value), checked like the protocol promises."""
-    image = _load_image(Path(photo), "photo", "RGB")
-    m = _load_image(Path(mask), "mask", "L") > 127
-    if m.shape != image.shape[:2]:
-        raise BadInput(f"mask is {m.shape[1]}x{m.shape[0]} pixels but the photo is {image.shape[1]}x"
-                       f"{image.shape[0]}; the mask must have the photo's size (resize it, nearest neighbour)",
-                       field="mask", mask_size=[m.shape[1], m.shape[0]],
-                       photo_size=[image.shape[1], image.shape[0]])
-    if not m.any():
-        raise BadInput(f"mask {mask!r} is empty (no pixel brighter than 127); paint the object white on black",
-                       field="mask", path=mask)
-    return image, m
+def _bad_input(e) -> BadInput:
+    """An imageio.InputError (or a ValueError from the model's checks) as the protocol's bad_input."""
+    details = dict(getattr(e, "details", {}) or {})
+    if getattr(e, "field", None):
+        details.setdefault("field", e.field)
+    return BadInput(str(e), **details)
 
 
 class Worker:
@@ -144,6 +130,11 @@ class Worker:
         self._stop = threading.Event()
         self._shutdown_id: str | None = None
         self.jobs_done = 0
+        self._photos: dict = {}  # (path, mtime, fov) -> PhotoContext
+        self._photo_lock = threading.Lock()
+        self._icv = threading.Condition()
+        self._iqueue: collections.deque[dict] = collections.deque()
+        self._seg = None  # SegmentSession, made on the first segment request
 
     # -- output --------------------------------------------------------------------------------
     def send(self, msg: dict) -> None:
@@ -191,9 +182,10 @@ class Worker:
         pipe = self.model.pipe
         return {
             "model": self.model.description,
-            "weights": getattr(pipe, "weights_id", None),
+            "weights": pipe.weights if pipe is not None else None,
             "device": str(pipe.device) if pipe is not None else None,
-            "dtype": str(pipe.dtype).removeprefix("torch.") if pipe is not None else None,
+            "dtype": str(pipe.stage1.dtype).removeprefix("torch.") if pipe is not None else None,
+            "low_vram": bool(pipe.low_vram) if pipe is not None else None,
             "ready": pipe is not None,
             "model_error": None if self.model.error is None else {
                 "code": self.model.error.code, "message": self.model.error.message},
@@ -203,7 +195,7 @@ class Worker:
         from sam3d_core import __version__
 
         self.send(P.response("hello", req["id"], protocol=P.PROTOCOL_VERSION, worker=f"sam3d {__version__}",
-                             pid=os.getpid(), capabilities=["reconstruct", "cancel", "status", "shutdown"],
+                             pid=os.getpid(), capabilities=CAPABILITIES,
                              **self._model_info()))
 
     def _on_status(self, req: dict) -> None:
@@ -300,9 +292,9 @@ class Worker:
                 _free_gpu_memory()
                 log.warning("job %s: out of memory during %s", job.id, job.stage)
                 return P.error(job.id, "out_of_memory", (
-                    f"the GPU ran out of memory during {job.stage}: close other programs using the GPU "
-                    "(another Blender render, a browser with hardware acceleration) and retry, or use fewer or "
-                    "fast steps. A low-memory retry mode is planned but not implemented yet."),
+                    f"the GPU ran out of memory during {job.stage}, also after a retry in low-VRAM mode (one stage "
+                    "on the GPU at a time): close other programs using the GPU (another Blender render, a browser "
+                    "with hardware acceleration) and retry, or lower texture_size and faces"),
                     {"stage": job.stage, "device": self._model_info()["device"]})
             log.exception("job %s failed", job.id)
             return P.error(job.id, "internal", (
@@ -311,88 +303,215 @@ class Worker:
                 {"stage": job.stage, "exception": type(e).__name__,
                  "traceback": traceback.format_exc().splitlines()[-8:]})
 
+    def _photo(self, path: str, fov: float | None = None):
+        """The photo's context (checked image, intrinsics, point map), cached by path, mtime and fov."""
+        from sam3d_core.imageio import InputError
+
+        p = Path(path).expanduser()
+        if not p.is_absolute():
+            p = Path(os.getcwd()) / p
+        try:
+            key = (str(p), p.stat().st_mtime_ns, fov)
+        except OSError:
+            raise BadInput(f"photo file {str(p)!r} does not exist; check the path (send absolute paths: the "
+                           f"worker's working folder is {os.getcwd()!r})", field="photo", path=str(p)) from None
+        with self._photo_lock:
+            ctx = self._photos.get(key)
+        if ctx is None:
+            try:
+                ctx = self.model.pipe.open_photo(p, fov_deg=fov)
+            except InputError as e:
+                raise _bad_input(e) from None
+            with self._photo_lock:
+                self._photos[key] = ctx
+                while len(self._photos) > 4:  # a few photos: the artist switches between them
+                    self._photos.pop(next(iter(self._photos)))
+        return ctx
+
     def _reconstruct(self, job: Job) -> dict:
-        import json
-
-        import numpy as np
-
-        from sam3d_core.camera import fallback_pointmap
-        from sam3d_core.export.voxels import save_voxels_glb
+        from sam3d_core.imageio import InputError
 
         pipe = self.model.pipe
         req = job.request
 
         def stage(name: str, step: int = 0, total: int = 1) -> None:
-            if job.cancel.is_set():
+            if job.cancel.is_set() and name != "export":  # a cancel during export lets the result out
                 raise Cancelled
-            job.stage, job.step, job.total = name, step, total
-            self.send(P.progress(job.id, name, step, total))
+            if (name, step) != (job.stage, job.step):
+                job.stage, job.step, job.total = name, step, total
+                self.send(P.progress(job.id, name, step, total))
 
         seed = 42 if req.get("seed") is None else req["seed"]
         fast = bool(req.get("fast", False))
-        sampler = pipe.cfg.sampler
-        n_steps = req.get("steps") or (sampler.shortcut_steps if fast else sampler.steps)
-        if fast and not pipe.cfg.flow.is_shortcut_model:
+        if fast and not pipe.stage1.cfg.flow.is_shortcut_model:
             raise BadInput(f"fast (shortcut) mode needs a shortcut model; {self.model.description} is not one. "
                            "Send fast: false", field="fast")
-
-        # 1. inputs + preprocessing (crop around the mask, point map normalisation)
+        name = req.get("name") or "object_0"
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise BadInput(f"name {name!r}: use letters, digits, '_' and '-' only (it names the output files)",
+                           field="name")
+        # 1. inputs: the photo (cached per photo) and the mask, checked
         stage("preprocess")
-        image, mask = load_inputs(req["photo"], req["mask"])
-        pointmap, K = fallback_pointmap(*image.shape[:2])
+        ctx = self._photo(req["photo"], req.get("fov"))
+        mask_path = Path(req["mask"]).expanduser()
+        if not mask_path.is_file():
+            raise BadInput(f"mask file {str(mask_path)!r} does not exist; check the path (send absolute paths)",
+                           field="mask", path=str(mask_path))
         try:
-            inputs = pipe.prepare(image, mask, pointmap)
-        except ValueError as e:
-            raise BadInput(str(e)) from None
-        # 2. condition tokens
-        stage("condition")
-        cond = pipe.encode(inputs)
-        # 3. flow sampling, one event per step; 4. occupancy and pose decoding (inside `sample`)
-        stage("sample", 0, n_steps)
-
-        def on_step(i: int, n: int) -> None:
-            stage("sample", i, n)
-            if i == n:
-                stage("decode")
-
-        out = pipe.sample(inputs, cond, seed=seed, steps=req.get("steps"), shortcut=fast, progress=on_step)
-        # 5. export: the voxel GLB and scene.json, as `sam3d stage1` writes them
-        stage("export")
+            mask = pipe.load_mask(ctx, mask_path)
+        except InputError as e:
+            raise _bad_input(e) from None
         outdir = Path(req["out"]).expanduser().resolve()
-        pose = out.pose
-        rot, trans, scale = (pose.rotation[0].cpu().numpy(), pose.translation[0].cpu().numpy(),
-                             pose.scale[0].cpu().numpy())
+        existing = next(p for p in (outdir, *outdir.parents) if p.exists())  # nothing is created before export
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise BadInput(f"cannot write the output folder {str(outdir)!r} ({str(existing)!r} is not a writable "
+                           "folder); choose a writable folder", field="out", path=str(outdir))
+        # 2.-6. stage 1, stage 2, mesh clean-up, bake, placement (progress events per stage and step)
         try:
-            outdir.mkdir(parents=True, exist_ok=True)
-            glb = save_voxels_glb(outdir / GLB_NAME, out.coords[:, 1:].cpu().numpy(), rot, trans, scale)
-            obj = {"glb": glb.name, "num_voxels": int(len(out.coords)),
-                   "rotation_wxyz": pose.quaternion[0].tolist(), "translation": trans.tolist(),
-                   "scale": scale.tolist(), "settings": out.settings}
-            record = {
-                "frame": "PyTorch3D camera (x left, y up, z forward); the GLB is in glTF camera space (camera at "
-                         "the origin looking down -z)",
-                "intrinsics": np.asarray(K).tolist(), "image_size": list(image.shape[:2]),
-                "objects": [obj], "model": self.model.description,
-            }
-            scene = outdir / SCENE_JSON
-            scene.write_text(json.dumps(record, indent=2))
+            results = pipe.reconstruct(ctx, [mask], names=[name], seed=seed, steps=req.get("steps"), fast=fast,
+                                       texture_size=req.get("texture_size") or 1024, faces=req.get("faces") or 20000,
+                                       stage2=req.get("stage2", True) is not False, progress=stage)
+        except InputError as e:
+            raise _bad_input(e) from None
+        # 7. files: NAME.glb, NAME.ply, NAME_mask.png, scene.glb, scene.json
+        stage("export")
+        try:
+            scene = pipe.export(ctx, results, outdir)
         except OSError as e:
             raise BadInput(f"could not write to the output folder {str(outdir)!r} ({e}); choose a writable folder",
                            field="out", path=str(outdir)) from None
-        if job.cancel.is_set():  # cancelled during export: the files are written; report the result anyway
-            log.info("job %s: cancel arrived after the result was written", job.id)
-        return P.response("result", job.id, glb=str(glb), scene=str(scene), num_voxels=obj["num_voxels"],
-                          pose={"rotation_wxyz": obj["rotation_wxyz"], "translation": obj["translation"],
-                                "scale": obj["scale"], "frame": "pytorch3d_camera"},
-                          settings=out.settings, model=self.model.description)
+        obj = scene["objects"][0]
+        files = {k: str(outdir / obj[k]) for k in ("mesh_glb", "gaussians_ply", "glb", "mask") if k in obj}
+        if job.cancel.is_set():
+            log.info("job %s: cancel arrived during export; the result is kept", job.id)
+        return P.response("result", job.id, **files, scene=str(outdir / SCENE_JSON),
+                          scene_glb=str(outdir / scene["scene_glb"]) if "scene_glb" in scene else None,
+                          num_voxels=obj["num_voxels"], pose=obj["pose"], mask_iou=obj["mask_iou"],
+                          blender={"object_matrix_world": obj["blender_matrix_world"],
+                                   "camera": scene["blender_camera"]},
+                          camera={"K": scene["K"], "width": scene["width"], "height": scene["height"],
+                                  "intrinsics_source": scene["intrinsics_source"]},
+                          settings=obj["settings"], timings=obj["timings"], model=self.model.description,
+                          weights=pipe.weights)
+
+    # -- interactive lane: open_photo, segment, segment_all (answered while a reconstruct job runs) -----------
+    def _on_open_photo(self, req: dict) -> None:
+        self._interactive(req)
+
+    def _on_segment(self, req: dict) -> None:
+        self._interactive(req)
+
+    def _on_segment_all(self, req: dict) -> None:
+        self._interactive(req)
+
+    def _interactive(self, req: dict) -> None:
+        if self.model.error is not None:
+            raise self.model.error
+        with self._icv:
+            self._iqueue.append(req)
+            self._icv.notify_all()
+
+    def interactive_loop(self) -> None:
+        while True:
+            with self._icv:
+                while not self._iqueue and not self._stop.is_set():
+                    self._icv.wait(0.5)
+                if self._stop.is_set():
+                    return
+                req = self._iqueue.popleft()
+            try:
+                msg = getattr(self, f"_do_{req['type']}")(req)
+            except BadInput as e:
+                msg = P.error(req["id"], "bad_input", str(e), e.details)
+            except Exception as e:
+                if _is_oom(e):
+                    _free_gpu_memory()
+                    msg = P.error(req["id"], "out_of_memory", "the GPU ran out of memory while segmenting: close "
+                                  "other programs using the GPU and retry", {"stage": req["type"]})
+                else:
+                    log.exception("request %s failed", req["id"])
+                    msg = P.error(req["id"], "internal", f"unexpected error during {req['type']}: "
+                                  f"{type(e).__name__}: {e}. The worker is still running; please report this "
+                                  "with the worker log", {"exception": type(e).__name__,
+                                                          "traceback": traceback.format_exc().splitlines()[-8:]})
+            self.send(msg)
+
+    def _segmenter(self):
+        if self._seg is None:
+            from sam3d_core.segment.session import SegmentSession
+
+            self._seg = SegmentSession()
+        return self._seg
+
+    def _segment_info(self) -> dict:
+        d = self._segmenter().describe()
+        return {"name": d.get("name"), "fallback": bool(d.get("fallback")), "reason": d.get("reason")}
+
+    def _do_open_photo(self, req: dict) -> dict:
+        ctx = self._photo(req["photo"], req.get("fov"))
+        rec = ctx.camera_record()
+        return P.response("photo", req["id"], photo=str(ctx.photo.path), width=ctx.width, height=ctx.height,
+                          K=rec["K"], intrinsics_source=rec["intrinsics_source"],
+                          blender_camera=rec["blender_camera"], notes=list(ctx.photo.notes),
+                          segmenter=self._segment_info())
+
+    def _do_segment(self, req: dict) -> dict:
+        from sam3d_core.imageio import InputError
+
+        ctx = self._photo(req["photo"])
+        seg = self._segmenter()
+        t0 = time.perf_counter()
+        previous = None
+        if req.get("previous"):
+            try:
+                previous = load_mask_file(req["previous"], ctx)
+            except InputError as e:
+                raise _bad_input(e) from None
+        try:
+            seg.open(ctx.photo.rgb, key=str(ctx.photo.path))
+            mask, score, backend, _ = seg.predict(req.get("points") or [], req.get("box"), previous=previous)
+        except ValueError as e:
+            raise BadInput(str(e), field="points") from None
+        out = Path(req["out"]).expanduser()
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            seg.save_mask(mask, out)
+        except OSError as e:
+            raise BadInput(f"could not write the mask to {str(out)!r} ({e}); choose a writable path",
+                           field="out", path=str(out)) from None
+        return P.response("result", req["id"], mask=str(out.resolve()), area=int(mask.sum()),
+                          score=None if score is None else float(score), segmenter=backend,
+                          seconds=round(time.perf_counter() - t0, 4))
+
+    def _do_segment_all(self, req: dict) -> dict:
+        ctx = self._photo(req["photo"])
+        seg = self._segmenter()
+        seg.open(ctx.photo.rgb, key=str(ctx.photo.path))
+        masks = seg.segment_all()[: req.get("max_objects") or 10]
+        out = Path(req["out_dir"]).expanduser()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            paths = []
+            for i, m in enumerate(masks):
+                seg.save_mask(m, out / f"mask_{i}.png")
+                paths.append(str((out / f"mask_{i}.png").resolve()))
+        except OSError as e:
+            raise BadInput(f"could not write masks to {str(out)!r} ({e}); choose a writable folder",
+                           field="out_dir", path=str(out)) from None
+        return P.response("result", req["id"], masks=paths, areas=[int(m.sum()) for m in masks],
+                          segmenter=self._segment_info()["name"])
 
     # -- main thread ---------------------------------------------------------------------------
     def serve(self, stdin: BinaryIO, stop_timeout: float = 60.0) -> int:
         jobs = threading.Thread(target=self.job_loop, name="sam3d-job", daemon=True)
         reader = threading.Thread(target=self.read_loop, args=(stdin,), name="sam3d-reader", daemon=True)
+        interactive = threading.Thread(target=self.interactive_loop, name="sam3d-interactive", daemon=True)
         jobs.start()
+        interactive.start()
         reader.start()
         self._stop.wait()
+        with self._icv:
+            self._icv.notify_all()
         jobs.join(stop_timeout)  # the running job, cancelled, ends at its next step
         if jobs.is_alive():
             log.warning("the running job did not stop within %.0f s; exiting anyway", stop_timeout)
@@ -413,12 +532,13 @@ def _free_gpu_memory() -> None:
         pass
 
 
-def main(model: str | None = None, device: str | None = None, stdin: BinaryIO | None = None) -> int:
+def main(model: str | None = None, device: str | None = None, stdin: BinaryIO | None = None,
+         low_vram: bool = False, max_voxels: int | None = None) -> int:
     """Run the worker on this process's stdin/stdout until `shutdown` or stdin EOF. Returns the exit code."""
     out = protect_stdout()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="sam3d serve: %(message)s", force=True)
     t0 = time.perf_counter()
-    loaded = load_model(model, device)
+    loaded = load_model(model, device, low_vram=low_vram, max_voxels=max_voxels)
     log.info("model: %s (%.1f s); protocol v%d on stdin/stdout, pid %d", loaded.description,
              time.perf_counter() - t0, P.PROTOCOL_VERSION, os.getpid())
     worker = Worker(loaded, out)

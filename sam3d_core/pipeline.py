@@ -1,0 +1,418 @@
+"""Photo -> placed, textured objects: the end-to-end pipeline that the CLI, the worker and `make demo` share.
+
+    pipe, which = Pipeline.load()                        # best model available, and a sentence saying which
+    photo = pipe.open_photo("photo.jpg")                 # checks, intrinsics, point map: once per photo
+    results = pipe.reconstruct(photo, [mask_a, mask_b], seed=42, progress=print_progress)
+    files = pipe.export(photo, results, "out/")          # object GLBs + PLYs, scene GLB, scene.json
+
+Per object, numbered steps: 1. mask checks, 2. stage 1 (coarse voxels + pose), 3. stage 2 (SLAT ->
+Gaussians + dense mesh), 4. mesh clean-up, decimation and UV unwrap, 5. texture bake from the dense
+mesh's colours, 6. placement (pose matrices in every convention) and the reprojection IoU against the
+mask. Everything geometric stays in the model's local frame (z up) with the pose beside it; the frames
+module turns the pose into glTF node and Blender object matrices (docs/architecture.md, Frames).
+
+Low-VRAM mode keeps every network on the CPU and moves one stage at a time to the GPU (bf16), so a
+whole object fits in a few GB; after a CUDA out-of-memory error, `reconstruct` retries the object once
+in that mode before giving up with a clear error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sam3d_core import frames
+from sam3d_core.imageio import InputError, Photo, load_mask, load_photo
+
+# progress(stage, step, total): stage names as in docs/protocol.md
+Progress = Callable[[str, int, int], None]
+TINY_MAX_VOXELS = 2000
+STAGES = ("preprocess", "stage1", "stage2", "decode", "postprocess", "bake", "export")
+
+
+class Cancelled(Exception):
+    """Raised from a progress callback to stop the job at its next check."""
+
+
+class GPUOutOfMemory(RuntimeError):
+    """CUDA ran out of memory even in low-VRAM mode."""
+
+
+@dataclass
+class PhotoContext:
+    """One photo, checked, with its camera: computed once and shared by all its objects."""
+
+    photo: Photo
+    K: np.ndarray  # 3x3 pixel intrinsics (OpenCV convention)
+    intrinsics_source: str  # "user", "exif", "default_fov"
+    pointmap: np.ndarray  # [H, W, 3] PyTorch3D camera frame
+    pointmap_source: str  # "user", "depth", "fallback plane"
+
+    @property
+    def width(self) -> int:
+        return self.photo.width
+
+    @property
+    def height(self) -> int:
+        return self.photo.height
+
+    def camera_record(self) -> dict:
+        return {
+            "width": self.width, "height": self.height, "K": np.asarray(self.K).tolist(),
+            "intrinsics_source": self.intrinsics_source, "pointmap_source": self.pointmap_source,
+            "blender_camera": frames.blender_camera(self.K, self.width, self.height),
+            "gltf_camera": frames.gltf_camera(self.K, self.width, self.height),
+        }
+
+
+@dataclass
+class ObjectResult:
+    """One object: geometry in the model's local frame (z up), and its pose in the camera frame."""
+
+    name: str
+    mask: np.ndarray  # [H, W] bool
+    pose_matrix: np.ndarray  # [4, 4] local -> PyTorch3D camera (column vectors)
+    rotation_wxyz: list[float]
+    translation: list[float]
+    scale: list[float]
+    num_voxels: int
+    mesh: object | None  # export.mesh.TexturedMesh (local frame) or None when stage 2 did not run
+    gaussians: object | None  # gaussians.Gaussians (local frame) or None
+    mask_iou: float | None  # silhouette of the placed mesh (or voxels) vs the mask
+    settings: dict = field(default_factory=dict)  # seeds, steps, weights hashes, dtype: provenance
+    timings: dict = field(default_factory=dict)  # seconds per stage
+    report: dict = field(default_factory=dict)  # mesh clean-up counts
+    voxels: np.ndarray | None = None  # [N, 3] int stage-1 voxels (grid coords)
+
+
+def _device_default() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+class Pipeline:
+    """Stage 1 + stage 2 + post-processing, loaded once, for any number of photos and objects."""
+
+    def __init__(self, stage1, stage2=None, *, description: str = "", low_vram: bool = False):
+        self.stage1 = stage1
+        self.stage2 = stage2
+        self.description = description
+        self.device = stage1.device
+        self.low_vram = False
+        if low_vram:
+            self.set_low_vram(True)
+
+    # ---------------------------------------------------------------------------------------------
+    # Loading
+    # ---------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, model: str | None = None, device: str | None = None, *, low_vram: bool = False,
+             compile: bool = False, stage2: bool = True, max_voxels: int | None = None) -> tuple[Pipeline, str]:
+        """The best model there is, and a sentence saying which.
+
+        `model`: an imported model name (`sam3d weights import`), 'tiny' (random weights, tests), or None:
+        the imported 'official' model when it is there and a GPU is present, else the tiny model.
+        `max_voxels`: cap on stage-1 voxels (default: the model's, 42000 officially; 2000 for the tiny model).
+        """
+        from sam3d_core import hub
+        from sam3d_core.registry import stage1_preset, stage2_preset
+        from sam3d_core.stage1 import Stage1Pipeline
+        from sam3d_core.stage2 import Stage2Pipeline
+
+        device = device or _device_default()
+        names = [m["name"] for m in hub.list_models()]
+        if model is None and "official" in names and torch.device(device).type == "cuda":
+            model = "official"
+        if model and model != "tiny":
+            s1 = Stage1Pipeline.from_pretrained(model, device=device, compile=compile)
+            if max_voxels:
+                s1.cfg = replace(s1.cfg, max_voxels=max_voxels)
+            s2 = Stage2Pipeline.from_pretrained(model, device=device) if stage2 else None
+            return cls(s1, s2, description=f"imported model {model!r}", low_vram=low_vram), f"imported model {model!r}"
+        why = ("asked for" if model == "tiny" else "no imported weights" if not names
+               else "no GPU for the official model (use --model official)")
+        which = f"tiny random-weight model ({why}; shapes are meaningless)"
+        # The random model's occupancy is noise: cap its voxels so that stage 2 stays quick on a CPU.
+        tiny1 = replace(stage1_preset("tiny"), max_voxels=max_voxels or TINY_MAX_VOXELS)
+        s1 = Stage1Pipeline.from_random(tiny1, seed=0, device=device)
+        s2 = Stage2Pipeline.from_random(stage2_preset("tiny"), seed=1, device=device) if stage2 else None
+        return cls(s1, s2, description=which, low_vram=low_vram), which
+
+    @property
+    def weights(self) -> str:
+        ids = [self.stage1.weights_id] + ([self.stage2.weights_id] if self.stage2 else [])
+        return "+".join(ids)
+
+    def set_low_vram(self, on: bool) -> None:
+        """Low-VRAM mode: networks live on the CPU and each stage visits the GPU alone."""
+        if on == self.low_vram or self.device.type != "cuda":
+            self.low_vram = on and self.device.type == "cuda"
+            return
+        self.low_vram = on
+        if on:  # captured CUDA graphs point at GPU weights that are about to move
+            self.stage1.cuda_graphs, self.stage1._graphs = False, None
+        for stage in (self.stage1, self.stage2):
+            if stage is not None:
+                stage.model.to("cpu" if on else self.device)
+                stage.device = torch.device("cpu" if on else self.device)
+        torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def _on_gpu(self, stage):
+        """Move one stage's networks to the GPU for the duration (low-VRAM mode only)."""
+        if not self.low_vram or stage is None:
+            yield
+            return
+        stage.model.to(self.device)
+        stage.device = self.device
+        try:
+            yield
+        finally:
+            stage.model.to("cpu")
+            stage.device = torch.device("cpu")
+            torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------------------------------------
+    # Photo
+    # ---------------------------------------------------------------------------------------------
+
+    def open_photo(self, photo: str | Path | Photo, *, K: np.ndarray | None = None, fov_deg: float | None = None,
+                   depth: np.ndarray | None = None, pointmap: np.ndarray | None = None) -> PhotoContext:
+        """Check the photo and fix its camera once: intrinsics (given, EXIF, else a default field of view)
+        and the point map (given; or back-projected from a given depth map; else a plane at unit
+        distance, so the layout is in relative units)."""
+        from sam3d_core.camera import pointmap_from_depth, resolve_intrinsics
+
+        ph = photo if isinstance(photo, Photo) else load_photo(photo)
+        K, source = resolve_intrinsics(ph, K=K, fov=fov_deg)
+        h, w = ph.height, ph.width
+        if pointmap is not None:
+            pm = np.asarray(pointmap, dtype=np.float32)
+            if pm.shape != (h, w, 3):
+                raise InputError(f"point map has shape {pm.shape} but the photo is {w}x{h}; expected [{h}, {w}, 3] "
+                                 "in the PyTorch3D camera frame (x left, y up, z forward)", field="pointmap")
+            pm_source = "user"
+        elif depth is not None:
+            d = np.asarray(depth, dtype=np.float32)
+            if d.shape != (h, w):
+                raise InputError(f"depth map is {d.shape[1] if d.ndim > 1 else '?'}x{d.shape[0]} but the photo is "
+                                 f"{w}x{h}; give a depth map of the photo's size (metres along the view axis)",
+                                 field="depth")
+            pm, pm_source = pointmap_from_depth(d, K), "depth"
+        else:
+            pm, pm_source = pointmap_from_depth(np.ones((h, w), np.float32), K), "fallback plane"
+        return PhotoContext(ph, np.asarray(K, dtype=np.float64), source, pm, pm_source)
+
+    def load_mask(self, ctx: PhotoContext, mask) -> np.ndarray:
+        return load_mask(mask, ctx.photo)
+
+    # ---------------------------------------------------------------------------------------------
+    # Objects
+    # ---------------------------------------------------------------------------------------------
+
+    def reconstruct(self, ctx: PhotoContext, masks: Sequence, *, names: Sequence[str] | None = None,
+                    seed: int = 42, steps: int | None = None, fast: bool = False, texture_size: int = 1024,
+                    faces: int = 20000, stage2: bool = True, progress: Progress | None = None,
+                    on_object: Callable[[ObjectResult], None] | None = None) -> list[ObjectResult]:
+        """Reconstruct every mask of one photo (object i gets seed + i). `on_object` sees each object as it
+        finishes, so a cancel or an error later keeps what finished."""
+        masks = [self.load_mask(ctx, m) for m in masks]  # every mask checked: size, empty, tiny, inverted
+        names = list(names) if names is not None else [f"object_{i}" for i in range(len(masks))]
+        if len(names) != len(masks):
+            raise ValueError(f"got {len(names)} names for {len(masks)} masks; give one name per mask")
+        results = []
+        for i, (mask, name) in enumerate(zip(masks, names, strict=True)):
+            kwargs = dict(name=name, seed=seed + i, steps=steps, fast=fast, texture_size=texture_size,
+                          faces=faces, stage2=stage2, progress=progress)
+            try:
+                res = self.reconstruct_one(ctx, mask, **kwargs)
+            except Exception as e:
+                if not _is_oom(e) or self.low_vram or self.device.type != "cuda":
+                    raise
+                if torch.cuda.is_available():  # retry this object once in low-VRAM mode
+                    torch.cuda.empty_cache()
+                self.set_low_vram(True)
+                try:
+                    res = self.reconstruct_one(ctx, mask, **kwargs)
+                except Exception as e2:
+                    if _is_oom(e2):
+                        raise GPUOutOfMemory(
+                            "CUDA ran out of memory even in low-VRAM mode (one stage on the GPU at a time, bf16). "
+                            "Close other programs that use the GPU, lower --texture-size and --faces, or run on "
+                            "the CPU with --device cpu (slow)") from e2
+                    raise
+                res.settings["low_vram_retry"] = True
+            results.append(res)
+            if on_object is not None:
+                on_object(res)
+        return results
+
+    def reconstruct_one(self, ctx: PhotoContext, mask: np.ndarray, *, name: str = "object_0", seed: int = 42,
+                        steps: int | None = None, fast: bool = False, texture_size: int = 1024,
+                        faces: int = 20000, stage2: bool = True, progress: Progress | None = None) -> ObjectResult:
+        report = progress or (lambda stage, step, total: None)
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            timings[stage] = round(now - t, 4)
+            t = now
+
+        # 1. Checks (the mask against the photo) and stage-1 preprocessing.
+        report("preprocess", 0, 1)
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (ctx.height, ctx.width):
+            raise InputError(f"mask is {mask.shape[1]}x{mask.shape[0]} pixels but the photo is "
+                             f"{ctx.width}x{ctx.height}; the mask must have the photo's size", field="mask")
+        rgb = ctx.photo.rgb
+        # 2. Stage 1: coarse voxels and the pose in the camera frame.
+        with self._on_gpu(self.stage1):
+            s1 = self.stage1
+            inputs = s1.prepare(rgb, mask, ctx.pointmap)
+            cond = s1.encode(inputs)
+            lap("preprocess")
+            sampler = s1.cfg.sampler
+            report("stage1", 0, steps or (sampler.shortcut_steps if fast else sampler.steps))
+            out1 = s1.sample(inputs, cond, seed=seed, steps=steps, shortcut=fast,
+                             progress=lambda i, n: report("stage1", i, n))
+            del cond, inputs
+        lap("stage1")
+        pose = out1.pose
+        rotation = pose.rotation[0].double().cpu().numpy()
+        translation = pose.translation[0].double().cpu().numpy()
+        scale = pose.scale[0].double().cpu().numpy()
+        pose4 = frames.pose_matrix(rotation, translation, scale)
+        voxels = out1.coords[:, 1:].cpu().numpy()
+        settings = {"seed": seed, "stage1": dict(out1.settings), "texture_size": texture_size, "faces": faces}
+
+        mesh = gaussians = None
+        clean_report: dict = {}
+        if stage2 and self.stage2 is not None:
+            # 3. Stage 2: SLAT on the stage-1 voxels, then the Gaussian and mesh decoders.
+            with self._on_gpu(self.stage2):
+                s2 = self.stage2
+                report("stage2", 0, (None if fast else steps) or s2.cfg.sampler.steps)
+                out2 = s2(rgb, mask, out1.coords, seed=seed, steps=None if fast else steps,
+                          progress=lambda i, n: report("stage2", i, n))
+            settings["stage2"] = dict(out2.settings)
+            lap("stage2")
+            gaussians = out2.gaussians
+            dense = out2.mesh
+            if dense is None or len(dense.faces) == 0:
+                raise RuntimeError("stage 2 produced an empty mesh for this object; try another seed or a "
+                                   "tighter mask")
+            # 4. Clean-up, decimation, UVs. 5. Texture bake from the dense mesh's vertex colours.
+            mesh, clean_report = self._finish_mesh(dense, name, texture_size, faces, report, lap)
+        # 6. Placement check: the silhouette of the placed geometry against the mask.
+        report("export", 0, 1)
+        if mesh is not None:
+            v_local, f_local = mesh.vertices, mesh.faces
+        else:
+            from sam3d_core.export.voxels import voxel_surface
+
+            v_local, f_local = voxel_surface(voxels, 64)
+        v_cam = frames.transform_points(pose4, v_local)
+        silhouette = frames.render_silhouette(v_cam, f_local, ctx.K, ctx.width, ctx.height)
+        iou = frames.mask_iou(silhouette, mask)
+        lap("placement")
+        quat = pose.quaternion[0].double().cpu().tolist()
+        return ObjectResult(name=name, mask=mask, pose_matrix=pose4, rotation_wxyz=quat,
+                            translation=translation.tolist(), scale=scale.tolist(), num_voxels=len(voxels),
+                            mesh=mesh, gaussians=gaussians, mask_iou=iou, settings=settings, timings=timings,
+                            report=clean_report, voxels=voxels)
+
+    def _finish_mesh(self, dense, name: str, texture_size: int, faces: int, report: Progress, lap):
+        from sam3d_core.export.bake import VertexColorSource, bake_texture
+        from sam3d_core.export.mesh import TexturedMesh, clean_mesh, unwrap_uv
+
+        v = dense.vertices.detach().float().cpu().numpy()
+        f = dense.faces.detach().cpu().numpy().astype(np.int64)
+        colors = dense.vertex_attrs[:, :3].detach().float().clamp(0, 1).cpu().numpy()
+        report("postprocess", 0, 1)
+        cleaned = clean_mesh(v, f, colors, target_faces=faces)
+        uv = unwrap_uv(cleaned.vertices, cleaned.faces, texture_size=texture_size)
+        lap("postprocess")
+        report("bake", 0, 1)
+        source = VertexColorSource(v, f, colors)
+        # export.mesh returns glTF UVs (v = 0 on the top row), which is what the GLB stores.
+        texture = bake_texture(uv.vertices, uv.faces, uv.uvs, source, size=texture_size, convention="gltf")
+        lap("bake")
+        mesh = TexturedMesh(vertices=uv.vertices, faces=uv.faces, uvs=uv.uvs, texture=texture, name=name,
+                            metadata={"frame": "model local, stored y-up (x, z, -y)"})
+        return mesh, dict(cleaned.report)
+
+    # ---------------------------------------------------------------------------------------------
+    # Files
+    # ---------------------------------------------------------------------------------------------
+
+    def export(self, ctx: PhotoContext, results: Sequence[ObjectResult], out: str | Path,
+               masks: bool = True) -> dict:
+        """Per object: `NAME.glb` (textured, local frame stored y-up as the official GLBs), `NAME.ply`
+        (3DGS Gaussians in the local frame), `NAME_mask.png`; for the photo: `scene.glb` (every object
+        placed, the camera at the origin), `scene.json` (poses, intrinsics, cameras, provenance)."""
+        from PIL import Image
+
+        from sam3d_core.export.gltf import save_object_glb, save_scene_glb
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        objects, placed = [], []
+        for res in results:
+            rec = self.object_record(res)
+            if res.mesh is not None:
+                save_object_glb(out / f"{res.name}.glb", res.mesh)
+                rec["mesh_glb"] = f"{res.name}.glb"
+                placed.append((res.mesh, frames.gltf_node_matrix(res.pose_matrix)))
+            else:
+                from sam3d_core.export.voxels import save_voxels_glb
+
+                save_voxels_glb(out / f"{res.name}_voxels.glb", res.voxels, np.asarray(res.pose_matrix[:3, :3].T
+                                / np.asarray(res.scale)[:, None]), np.asarray(res.translation),
+                                np.asarray(res.scale))
+                rec["glb"] = f"{res.name}_voxels.glb"
+            if res.gaussians is not None:
+                res.gaussians.save_ply(out / f"{res.name}.ply")
+                rec["gaussians_ply"] = f"{res.name}.ply"
+            if masks:
+                Image.fromarray(res.mask.astype(np.uint8) * 255).save(out / f"{res.name}_mask.png")
+                rec["mask"] = f"{res.name}_mask.png"
+            objects.append(rec)
+        scene = {"version": 1, "photo": str(ctx.photo.path) if ctx.photo.path else None, **ctx.camera_record(),
+                 "frames": "pose: object -> PyTorch3D camera (x left, y up, z forward), column vectors; object "
+                           "files hold the model's local frame stored y-up (x, z, -y); scene.glb: camera at the "
+                           "origin looking down -z; blender_matrix_world: for the object Blender's glTF importer "
+                           "makes from NAME.glb",
+                 "objects": objects, "model": self.description, "weights": self.weights}
+        if placed:
+            cam = frames.gltf_camera(ctx.K, ctx.width, ctx.height)
+            save_scene_glb(out / "scene.glb", placed, cam["perspective"],
+                           extras={"camera": cam["extras"], "model": self.description, "weights": self.weights})
+            scene["scene_glb"] = "scene.glb"
+        (out / "scene.json").write_text(json.dumps(scene, indent=1))
+        return scene
+
+    def object_record(self, res: ObjectResult) -> dict:
+        """The JSON record of one object (scene.json and the worker's answers)."""
+        return {
+            "name": res.name, "num_voxels": res.num_voxels,
+            "pose": {"rotation_wxyz": res.rotation_wxyz, "translation": res.translation, "scale": res.scale,
+                     "matrix": np.asarray(res.pose_matrix).tolist(), "frame": "pytorch3d_camera"},
+            "gltf_node_matrix": frames.gltf_node_matrix(res.pose_matrix).tolist(),
+            "blender_matrix_world": frames.blender_object_matrix(res.pose_matrix).tolist(),
+            "mask_iou": None if res.mask_iou is None else round(float(res.mask_iou), 4),
+            "settings": res.settings, "timings": res.timings, "mesh_report": res.report,
+            "model": self.description,
+        }
