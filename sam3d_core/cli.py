@@ -38,7 +38,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
         for m in models:
             print(f"sam3d  {m['name']:<16} {m['bytes'] / 1e9:6.2f} GB  {m['folder']}  (from {m['source']})")
         for m in sams:
-            print(f"sam    {m['name']:<16} {m.get('bytes', 0) / 1e9:6.2f} GB  {m.get('folder', '')}")
+            print(f"{m.get('kind', 'sam'):<6} {m['name']:<16} {m.get('bytes', 0) / 1e9:6.2f} GB  {m.get('folder', '')}")
     elif args.action == "verify":
         problems = _on_either(args.name, hub.verify, sam_weights.verify)
         for p in problems:

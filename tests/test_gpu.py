@@ -93,7 +93,7 @@ def test_cuda_stage2_chain_matches_official(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     fixture = Path(__file__).parent / "fixtures" / "stage2_small"
     hub.import_official(fixture / "official", name="s2", root=tmp_path)
-    pipe = Stage2Pipeline.from_pretrained(str(tmp_path / "s2"), device="cuda")
+    pipe = Stage2Pipeline.from_pretrained(str(tmp_path / "s2"), device="cuda", dtype=torch.float32)
     data = load_file(fixture / "data.safetensors")
     cond = pipe.encode(pipe.prepare(data["input/rgb"].numpy(), data["input/mask"].numpy() > 0))
     coords = data["input/coords"].to(torch.int32).cuda()

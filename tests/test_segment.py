@@ -65,6 +65,43 @@ def test_basic_box_click_and_refine(vase):
     assert click.mask[180, 330] and (click.mask & ref).sum() > 0.5 * click.area
 
 
+def test_basic_box_on_featureless_noise_keeps_the_prompt():
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    seg = BasicSegmenter()
+    seg.set_image(noise)
+    m = seg.predict(Prompt(box=(15, 10, 50, 40)))[0].mask  # colours cannot separate anything here
+    assert m[25, 32] and m.sum() > 0.3 * 35 * 30 and not m[:10].any() and not m[:, 50:].any()
+
+
+def test_gmm_start_is_deterministic_and_in_opencv_layout():
+    from sam3d_core.segment.basic import gmm_model
+
+    rng = np.random.default_rng(1)
+    dark, light = rng.normal(30, 3, (300, 3)), rng.normal(200, 3, (100, 3))
+    m = gmm_model(np.concatenate([dark, light]), k=2)
+    assert m.shape == (1, 26) and np.array_equal(m, gmm_model(np.concatenate([dark, light]), k=2))
+    w, means = m[0, :2], m[0, 2:8].reshape(2, 3)
+    order = np.argsort(means[:, 0])
+    assert np.allclose(w[order], [0.75, 0.25]) and np.allclose(means[order, 0], [30, 200], atol=1)
+    cov = m[0, 8:].reshape(2, 3, 3)[order[0]]
+    assert np.allclose(np.diag(cov), 9, rtol=0.3)  # the dark cluster's variance (sigma 3)
+
+
+def test_guided_filter_snaps_a_blurred_mask_to_the_photo_edge():
+    from sam3d_core.segment.basic import guided_filter
+
+    guide = np.zeros((40, 40), np.float32)
+    guide[:, 21:] = 1.0  # the photo's edge: the object starts at column 21
+
+    def first_object_column(p):
+        return int(np.argmax(p[0] >= 0.5))
+
+    for off_edge, expected in ((19, 21), (23, 22)):  # an upsampled mask's blurry edge, 2 px off either side
+        ramp = np.tile(np.clip((np.arange(40) - off_edge + 6) / 12, 0, 1), (40, 1)).astype(np.float32)
+        assert first_object_column(ramp) == off_edge
+        assert first_object_column(guided_filter(guide, ramp, radius=4)) == expected  # moved to / toward 21
+
+
 def test_basic_segment_all_returns_large_regions(vase):
     seg, image, _ = vase
     small = BasicSegmenter(work_long_side=160)
@@ -93,12 +130,13 @@ def test_auto_choice_says_which_and_why(monkeypatch, tmp_path):
     monkeypatch.setenv("SAM3D_HOME", str(tmp_path))
     status = {s.name: s for s in available_backends()}
     assert list(status) == ["sam2", "sam", "basic"] and status["basic"].usable
+    assert not status["sam2"].usable and not status["sam"].usable  # nothing imported in this empty data dir
     seg = load_segmenter("auto")
-    if not status["sam"].usable:
-        assert seg.is_basic and seg.reason.startswith(BASIC_LABEL) and "sam:" in seg.reason
-        with pytest.raises(ValueError, match="backend 'sam' is not usable"):
-            load_segmenter("sam")
-    with pytest.raises(ValueError, match="expected auto, sam or basic"):
+    assert seg.is_basic and seg.reason.startswith(BASIC_LABEL) and "sam:" in seg.reason and "sam2:" in seg.reason
+    for name in ("sam", "sam2"):
+        with pytest.raises(ValueError, match=f"backend '{name}' is not usable"):
+            load_segmenter(name)
+    with pytest.raises(ValueError, match="expected auto, sam2, sam or basic"):
         load_segmenter("grabcut")
 
 
@@ -172,7 +210,7 @@ def test_weights_refuse_corrupt_and_malicious(tmp_path, monkeypatch):
 
     not_sam = tmp_path / "other.pth"
     torch.save({"encoder.weight": torch.zeros(2)}, not_sam)
-    with pytest.raises(CheckpointError, match="not a segment-anything checkpoint"):
+    with pytest.raises(CheckpointError, match="not a segment-anything or SAM 2 checkpoint"):
         W.import_sam_checkpoint(not_sam)
     assert W.list_sam() == []
 

@@ -123,6 +123,52 @@ def torus(n: int = 1400) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return _rotate(p.reshape(-1, 3), *rot), _rotate(nrm.reshape(-1, 3), *rot), alb.reshape(-1, 3)
 
 
+def mug(n: int = 1400) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An open enamel mug: outer and inner wall, bottom, and a half-torus handle with a see-through hole.
+
+    Cream glaze with a dark-blue rim band; tilted 25 degrees so the opening shows as an ellipse.
+    """
+    R, top, bot = 0.42, 0.55, -0.55
+    t, u = np.meshgrid(np.linspace(bot, top, n), np.linspace(0, 2 * np.pi, n), indexing="ij")
+    ring = np.stack([np.cos(u), np.zeros_like(u), np.sin(u)], -1)
+    outer = ring * R + np.stack([0 * t, t, 0 * t], -1)
+    inner = ring * (R - 0.03) + np.stack([0 * t, np.clip(t, bot + 0.05, top), 0 * t], -1)
+    rr, u2 = np.meshgrid(np.linspace(0, R, n // 2), np.linspace(0, 2 * np.pi, n), indexing="ij")
+    bottom = np.stack([rr * np.cos(u2), np.full_like(rr, bot + 0.05), rr * np.sin(u2)], -1)
+    a, b = np.meshgrid(np.linspace(-np.pi / 2, np.pi / 2, n // 2), np.linspace(0, 2 * np.pi, n // 4), indexing="ij")
+    hR, hr = 0.27, 0.065  # handle: half a torus in the x-y plane, attached at the wall (x = R)
+    hc = np.stack([R - 0.02 + hR * np.cos(a), hR * np.sin(a), 0 * a], -1)
+    hn = np.stack([np.cos(b) * np.cos(a), np.cos(b) * np.sin(a), np.sin(b)], -1)
+    handle = hc + hr * hn
+    cream, blue = np.array([0.92, 0.88, 0.78]), np.array([0.12, 0.2, 0.45])
+    band = (t > top - 0.12)[..., None]
+    parts = [(outer, ring, np.where(band, blue, cream)), (inner, -ring, np.broadcast_to(cream * 0.9, inner.shape)),
+             (bottom, np.broadcast_to([0.0, 1.0, 0.0], bottom.shape), np.broadcast_to(cream * 0.85, bottom.shape)),
+             (handle, hn, np.broadcast_to(cream, handle.shape))]
+    p = np.concatenate([q.reshape(-1, 3) for q, _, _ in parts])
+    nrm = np.concatenate([q.reshape(-1, 3) for _, q, _ in parts])
+    alb = np.concatenate([q.reshape(-1, 3) for _, _, q in parts])
+    rot = (np.deg2rad(25), np.deg2rad(-30))
+    return _rotate(p, *rot) * 1.05, _rotate(nrm, *rot), alb
+
+
+def knot(n: int = 8000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A trefoil-knot tube (thin crossing parts, three see-through holes) with teal and white stripes."""
+    s, v = np.meshgrid(np.linspace(0, 2 * np.pi, n), np.linspace(0, 2 * np.pi, 240), indexing="ij")
+    c = np.stack([np.sin(s) + 2 * np.sin(2 * s), np.cos(s) - 2 * np.cos(2 * s), -np.sin(3 * s)], -1) / 3.3
+    tan = np.gradient(c, axis=0)
+    tan /= np.linalg.norm(tan, axis=-1, keepdims=True)
+    n1 = np.cross(tan, [0.0, 0.0, 1.0])
+    n1 /= np.linalg.norm(n1, axis=-1, keepdims=True)
+    n2 = np.cross(tan, n1)
+    nrm = np.cos(v)[..., None] * n1 + np.sin(v)[..., None] * n2
+    p = c + 0.09 * nrm
+    stripe = (np.floor(s / (np.pi / 12)) % 2)[..., None]
+    alb = stripe * np.array([0.1, 0.55, 0.55]) + (1 - stripe) * np.array([0.9, 0.9, 0.88])
+    rot = (np.deg2rad(30), np.deg2rad(15))
+    return _rotate(p.reshape(-1, 3), *rot), _rotate(nrm.reshape(-1, 3), *rot), alb.reshape(-1, 3)
+
+
 def horse_sprite(data: Path, size: int) -> np.ndarray:
     """scikit-image's horse silhouette (CC0) filled with a wood-grain crop of coffee.png, shaded."""
     sil = np.asarray(Image.open(data / "horse.png").convert("L")) < 128  # [328, 400] True = horse
@@ -165,6 +211,8 @@ def main(data: Path) -> None:
     _save("chelsea_vase", *paste(rgb("chelsea.png"), render_surface(*vase(), size=150), 270, 110))
     _save("rocket_torus", *paste(rgb("rocket.jpg"), render_surface(*torus(), size=200), 40, 170))
     _save("astronaut_horse", *paste(rgb("astronaut.png"), horse_sprite(data, 220), 270, 300))
+    _save("coffee_mug", *paste(rgb("coffee.png"), render_surface(*mug(), size=170), 415, 150))
+    _save("garage_knot", *paste(rgb("motorcycle_right.png"), render_surface(*knot(), size=190), 520, 15))
 
 
 if __name__ == "__main__":

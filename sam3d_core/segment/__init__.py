@@ -1,6 +1,6 @@
-"""Object selection: one Segmenter interface over SAM (segment-anything) and a no-weights GrabCut back-end.
+"""Object selection: one Segmenter interface over SAM 2, SAM (segment-anything) and a no-weights GrabCut back-end.
 
-    seg = load_segmenter("auto")            # SAM when installed and weights are imported, else basic
+    seg = load_segmenter("auto")            # SAM 2 / SAM when installed with imported weights, else basic
     print(seg.name, seg.reason)             # always say which back-end answers, and why
     seg.set_image(rgb)                      # [H, W, 3] uint8, encoded once
     best = seg.predict(Prompt(points=((320, 200, 1),)))[0].mask   # [H, W] bool, original pixels
@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sam3d_core.segment.base import BASIC_LABEL, MaskCandidate, Prompt, Segmenter, mask_iou
+from sam3d_core.segment.session import SegmentSession
 
-__all__ = ["BASIC_LABEL", "BackendStatus", "MaskCandidate", "Prompt", "Segmenter", "available_backends",
-           "load_segmenter", "mask_iou"]
+__all__ = ["BASIC_LABEL", "BackendStatus", "MaskCandidate", "Prompt", "SegmentSession", "Segmenter",
+           "available_backends", "load_segmenter", "mask_iou"]
 
 BACKENDS = ("sam2", "sam", "basic")  # preference order for "auto"
 
@@ -28,10 +29,19 @@ class BackendStatus:
 def _sam2_status() -> BackendStatus:
     import importlib.util
 
+    from sam3d_core.segment import sam2, weights
+
     if importlib.util.find_spec("sam2") is None:
-        return BackendStatus("sam2", False, "not installed (optional; SAM 2.1 is more accurate than SAM)")
-    return BackendStatus("sam2", False, "the sam2 package is installed, but this version has no SAM 2 adapter yet; "
-                                        "use --backend sam or basic")
+        return BackendStatus("sam2", False, "not installed (optional; SAM 2.1 is more accurate than SAM); "
+                                            + sam2.INSTALL_HINT)
+    err = sam2.import_error()
+    if err:
+        return BackendStatus("sam2", False, f"sam2 unusable ({err}); {sam2.INSTALL_HINT}")
+    imported = [m["name"] for m in weights.list_sam(kind="sam2")]
+    if not imported:
+        return BackendStatus("sam2", False, f"sam2 imports, but no SAM 2 weights are imported; "
+                                            f"{weights.SAM2_WHERE_TO_GET}")
+    return BackendStatus("sam2", True, "imported: " + ", ".join(imported))
 
 
 def _sam_status() -> BackendStatus:
@@ -40,7 +50,7 @@ def _sam_status() -> BackendStatus:
     err = sam1.import_error()
     if err:
         return BackendStatus("sam", False, f"segment-anything unusable ({err}); {sam1.INSTALL_HINT}")
-    imported = [m["name"] for m in weights.list_sam()]
+    imported = [m["name"] for m in weights.list_sam(kind="sam")]
     if not imported:
         return BackendStatus("sam", False, f"segment-anything imports, but no SAM weights are imported; "
                                            f"{weights.WHERE_TO_GET}")
@@ -61,23 +71,26 @@ def available_backends() -> list[BackendStatus]:
 
 
 def load_segmenter(name: str = "auto", checkpoint: str | None = None, device: str | None = None) -> Segmenter:
-    """A ready segmenter. name: auto | sam | basic. checkpoint: an imported SAM name (default: the
-    largest imported). The result's `reason` says which back-end was chosen and why."""
+    """A ready segmenter. name: auto | sam2 | sam | basic (auto: SAM 2 > SAM > basic, the first usable).
+    checkpoint: an imported checkpoint name of that kind (default: the largest imported). The result's
+    `reason` says which back-end was chosen and why."""
     from sam3d_core.segment import weights
 
-    if name not in ("auto", "sam", "basic", "sam2"):
-        raise ValueError(f"backend {name!r}: expected auto, sam or basic")
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"backend {name!r}: expected auto, sam2, sam or basic")
     status = {s.name: s for s in available_backends()}
     if name in ("sam2", "sam") and not status[name].usable:
         raise ValueError(f"backend {name!r} is not usable: {status[name].detail}")
     if name == "auto":
-        name = "sam" if status["sam"].usable else "basic"
-    if name == "sam":
-        from sam3d_core.segment.sam1 import SamSegmenter
-
-        if checkpoint is None:  # the largest imported model: vit_h > vit_l > vit_b
-            checkpoint = max(weights.list_sam(), key=lambda m: m["bytes"])["name"]
-        seg = SamSegmenter.from_imported(checkpoint, device)
+        name = next(b for b in BACKENDS if status[b].usable or b == "basic")
+    if name in ("sam2", "sam"):
+        if checkpoint is None:  # the largest imported model of that kind
+            checkpoint = max(weights.list_sam(kind=name), key=lambda m: m["bytes"])["name"]
+        if name == "sam2":
+            from sam3d_core.segment.sam2 import Sam2Segmenter as cls
+        else:
+            from sam3d_core.segment.sam1 import SamSegmenter as cls
+        seg = cls.from_imported(checkpoint, device)
         seg.reason = f"{seg.name} (imported weights {checkpoint!r})"
         return seg
     if not status["basic"].usable:

@@ -58,10 +58,9 @@ def read_photo(path: str | Path) -> np.ndarray:
 
 
 def _save_mask(mask: np.ndarray, path: Path) -> None:
-    from PIL import Image
+    from sam3d_core.segment.session import save_mask
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+    save_mask(mask, path)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -109,9 +108,10 @@ def add_segment_parser(subparsers) -> argparse.ArgumentParser:
                    help="a click in photo pixels; ',-' excludes (repeatable)")
     s.add_argument("--box", type=parse_box, metavar="X0,Y0,X1,Y1", help="a box around the object, in photo pixels")
     s.add_argument("--all", action="store_true", help="every object: one PNG each plus objects.json in --out")
-    s.add_argument("--backend", choices=("auto", "sam", "basic"), default="auto",
-                   help="auto: SAM when installed with imported weights, else basic (GrabCut, no weights)")
-    s.add_argument("--checkpoint", default=None, help="an imported SAM checkpoint name (default: the largest)")
+    s.add_argument("--backend", choices=("auto", "sam2", "sam", "basic"), default="auto",
+                   help="auto: SAM 2, else SAM, when installed with imported weights, else basic (GrabCut, no weights)")
+    s.add_argument("--checkpoint", default=None,
+                   help="an imported SAM / SAM 2 checkpoint name (default: the largest of the chosen kind)")
     s.add_argument("--device", default=None)
     s.add_argument("--out", required=True, help="MASK.png for a prompt, a folder for --all")
     s.set_defaults(func=cmd_segment)
@@ -128,9 +128,11 @@ def cmd_import_sam(args: argparse.Namespace) -> int:
 
 def add_weights_sam_parser(weights_subparsers) -> argparse.ArgumentParser:
     """Add `weights import-sam FILE` to the main CLI's `weights` subparsers."""
-    s = weights_subparsers.add_parser("import-sam", help="import a segment-anything checkpoint (.pth / .safetensors)")
+    s = weights_subparsers.add_parser("import-sam", help="import a segment-anything (.pth) or SAM 2 (.pt) checkpoint, "
+                                      "or its .safetensors")
     s.add_argument("file")
-    s.add_argument("--name", default=None, help="default: the model type (vit_h, vit_l, vit_b)")
+    s.add_argument("--name", default=None, help="default: the model type (vit_h, vit_l, vit_b; SAM 2: "
+                                                "sam2.1_hiera_tiny, _small, _base_plus, _large)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_import_sam)
     return s

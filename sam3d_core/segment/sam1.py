@@ -12,6 +12,23 @@ import numpy as np
 from sam3d_core.segment.base import MaskCandidate, Prompt, check_image
 
 INSTALL_HINT = "pip install segment-anything torchvision (torchvision matching your torch build)"
+LOGIT = 8.0  # magnitude given to a plain bool mask turned into mask_input logits (sigmoid(8) ~ 0.9997)
+
+
+def mask_to_logits(mask: np.ndarray, long_side: int = 1024, size: int = 256) -> np.ndarray:
+    """[H, W] bool at the photo's size -> [1, size, size] float32 logits in SamPredictor's frame: the photo
+    resized to `long_side` on its long side, padded at the bottom/right to a square, then / 4."""
+    import cv2
+
+    h, w = mask.shape
+    s = long_side / max(h, w)
+    nh, nw = int(h * s + 0.5), int(w * s + 0.5)  # segment-anything's ResizeLongestSide rounding
+    k = size / long_side
+    small = cv2.resize(mask.astype(np.float32), (max(1, round(nw * k)), max(1, round(nh * k))),
+                       interpolation=cv2.INTER_AREA)
+    out = np.zeros((size, size), np.float32)
+    out[:small.shape[0], :small.shape[1]] = small
+    return ((out - 0.5) * 2 * LOGIT)[None]
 
 
 def import_error() -> str | None:
@@ -92,6 +109,16 @@ class SamSegmenter:
         with torch.inference_mode():
             self.predictor.set_image(self.image, image_format="RGB")  # encoder runs once here
 
+    def image_state(self) -> tuple:
+        """What set_image computed, to keep for a later `restore_image_state` (the session's cache)."""
+        p = self.predictor
+        return self.image, p.features, p.original_size, p.input_size
+
+    def restore_image_state(self, state: tuple) -> None:
+        p = self.predictor
+        self.image, p.features, p.original_size, p.input_size = state
+        p.is_image_set = True
+
     def predict(self, prompt: Prompt, multimask: bool = True) -> list[MaskCandidate]:
         """Candidates best first; score = SAM's predicted IoU; native = [1, 256, 256] logits."""
         import torch
@@ -103,6 +130,9 @@ class SamSegmenter:
         labels = np.array([lab for *_, lab in prompt.points], np.int64) if prompt.points else None
         box = np.array(prompt.box, np.float32) if prompt.box is not None else None
         mi = prompt.mask_input
+        if mi is not None and mi.shape == self.image.shape[:2]:
+            mi = mask_to_logits(mi, self.model.image_encoder.img_size,  # a previous mask given as pixels
+                                self.model.prompt_encoder.mask_input_size[0])
         mask_input = mi.astype(np.float32) if mi is not None and mi.ndim == 3 and mi.shape[0] == 1 else None  # logits
         with torch.inference_mode():
             masks, scores, logits = self.predictor.predict(point_coords=coords, point_labels=labels, box=box,

@@ -1,10 +1,16 @@
-"""SAM (segment-anything) checkpoints in the user data folder: import, list, verify, remove, load.
+"""SAM and SAM 2 checkpoints in the user data folder: import, list, verify, remove, load.
 
 An imported checkpoint is a folder `<data dir>/segment/<name>/` holding
     sam.safetensors   the state dict, converted once (never unpickled again)
-    manifest.json     model type, sha256 and size of sam.safetensors and of the source .pth
-Importing reads the .pth with torch.load(weights_only=True), which refuses pickled code; loading
+    manifest.json     kind (sam | sam2), model type, sha256 and size of sam.safetensors and of the source
+Importing reads a .pth / .pt with torch.load(weights_only=True), which refuses pickled code; loading
 checks the sha256 of sam.safetensors before reading it. Offline: nothing here touches the network.
+
+SAM (segment-anything) state dicts have the prefixes image_encoder. / prompt_encoder. / mask_decoder.;
+SAM 2 checkpoints (facebookresearch/sam2) hold {"model": state dict} with a Hiera trunk under
+image_encoder.trunk. and the heads under sam_prompt_encoder. / sam_mask_decoder. (plus memory modules
+used for video). The file's family decides the kind; sam2's own loader calls torch.load, so we never
+hand it the file.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import pickle
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -32,14 +39,23 @@ WHERE_TO_GET = ("download one of " + ", ".join(SAM_FILES.values()) + " from the 
                 "(github.com/facebookresearch/segment-anything#model-checkpoints), then run "
                 "`sam3d weights import-sam FILE`")
 
+# SAM 2.1 (github.com/facebookresearch/sam2, checkpoints/download_ckpts.sh). The size is read from the
+# number of Hiera blocks (stages 1+2+7+2, 1+2+11+2, 2+3+16+3, 2+6+36+4).
+SAM2_SIZES = ("tiny", "small", "base_plus", "large")
+SAM2_FILES = {s: f"sam2.1_hiera_{s}.pt" for s in SAM2_SIZES}
+SAM2_DEPTH = {12: "tiny", 16: "small", 24: "base_plus", 48: "large"}
+SAM2_REQUIRED = ("image_encoder.trunk.", "sam_prompt_encoder.", "sam_mask_decoder.")
+SAM2_WHERE_TO_GET = ("download one of " + ", ".join(SAM2_FILES.values()) + " from the sam2 README "
+                     "(github.com/facebookresearch/sam2#download-checkpoints), then run "
+                     "`sam3d weights import-sam FILE`")
+
 
 def segment_dir() -> Path:
     return data_dir() / "segment"
 
 
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """A SAM .pth or .safetensors -> its state dict, refusing pickled code, truncated files and
-    anything but tensors under SAM's three prefixes."""
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """A .pth / .pt / .safetensors -> a dict of tensors (a {"model": ...} wrapper unwrapped)."""
     try:
         if path.suffix == ".safetensors":
             obj = load_file(str(path))  # a JSON header and raw buffers: no code
@@ -54,34 +70,70 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     sd = obj.get("model", obj) if isinstance(obj, dict) else obj
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path.name} is not a SAM state dict (a dict of tensors); {WHERE_TO_GET}")
+    return sd
+
+
+def family_of(sd: dict[str, torch.Tensor]) -> str:
+    """'sam2' when the keys look like a SAM 2 model, else 'sam'."""
+    return "sam2" if any(k.startswith("image_encoder.trunk.") for k in sd) else "sam"
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A SAM / SAM 2 .pth, .pt or .safetensors -> its state dict, refusing pickled code, truncated
+    files and anything that is not one of the two model families."""
+    sd = _read_state(path)
+    if family_of(sd) == "sam2":
+        missing = [p for p in SAM2_REQUIRED if not any(k.startswith(p) for k in sd)]
+        if missing:
+            raise CheckpointError(f"{path.name}: a Hiera image encoder but no {missing[0]!r} entries; not a "
+                                  f"complete SAM 2 checkpoint? {SAM2_WHERE_TO_GET}")
+        return sd
     bad = sorted(k for k in sd if not k.startswith(PREFIXES))
     if bad:
         raise CheckpointError(f"{path.name}: {len(bad)} entries outside {PREFIXES} (e.g. {bad[0]!r}); "
-                              f"not a segment-anything checkpoint? {WHERE_TO_GET}")
+                              f"not a segment-anything or SAM 2 checkpoint? {WHERE_TO_GET}; or {SAM2_WHERE_TO_GET}")
     return sd
 
 
 def model_type_of(sd: dict[str, torch.Tensor]) -> str:
-    """vit_h / vit_l / vit_b from the encoder width, else 'custom'."""
+    """SAM: vit_h / vit_l / vit_b from the encoder width. SAM 2: tiny / small / base_plus / large from the
+    number of Hiera blocks. 'custom' otherwise."""
+    if family_of(sd) == "sam2":
+        blocks = {int(m.group(1)) for k in sd if (m := re.match(r"image_encoder\.trunk\.blocks\.(\d+)\.", k))}
+        return SAM2_DEPTH.get(len(blocks), "custom")
     w = sd.get("image_encoder.patch_embed.proj.weight")
     return ENCODER_WIDTH.get(int(w.shape[0]), "custom") if w is not None else "custom"
 
 
+def sam2_version_of(sd: dict[str, torch.Tensor]) -> str:
+    """'2.1' when the checkpoint has SAM 2.1's spatial no-object embedding, else '2'."""
+    return "2.1" if "no_obj_embed_spatial" in sd else "2"
+
+
 def import_sam_checkpoint(src: str | Path, name: str | None = None, overwrite: bool = False,
                           root: Path | None = None) -> Path:
-    """Convert a SAM .pth (or copy a .safetensors) into `<root>/<name>/`. name defaults to the model type."""
+    """Convert a SAM .pth / SAM 2 .pt (or copy a .safetensors) into `<root>/<name>/`.
+
+    name defaults to the model type (vit_b, ...) for SAM and to sam2.1_hiera_<size> (or sam2_hiera_<size>)
+    for SAM 2."""
     src = Path(src).expanduser()
     if not src.is_file():
-        raise CheckpointError(f"{src} is not a file; {WHERE_TO_GET}")
+        raise CheckpointError(f"{src} is not a file; {WHERE_TO_GET}; or {SAM2_WHERE_TO_GET}")
     sd = read_checkpoint(src)
-    model_type = model_type_of(sd)
-    name = name or model_type
+    kind, model_type = family_of(sd), model_type_of(sd)
+    extra = {}
+    if kind == "sam2":
+        extra["version"] = sam2_version_of(sd)
+        default = f"sam{extra['version']}_hiera_{model_type}"
+    else:
+        default = model_type
+    name = name or default
     root = segment_dir() if root is None else Path(root)
     with staged_folder(root, name, overwrite) as tmp:
         out = tmp / "sam.safetensors"
         save_file({k: v.contiguous() for k, v in sd.items()}, str(out), metadata={"format": "pt"})
         manifest = {
-            "kind": "sam", "model_type": model_type, "source": str(src.resolve()),
+            "kind": kind, "model_type": model_type, **extra, "source": str(src.resolve()),
             "source_file": {"name": src.name, "sha256": sha256_file(src), "bytes": src.stat().st_size},
             "files": {out.name: {"sha256": sha256_file(out), "bytes": out.stat().st_size}},
             "imported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -106,13 +158,17 @@ def verify(name: str | Path, root: Path | None = None) -> list[str]:
     return verify_folder(resolve(name, root))
 
 
-def list_sam(root: Path | None = None) -> list[dict]:
+def list_sam(root: Path | None = None, kind: str | None = None) -> list[dict]:
+    """Imported checkpoints, optionally of one kind ('sam' or 'sam2')."""
     root = segment_dir() if root is None else Path(root)
     out = []
     for m in sorted(root.glob("*/manifest.json")) if root.is_dir() else []:
         data = json.loads(m.read_text())
-        out.append({"name": m.parent.name, "model_type": data["model_type"], "folder": str(m.parent),
-                    "bytes": sum(r["bytes"] for r in data["files"].values()), "source": data["source_file"]["name"]})
+        rec = {"name": m.parent.name, "kind": data.get("kind", "sam"), "model_type": data["model_type"],
+               "folder": str(m.parent), "bytes": sum(r["bytes"] for r in data["files"].values()),
+               "source": data["source_file"]["name"]}
+        if kind is None or rec["kind"] == kind:
+            out.append(rec)
     return out
 
 
@@ -122,13 +178,26 @@ def remove(name: str, root: Path | None = None) -> Path:
     return folder
 
 
-def load_sam_state(name: str | Path, root: Path | None = None) -> tuple[str, dict[str, torch.Tensor], str]:
-    """(model type, state dict, sha256) of an imported checkpoint, after checking its hash."""
+def _load_checked(name: str | Path, root: Path | None, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
     folder = resolve(name, root)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if manifest.get("kind", "sam") != kind:
+        raise CheckpointError(f"{folder.name!r} is a {manifest.get('kind', 'sam')} checkpoint, not {kind}; "
+                              f"`sam3d weights list` shows the kind of each imported checkpoint")
     problems = verify(folder)
     if problems:
         raise CheckpointError(f"{folder} failed its integrity check: " + "; ".join(problems)
                               + ". Re-import it with `sam3d weights import-sam FILE --overwrite`.")
-    manifest = json.loads((folder / "manifest.json").read_text())
-    sd = load_file(str(folder / "sam.safetensors"))
+    return manifest, load_file(str(folder / "sam.safetensors"))
+
+
+def load_sam_state(name: str | Path, root: Path | None = None) -> tuple[str, dict[str, torch.Tensor], str]:
+    """(model type, state dict, sha256) of an imported SAM checkpoint, after checking its hash."""
+    manifest, sd = _load_checked(name, root, "sam")
     return manifest["model_type"], sd, manifest["files"]["sam.safetensors"]["sha256"]
+
+
+def load_sam2_state(name: str | Path, root: Path | None = None) -> tuple[str, str, dict[str, torch.Tensor], str]:
+    """(size, version, state dict, sha256) of an imported SAM 2 checkpoint, after checking its hash."""
+    manifest, sd = _load_checked(name, root, "sam2")
+    return manifest["model_type"], manifest.get("version", "2.1"), sd, manifest["files"]["sam.safetensors"]["sha256"]
