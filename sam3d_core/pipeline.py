@@ -54,7 +54,7 @@ class PhotoContext:
     intrinsics_source: str  # "user", "exif", "default_fov"
     pointmap: np.ndarray  # [H, W, 3] PyTorch3D camera frame
     pointmap_source: str  # "user", "depth", "fallback plane"
-
+    shared: dict = field(default_factory=dict, repr=False)  # per-photo tensors reused by every object
     @property
     def width(self) -> int:
         return self.photo.width
@@ -282,7 +282,7 @@ class Pipeline:
         with self._on_gpu(self.stage1):
             s1 = self.stage1
             inputs = s1.prepare(rgb, mask, ctx.pointmap)
-            cond = s1.encode(inputs)
+            cond = s1.encode(inputs, ctx.shared)  # the full-image tokens once per photo
             lap("preprocess")
             sampler = s1.cfg.sampler
             report("stage1", 0, steps or (sampler.shortcut_steps if fast else sampler.steps))
@@ -306,7 +306,7 @@ class Pipeline:
                 s2 = self.stage2
                 report("stage2", 0, (None if fast else steps) or s2.cfg.sampler.steps)
                 out2 = s2(rgb, mask, out1.coords, seed=seed, steps=None if fast else steps,
-                          progress=lambda i, n: report("stage2", i, n))
+                          progress=lambda i, n: report("stage2", i, n), shared=ctx.shared)
             settings["stage2"] = dict(out2.settings)
             lap("stage2")
             gaussians = out2.gaussians

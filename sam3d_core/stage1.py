@@ -163,11 +163,20 @@ class Stage1Pipeline:
         return {k: v.to(self.device) for k, v in inputs.items()}
 
     @torch.no_grad()
-    def encode(self, inputs: dict) -> torch.Tensor:
-        """Condition tokens [1, N, C] of preprocessed inputs (the expensive, reusable part)."""
+    def encode(self, inputs: dict, shared: dict | None = None) -> torch.Tensor:
+        """Condition tokens [1, N, C] of preprocessed inputs (the expensive, reusable part).
+
+        shared: a dict kept per photo (e.g. `PhotoContext.shared`); the full-image RGB tokens, which do not
+        depend on the object's mask, are computed for the first object and reused for the others."""
+        emb = self.model.condition_embedder
         views = {k: inputs[k].to(self.dtype) for k in
                  ("image", "rgb_image", "mask", "rgb_image_mask", "pointmap", "rgb_pointmap") if k in inputs}
-        return self.model.condition_embedder(**views)
+        if shared is None:
+            return emb(**views)
+        key = ("stage1", id(self.model), self.dtype, tuple(views["rgb_image"].shape))
+        if key not in shared:
+            shared[key] = emb.embed_one(0, views["rgb_image"], "full")
+        return emb(**views, full_image_block=shared[key])
 
     def _flow_graphs(self, cond: torch.Tensor) -> FlowGraphs | None:
         if not self.cuda_graphs:

@@ -135,10 +135,20 @@ class Stage2Pipeline:
         return {k: v.to(self.device) for k, v in inputs.items()}
 
     @torch.no_grad()
-    def encode(self, inputs: dict) -> torch.Tensor:
-        """Condition tokens [1, N, C] of preprocessed inputs (the expensive, reusable part)."""
-        views = {k: inputs[k].to(self.dtype) for k in ("image", "rgb_image", "mask", "rgb_image_mask")}
-        return self.model.condition_embedder(**views)
+    def encode(self, inputs: dict, shared: dict | None = None) -> torch.Tensor:
+        """Condition tokens [1, N, C] of preprocessed inputs (the expensive, reusable part).
+
+        shared: a dict kept per photo (e.g. `PhotoContext.shared`); the full-image RGB tokens, which do not
+        depend on the object's mask, are computed for the first object and reused for the others."""
+        emb = self.model.condition_embedder
+        views = {k: inputs[k].to(self.dtype) for k in
+                 ("image", "rgb_image", "mask", "rgb_image_mask") if k in inputs}
+        if shared is None:
+            return emb(**views)
+        key = ("stage2", id(self.model), self.dtype, tuple(views["rgb_image"].shape))
+        if key not in shared:
+            shared[key] = emb.embed_one(0, views["rgb_image"], "full")
+        return emb(**views, full_image_block=shared[key])
 
     @torch.no_grad()
     def sample(
@@ -187,6 +197,7 @@ class Stage2Pipeline:
         cfg_strength: float | None = None,
         decode: Sequence[str] = DECODERS,
         progress: Progress | None = None,
+        shared: dict | None = None,
     ) -> Stage2Output:
         """One object: photo (uint8 [H, W, 3]), mask ([H, W], nonzero = object) and its stage-1 voxels
         (`Stage1Output.coords`, [N, 4] int on the 64^3 grid) -> Stage2Output in the object's local frame."""
@@ -199,7 +210,7 @@ class Stage2Pipeline:
         inputs = self.prepare(image, mask)
         seed = int(seed) if seed is not None else int(torch.seed() % 2**31)  # recorded in the settings
         # 2. Condition tokens: DINO on the cropped and full views of the image and of the mask.
-        cond = self.encode(inputs)
+        cond = self.encode(inputs, shared)
         # 3.-4. Noise, flow sampling (fast path: the condition's keys and values computed once), de-normalisation.
         slat = self.sample(cond, coords, seed=seed, steps=steps, cfg_strength=cfg_strength, progress=progress)
         # 5. Gaussians: num_gaussians per voxel around the voxel centres.

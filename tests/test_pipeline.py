@@ -152,3 +152,20 @@ def test_cli_reconstruct_from_a_click(tmp_path):
                  "--faces", "300"])
     assert code == 0 and (out / "object_0_mask.png").is_file()
     assert Path(out / "scene.json").is_file()
+
+
+def test_full_image_tokens_are_shared_across_objects_exactly(pipe):
+    """The full-image RGB tokens do not depend on the mask: computed for the first object, reused after."""
+    ctx = pipe.open_photo(EXAMPLE_PHOTO)
+    a = pipe.load_mask(ctx, EXAMPLE_MASK)
+    b = np.zeros_like(a)
+    b[50:200, 60:300] = True
+    shared: dict = {}
+    for stage, prepare in ((pipe.stage1, lambda m: pipe.stage1.prepare(ctx.photo.rgb, m, ctx.pointmap)),
+                           (pipe.stage2, lambda m: pipe.stage2.prepare(ctx.photo.rgb, m))):
+        first = stage.encode(prepare(a), shared)
+        second = stage.encode(prepare(b), shared)  # reuses the first object's full-image tokens
+        assert torch.equal(first, stage.encode(prepare(a)))
+        assert torch.equal(second, stage.encode(prepare(b)))
+        assert not torch.equal(first, second)
+    assert len(shared) == 2  # one entry per stage

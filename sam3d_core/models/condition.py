@@ -175,13 +175,17 @@ class ConditionEmbedder(nn.Module):
         image [B, 3, H, W] and mask [B, 1, H, W] in [0, 1]; pointmap [B, 3, H, W] (NaN = invalid).
         """
         self._check_views(view, image, mask, pointmap)
-        group = VIEWS.index(view)
         inputs = [image, mask, pointmap][: len(self.module_list)]
-        blocks = []
-        for embedder, project, x in zip(self.module_list, self.projection_nets, inputs, strict=True):
-            tokens = project(embedder(x))  # [B, N_i, embed_dim]
-            blocks.append(tokens + self.idx_emb[group].to(tokens.dtype))
-        return blocks
+        return [self.embed_one(i, x, view) for i, x in enumerate(inputs)]
+
+    def embed_one(self, index: int, x: torch.Tensor, view: str = "cropped") -> torch.Tensor:
+        """Embedder `index` (0 image, 1 mask, 2 point map) of one view group -> [B, N_i, embed_dim].
+
+        The full-image RGB block (index 0, view "full") depends on the photo only, not on the object's
+        mask, so a pipeline computes it once per photo and passes it to `forward(full_image_block=...)`.
+        """
+        tokens = self.projection_nets[index](self.module_list[index](x))
+        return tokens + self.idx_emb[VIEWS.index(view)].to(tokens.dtype)
 
     def fuse(self, cropped: list[torch.Tensor], full: list[torch.Tensor]) -> torch.Tensor:
         """Interleave per-embedder blocks as [c0, f0, c1, f1, ...] -> [B, N, embed_dim]."""
@@ -208,8 +212,17 @@ class ConditionEmbedder(nn.Module):
         rgb_image_mask: torch.Tensor,
         pointmap: torch.Tensor | None = None,
         rgb_pointmap: torch.Tensor | None = None,
+        full_image_block: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Preprocessed views (the keys of `preprocess_stage1`) -> condition tokens [B, N, C]."""
+        """Preprocessed views (the keys of `preprocess_stage1`) -> condition tokens [B, N, C].
+
+        full_image_block: `embed_one(0, rgb_image, "full")` computed earlier for this photo (the same
+        tokens; skips one DINO pass per object)."""
         cropped = self.embed_views(image, mask, pointmap, view="cropped")
-        full = self.embed_views(rgb_image, rgb_image_mask, rgb_pointmap, view="full")
+        if full_image_block is None:
+            full = self.embed_views(rgb_image, rgb_image_mask, rgb_pointmap, view="full")
+        else:
+            self._check_views("full", rgb_image, rgb_image_mask, rgb_pointmap)
+            rest = [rgb_image_mask, rgb_pointmap][: len(self.module_list) - 1]
+            full = [full_image_block] + [self.embed_one(i + 1, x, "full") for i, x in enumerate(rest)]
         return self.fuse(cropped, full)
