@@ -37,6 +37,10 @@ def cmd_weights(args: argparse.Namespace) -> int:
                   "and SAM weights with `sam3d weights import-sam FILE`")
         for m in models:
             print(f"sam3d  {m['name']:<16} {m['bytes'] / 1e9:6.2f} GB  {m['folder']}  (from {m['source']})")
+        from sam3d_core import depth
+
+        for m in depth.list_depth_weights():
+            print(f"depth  {m.get('name', '?'):<16} {m.get('bytes', 0) / 1e9:6.2f} GB  {m.get('folder', '')}")
         for m in sams:
             print(f"{m.get('kind', 'sam'):<6} {m['name']:<16} {m.get('bytes', 0) / 1e9:6.2f} GB  {m.get('folder', '')}")
     elif args.action == "verify":
@@ -141,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sam3d_core.download import add_download_parser
 
     add_download_parser(wsub)
+    from sam3d_core.depth import add_depth_parser
+
+    add_depth_parser(wsub)
     add_segment_parser(sub)
 
     def common(sp):

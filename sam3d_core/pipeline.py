@@ -188,15 +188,30 @@ class Pipeline:
     # ---------------------------------------------------------------------------------------------
 
     def open_photo(self, photo: str | Path | Photo, *, K: np.ndarray | None = None, fov_deg: float | None = None,
-                   depth: np.ndarray | None = None, pointmap: np.ndarray | None = None) -> PhotoContext:
-        """Check the photo and fix its camera once: intrinsics (given, EXIF, else a default field of view)
-        and the point map (given; or back-projected from a given depth map; else a plane at unit
-        distance, so the layout is in relative units)."""
+                   depth: np.ndarray | None = None, pointmap: np.ndarray | None = None,
+                   depth_model: str | None = "auto") -> PhotoContext:
+        """Check the photo and fix its camera once.
+
+        Point map, the first that applies: `pointmap` ("user"); `depth` back-projected with K ("depth"); a
+        depth model's (`sam3d_core.depth`; source: the model's, e.g. "moge (...)"); else a plane at unit
+        distance ("fallback plane": layout in relative units). `depth_model`: "auto" (the first available
+        adapter; none installed = the plane, cheaply), None or "none" (never), or a registered name (that
+        adapter; InputError when it is unknown or unusable).
+        Intrinsics, the first that applies: `K` or `fov_deg` ("user"); the photo's EXIF focal length
+        ("exif"); the depth model's K when its point map is used ("depth_model"); a 60 degree horizontal
+        field of view ("default_fov").
+        """
         from sam3d_core.camera import pointmap_from_depth, resolve_intrinsics
+        from sam3d_core.depth import DepthModelError, load_depth_model, run_depth_model
 
         ph = photo if isinstance(photo, Photo) else load_photo(photo)
         K, source = resolve_intrinsics(ph, K=K, fov=fov_deg)
         h, w = ph.height, ph.width
+        named = depth_model not in (None, "none", "auto")
+        if named and (pointmap is not None or depth is not None):
+            given = "point map" if pointmap is not None else "depth map"
+            raise InputError(f"depth_model={depth_model!r} was asked for but a {given} was given too; pass one of "
+                             "them (depth_model='none' or 'auto' uses the given one)", field="depth_model")
         if pointmap is not None:
             pm = np.asarray(pointmap, dtype=np.float32)
             if pm.shape != (h, w, 3):
@@ -211,7 +226,17 @@ class Pipeline:
                                  field="depth")
             pm, pm_source = pointmap_from_depth(d, K), "depth"
         else:
-            pm, pm_source = pointmap_from_depth(np.ones((h, w), np.float32), K), "fallback plane"
+            try:
+                model, _ = load_depth_model(depth_model, device=str(self.device))
+            except DepthModelError as e:
+                raise InputError(str(e), field="depth_model", details={"depth_model": depth_model}) from None
+            if model is not None:
+                res = run_depth_model(model, ph.rgb)
+                pm, pm_source = res.pointmap_p3d, res.source
+                if source == "default_fov" and res.K is not None:  # user K and EXIF stay first
+                    K, source = res.K, "depth_model"
+            else:
+                pm, pm_source = pointmap_from_depth(np.ones((h, w), np.float32), K), "fallback plane"
         return PhotoContext(ph, np.asarray(K, dtype=np.float64), source, pm, pm_source)
 
     def load_mask(self, ctx: PhotoContext, mask) -> np.ndarray:

@@ -54,6 +54,9 @@ def add_model_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--fov", type=float, default=None, help="horizontal field of view in degrees when the photo "
                                                            "has no EXIF focal length (default 60)")
     sp.add_argument("--depth", default=None, help="a depth map (.npy, metres, the photo's size) for metric layout")
+    sp.add_argument("--depth-model", default="auto", metavar="{auto,none,NAME}",
+                    help="depth model for a metric point map when no --depth is given: auto (the first installed "
+                         "with imported weights, e.g. moge), none (a plane at unit distance), or a name")
     sp.add_argument("--compile", action="store_true", help="torch.compile the stage-1 flow model (slow start)")
 
 
@@ -73,10 +76,17 @@ def _open(args):
     pipe, which = Pipeline.load(args.model, args.device, low_vram=args.low_vram, compile=args.compile)
     print(f"model: {which}", file=sys.stderr)
     depth = np.load(args.depth) if args.depth else None
-    ctx = pipe.open_photo(args.photo, fov_deg=args.fov, depth=depth)
+    depth_model = getattr(args, "depth_model", "auto")
+    ctx = pipe.open_photo(args.photo, fov_deg=args.fov, depth=depth, depth_model=depth_model)
+    why = ""
+    if ctx.pointmap_source == "fallback plane":
+        why = "; layout in relative units"
+        if depth_model == "auto":  # say what would give a metric point map
+            from sam3d_core.depth import load_depth_model
+
+            why += f" ({load_depth_model('auto')[1]})"
     print(f"photo: {ctx.width}x{ctx.height}; intrinsics from {ctx.intrinsics_source} "
-          f"(fx {ctx.K[0, 0]:.1f} px); point map: {ctx.pointmap_source}"
-          + ("; layout in relative units" if ctx.pointmap_source == "fallback plane" else ""), file=sys.stderr)
+          f"(fx {ctx.K[0, 0]:.1f} px); point map: {ctx.pointmap_source}{why}", file=sys.stderr)
     return pipe, ctx
 
 
