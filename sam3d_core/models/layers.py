@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.head_norm import head_rms_norm
+
 
 def _half_on_cuda(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
@@ -44,8 +46,9 @@ class MultiHeadRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H, D]
         if _half_on_cuda(x):
-            # normalize(x) * sqrt(D) == x / rms(x): one fused RMSNorm pass (fp32 accumulation) for half inputs
-            return F.rms_norm(x, x.shape[-1:], eps=1e-24) * self.gamma.to(x.dtype)
+            # normalize(x) * sqrt(D) == x / rms(x): one fused pass with fp32 statistics for half inputs
+            # (kernels/head_norm: Triton where present, reading q/k straight out of the packed qkv)
+            return head_rms_norm(x, self.gamma.to(x.dtype))
         return (F.normalize(x, dim=-1) * self.gamma * self.scale).to(x.dtype)
 
 
