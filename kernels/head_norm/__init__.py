@@ -10,22 +10,14 @@ writes a contiguous output, computing in float32 and rounding once; otherwise th
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from .._triton import triton_available
 from .reference import head_rms_norm_reference
 
 __all__ = ["head_rms_norm", "head_rms_norm_reference"]
 
 
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def head_rms_norm(x: torch.Tensor, gamma: torch.Tensor, eps: float = 1e-24, backend: str = "auto") -> torch.Tensor:

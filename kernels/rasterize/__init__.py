@@ -16,10 +16,9 @@ Not differentiable: coverage is integer arithmetic and the barycentrics carry no
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from .._triton import triton_available
 from .reference import (
     Raster,
     check_raster_inputs,
@@ -34,14 +33,6 @@ __all__ = ["Raster", "interpolate", "rasterize", "rasterize_reference"]
 _BACKENDS = ("auto", "reference", "triton")
 
 
-@functools.cache
-def triton_available() -> bool:
-    """True when the `triton` package imports (tried on the first call, never at import of this module)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def rasterize(pos: torch.Tensor, faces: torch.Tensor, height: int, width: int, backend: str = "auto") -> Raster:

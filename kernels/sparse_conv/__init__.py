@@ -11,10 +11,9 @@ convolution is a linear layer: `F.linear(feats, weight.reshape(Cout, Cin), bias)
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from .._triton import triton_available
 from .reference import (
     KERNEL_OFFSETS,
     build_neighbour_map,
@@ -28,14 +27,6 @@ _BACKENDS = ("auto", "reference", "triton")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@functools.cache
-def triton_available() -> bool:
-    """True when the `triton` package imports (tried on the first call, never at import of this module)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def submanifold_conv3d(
