@@ -371,9 +371,11 @@ class Pipeline:
         uv = unwrap_uv(cleaned.vertices, cleaned.faces, texture_size=texture_size)
         lap("postprocess")
         report("bake", 0, 1)
-        source = VertexColorSource(v, f, colors)
+        # On a GPU the colour lookup and the UV raster run there; on a CPU the scipy search is the faster one.
+        gpu = self.device if self.device.type == "cuda" else None
+        source = VertexColorSource(v, f, colors, device=gpu)
         # export.mesh returns glTF UVs (v = 0 on the top row), which is what the GLB stores.
-        texture = bake_texture(uv.vertices, uv.faces, uv.uvs, source, size=texture_size, convention="gltf")
+        texture = bake_texture(uv.vertices, uv.faces, uv.uvs, source, size=texture_size, convention="gltf", device=gpu)
         lap("bake")
         mesh = TexturedMesh(vertices=uv.vertices, faces=uv.faces, uvs=uv.uvs, texture=texture, name=name,
                             metadata={"frame": "model local, stored y-up (x, z, -y)"})

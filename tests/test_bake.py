@@ -17,8 +17,12 @@ from scipy import ndimage  # noqa: E402
 
 from kernels.rasterize import rasterize  # noqa: E402
 from sam3d_core.export.bake import (  # noqa: E402
+    _NEIGHBOURS,
     GaussianSource,
     VertexColorSource,
+    _closest_point_torch,
+    _grow_charts,
+    _TriangleGrid,
     bake_texture,
     closest_point_barycentric,
     sample_texture,
@@ -214,6 +218,117 @@ def test_closest_point_is_optimal_in_2d_and_3d():
         np.testing.assert_allclose(d2, ((p - q) ** 2).sum(-1))
         for v in (a, b, c):  # q is optimal on a convex set: no vertex lies ahead of q along p - q
             assert (((p - q) * (v - q)).sum(-1) <= 1e-9).all()
+
+
+def test_torch_closest_point_matches_numpy():
+    rng = np.random.default_rng(6)
+    for dim in (2, 3):
+        a, b, c = rng.normal(size=(3, 500, dim))
+        c[:20] = a[:20] + 0.5 * (b[:20] - a[:20])  # degenerate (collinear) triangles
+        b[20:30] = a[20:30]  # and with a repeated corner
+        p = rng.normal(size=(500, dim)) * 2
+        bary, d2 = closest_point_barycentric(p, a, b, c)
+        bary_t, d2_t = _closest_point_torch(*(torch.from_numpy(x) for x in (p, a, b, c)))
+        np.testing.assert_allclose(bary_t.numpy(), bary, atol=1e-9)
+        np.testing.assert_allclose(d2_t.numpy(), d2, rtol=1e-9, atol=1e-12)
+
+
+def _brute_nearest(points: np.ndarray, tri: np.ndarray) -> np.ndarray:
+    """Squared distance from each point [N, 3] to the nearest of the triangles [F, 3, 3]."""
+    return np.array([closest_point_barycentric(p, tri[:, 0], tri[:, 1], tri[:, 2])[1].min() for p in points])
+
+
+@pytest.mark.parametrize("cell", [None, 0.02])
+def test_grid_finds_the_nearest_triangle(cell):
+    # A soup of small, large and sliver triangles; queries near them, in empty space and far outside their box.
+    # cell=0.02 makes the finest grid fine enough that many queries need the coarser ones.
+    rng = np.random.default_rng(7)
+    centre = rng.uniform(-0.5, 0.5, (400, 1, 3))
+    size = np.where(rng.random((400, 1, 1)) < 0.9, 0.01, 0.3)
+    tri = centre + rng.normal(size=(400, 3, 3)) * size
+    tri[:10, 2] = tri[:10, 0] + 40 * (tri[:10, 1] - tri[:10, 0]) + 0.01 * rng.normal(size=(10, 3))  # slivers
+    points = np.concatenate([
+        tri[rng.integers(0, 400, 300), 0] + rng.normal(scale=0.01, size=(300, 3)),
+        rng.uniform(-1, 1, (300, 3)),
+        rng.normal(size=(20, 3)) * 5,
+    ])
+    grid = _TriangleGrid(torch.from_numpy(tri).float(), cell=cell)
+    face, bary = grid.nearest(torch.from_numpy(points).float(), max_pairs=20000)  # small: many chunks
+    found = np.einsum("nk,nkc->nc", bary.double().numpy(), tri[face.numpy()])
+    d2 = ((found - points) ** 2).sum(1)
+    expected = _brute_nearest(points, tri)
+    np.testing.assert_allclose(d2, expected, rtol=1e-4, atol=1e-9)  # float32 grid, float64 reference
+    assert np.allclose(bary.sum(1).numpy(), 1, atol=1e-5) and (bary >= -1e-6).all()
+
+
+def test_torch_source_matches_the_scipy_reference(case):
+    points, _ = surface_samples(case, 5000, seed=8)
+    points += np.random.default_rng(9).normal(scale=0.004, size=points.shape)  # off the surface both ways
+    colours = colour_fn(case.dense_v)
+    reference = VertexColorSource(case.dense_v, case.dense_f, colours).colors(points)
+    fast = VertexColorSource(case.dense_v, case.dense_f, colours, device="cpu")
+    diff = np.abs(fast.colors(points) - reference) * 255
+    # the same nearest point, except where the reference's 8 nearest centroids miss the nearest triangle
+    assert np.median(diff) < 1e-3 and (diff.max(1) > 0.5).mean() < 0.002
+    # and the fast path is exact: never farther than the true nearest point
+    face, bary = fast._grid.nearest(torch.from_numpy(points[:100]).float(), 1 << 16)
+    tri = case.dense_v[case.dense_f]
+    d2 = ((np.einsum("nk,nkc->nc", bary.double().numpy(), tri[face.numpy()]) - points[:100]) ** 2).sum(1)
+    np.testing.assert_allclose(d2, _brute_nearest(points[:100], tri), rtol=1e-3, atol=1e-10)
+
+
+def test_bake_with_the_torch_path_matches_the_reference_bake(case):
+    fast = VertexColorSource(case.dense_v, case.dense_f, colour_fn(case.dense_v), device="cpu")
+    tex = bake_texture(case.vertices, case.faces, case.uvs, fast, size=SIZE, padding=PADDING, device="cpu")
+    diff = np.abs(tex.astype(int) - case.texture.astype(int)).max(-1)
+    assert (diff <= 1).mean() > 0.999  # float32 vs float64 rounding; the sharp band's edge may differ by more
+    points, uv = surface_samples(case, 20000)
+    err = np.abs(sample_texture(tex, uv) - colour_fn(points)) * 255
+    assert err[away_from_band_edges(points)].mean() < 3
+
+
+def test_gutter_picks_the_nearest_neighbouring_face_first_on_ties():
+    # The rule of step 3, written plainly: each empty texel next to a chart takes, among its 8 neighbours' faces,
+    # the one whose UV triangle is nearest its centre, the earliest neighbour on equal distances.
+    # Charts as in a UV atlas: one small triangle per 6 x 6 block (no overlaps, so no texel centre lies in two),
+    # plus a duplicate of face 4 (an exact tie, same arithmetic); the raster marks random texels with faces of
+    # their own and neighbouring blocks.
+    rng = np.random.default_rng(10)
+    size, block = 24, 6
+    corner = np.stack(np.meshgrid(np.arange(0, size, block), np.arange(0, size, block)), -1).reshape(-1, 1, 2)
+    uv_tri = corner + 0.5 + rng.uniform(0, block - 1, (len(corner), 3, 2))
+    uv_tri = torch.from_numpy(np.concatenate([uv_tri, uv_tri[4:5]])).float()
+    near_block = (np.arange(size)[:, None] // block + rng.integers(-1, 2, (size, size))).clip(0, size // block - 1)
+    near_block = near_block * (size // block) + (np.arange(size)[None, :] // block)
+    face = np.where(rng.random((size, size)) < 0.3, near_block, -1)
+    face[face == 4] = np.where(rng.random((face == 4).sum()) < 0.5, 4, len(corner))
+    expected_face, expected_bary = face.copy(), np.zeros((size, size, 3), np.float32)
+    padded = np.pad(face, 1, constant_values=-1)
+    for r, c in zip(*np.nonzero(face < 0), strict=True):
+        cand = [padded[r + 1 + dr, c + 1 + dc] for dr, dc in _NEIGHBOURS]
+        if max(cand) < 0:
+            continue
+        centre = torch.tensor([c + 0.5, r + 0.5])
+        near = [_closest_point_torch(centre, *uv_tri[k]) if k >= 0 else (None, torch.tensor(np.inf)) for k in cand]
+        best = int(np.argmin([float(d2) for _, d2 in near]))  # the first of equal minima
+        expected_face[r, c], expected_bary[r, c] = cand[best], near[best][0].numpy()
+    got, got_bary = torch.from_numpy(face), torch.zeros((size, size, 3))
+    _grow_charts(got, got_bary, uv_tri, 1)
+    np.testing.assert_array_equal(got.numpy(), expected_face)
+    np.testing.assert_allclose(got_bary.numpy(), expected_bary, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_bake_matches_the_cpu_bake(case):
+    colours = colour_fn(case.dense_v)
+    points, _ = surface_samples(case, 20000, seed=11)
+    cpu = VertexColorSource(case.dense_v, case.dense_f, colours, device="cpu")
+    gpu = VertexColorSource(case.dense_v, case.dense_f, colours, device="cuda")
+    diff = np.abs(gpu.colors(points) - cpu.colors(points)) * 255
+    assert np.median(diff) < 1e-3 and (diff.max(1) > 0.5).mean() < 0.001  # ties may resolve differently
+    tex_gpu = bake_texture(case.vertices, case.faces, case.uvs, gpu, size=SIZE, padding=PADDING, device="cuda")
+    tex_cpu = bake_texture(case.vertices, case.faces, case.uvs, cpu, size=SIZE, padding=PADDING, device="cpu")
+    assert (np.abs(tex_gpu.astype(int) - tex_cpu.astype(int)).max(-1) <= 1).mean() > 0.999
 
 
 def test_bad_inputs_raise_clear_errors(case):

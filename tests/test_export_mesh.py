@@ -18,7 +18,16 @@ pytest.importorskip("xatlas", reason="UV unwrap needs xatlas: pip install 'sam3d
 pytest.importorskip("fast_simplification", reason="decimation needs fast-simplification: pip install 'sam3d[export]'")
 
 from sam3d_core.export.gltf import Z_UP_TO_Y_UP, save_object_glb, save_scene_glb  # noqa: E402
-from sam3d_core.export.mesh import TexturedMesh, _ear_clip, clean_mesh, unwrap_uv  # noqa: E402
+from sam3d_core.export.mesh import (  # noqa: E402
+    TexturedMesh,
+    _ear_clip,
+    _ray_winding,
+    _split_faces,
+    _stable_argsort,
+    _winding_number,
+    clean_mesh,
+    unwrap_uv,
+)
 
 
 def _colour(v: np.ndarray) -> np.ndarray:
@@ -165,6 +174,88 @@ def test_clean_mesh_rejects_bad_input_with_the_fix():
         clean_mesh(v, f, target_faces=2)
 
 
+def test_clean_mesh_drops_a_shell_inside_an_open_cup():
+    # The cup is open, so the generalised winding number decides (about 0.9 near its bottom). The second ball
+    # lies in a corner of the cup's bounding box but outside the cup: it is tested and kept.
+    cup_v, cup_f = _cup()
+    ball, ball_f = _sphere(2, 0.1, (0.0, 0.0, -0.3))
+    corner, corner_f = _sphere(2, 0.04, (0.44, 0.44, 0.0))
+    v = np.concatenate([cup_v, ball, corner])
+    f = np.concatenate([cup_f, ball_f + len(cup_v), corner_f + len(cup_v) + len(ball)])
+    out = clean_mesh(v, f, min_component_ratio=0.0, fill_holes=False)
+    assert (out.report["components"], out.report["inner_shells_removed"]) == (3, 1)
+    assert len(out.faces) == len(cup_f) + len(corner_f)
+    assert np.linalg.norm(out.vertices[:, :2], axis=1).max() > 0.6  # the corner ball is kept
+
+
+def test_ray_crossings_give_the_winding_number_of_closed_meshes():
+    v, f = _sphere(3, 0.8)
+    rng = np.random.default_rng(1)
+    points = np.concatenate([rng.uniform(-1, 1, (300, 3)), [[0.0, 0.0, 0.0], [0.0, 0.0, 0.4], v[0] * 0.5]])
+    by_ray = _ray_winding(points, v, f)
+    exact = _reference_winding(points, v[f])
+    decided = ~np.isnan(by_ray)
+    assert decided.mean() > 0.95  # only grazing rays are left undecided
+    np.testing.assert_array_equal(by_ray[decided], np.round(exact[decided]))
+    inside = np.linalg.norm(points, axis=1) < 0.78  # the icosphere is inscribed in the sphere of radius 0.8
+    assert (np.abs(by_ray[decided & inside]) == 1).all()
+    # open meshes: the expanded formula equals the textbook one
+    open_f = f[v[f].mean(1)[:, 2] < 0.5]
+    np.testing.assert_allclose(_winding_number(points, v, open_f), _reference_winding(points, v[open_f]), atol=1e-9)
+
+
+def _reference_winding(points: np.ndarray, tris: np.ndarray) -> np.ndarray:
+    """Generalised winding number, one solid angle per (point, triangle) (Van Oosterom-Strackee)."""
+    out = []
+    for p in points:
+        a, b, c = tris[:, 0] - p, tris[:, 1] - p, tris[:, 2] - p
+        la, lb, lc = (np.linalg.norm(x, axis=1) for x in (a, b, c))
+        det = np.einsum("ij,ij->i", a, np.cross(b, c))
+        den = la * lb * lc + (a * b).sum(1) * lc + (b * c).sum(1) * la + (c * a).sum(1) * lb
+        out.append(np.arctan2(det, den).sum() / (2 * np.pi))
+    return np.array(out)
+
+
+def _moebius(segments: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """A Moebius band: `segments` quads around a circle, the last one joined to the first with a half twist."""
+    t = 2 * np.pi * np.arange(segments) / segments
+    across = np.stack([np.cos(t / 2) * np.cos(t), np.cos(t / 2) * np.sin(t), np.sin(t / 2)], 1) * 0.3
+    centre = np.stack([np.cos(t), np.sin(t), np.zeros_like(t)], 1)
+    v = np.concatenate([centre - across, centre + across])  # vertex i: one side, segments + i: the other
+    i = np.arange(segments)
+    j = (i + 1) % segments
+    lo, hi = i, i + segments
+    lo_next = np.where(j == 0, segments, j)  # the twist: past the last segment the two sides swap
+    hi_next = np.where(j == 0, 0, j + segments)
+    f = np.concatenate([np.stack([lo, lo_next, hi_next], 1), np.stack([lo, hi_next, hi], 1)])
+    return v, f
+
+
+def test_orientation_of_a_non_orientable_band_leaves_one_inconsistent_edge():
+    v, f = _moebius()
+    f = np.where(np.random.default_rng(2).random(len(f))[:, None] < 0.5, f[:, ::-1], f)  # random windings
+    assert _same_way_edges(f) > 5
+    out = clean_mesh(v, f, fill_holes=False, remove_inner_shells=False)
+    assert len(out.faces) == len(f)
+    # the faces form a cycle through their shared edges: a spanning tree orients all shared edges but one
+    # consistently; no orientation can do better on a Moebius band
+    assert _same_way_edges(out.faces) == 1
+
+
+def _same_way_edges(faces: np.ndarray) -> int:
+    """Shared edges walked in the same direction by both faces (0 for a consistently wound surface)."""
+    _, count = np.unique(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=0, return_counts=True)
+    return int((count == 2).sum())
+
+
+def test_stable_argsort_matches_numpy():
+    rng = np.random.default_rng(3)
+    for bound in (50, 1 << 40, 1 << 62):  # the last does not fit the packed sort: numpy's argsort is used
+        key = rng.integers(0, bound, 5000, dtype=np.int64)
+        key[::7] = key[0]  # many repeats: the order among equal keys matters
+        np.testing.assert_array_equal(_stable_argsort(key, bound), np.argsort(key, kind="stable"))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # unwrap_uv
 
@@ -214,6 +305,22 @@ def test_unwrap_uv_gives_non_overlapping_padded_charts_in_the_unit_square():
     assert area.min() > 0.0 and area.sum() < 1.0
     assert _overlapping_pairs(uv.uvs[uv.faces]) == 0
     assert len(np.unique(uv.vmapping)) == len(v) < len(uv.vertices)  # split along seams, every vertex kept
+    assert _chart_gap(uv.uvs, uv.faces) * 256 >= 0.75 * 4
+
+
+def test_unwrap_in_pieces_keeps_faces_charts_apart_and_every_vertex():
+    v, f = _sphere(2)
+    pieces = _split_faces(v[f].mean(axis=1), 90)
+    assert len(pieces) == 4 and max(len(p) for p in pieces) <= 90
+    np.testing.assert_array_equal(np.sort(np.concatenate(pieces)), np.arange(len(f)))
+    uv = unwrap_uv(v, f, texture_size=256, padding=4, piece_faces=90)
+    assert uv.uvs.min() >= 0.0 and uv.uvs.max() <= 1.0
+    np.testing.assert_allclose(uv.vertices[uv.faces], v[f], atol=1e-6)  # same faces, same order
+    np.testing.assert_array_equal(uv.vertices, v[uv.vmapping].astype(np.float32))
+    assert len(np.unique(uv.vmapping)) == len(v)
+    assert np.abs(_uv_area(uv.uvs[uv.faces])).min() > 0.0
+    # the pieces' charts are packed together without overlap (1e-6: float32 rounding along shared edges)
+    assert _overlapping_pairs(uv.uvs[uv.faces], eps=1e-6) == 0
     assert _chart_gap(uv.uvs, uv.faces) * 256 >= 0.75 * 4
 
 
