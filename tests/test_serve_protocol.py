@@ -152,3 +152,23 @@ def test_client_reports_a_worker_that_fails_to_start():
     assert e.code == "internal" and "exited unexpectedly (with code 3)" in e.message
     assert e.details["returncode"] == 3 and "boom: no torch" in e.details["log_tail"]
     assert logs == ["boom: no torch"] and not client.alive() and client.close() == 3
+
+
+def test_reconstruct_options_are_validated():
+    base = {"photo": "/p.png", "mask": "/m.png", "out": "/o"}
+    for ok in ({"vram": "low"}, {"texture_size": 64, "faces": 100, "stage2": False, "name": "cup"}):
+        assert P.request("reconstruct", **base, **ok)["type"] == "reconstruct"
+    for bad, field in (({"vram": "huge"}, "vram"), ({"texture_size": 9}, "texture_size"),
+                       ({"faces": 10**7}, "faces"), ({"stage2": "yes"}, "stage2")):
+        with pytest.raises(P.ProtocolError) as info:
+            P.request("reconstruct", **base, **bad)
+        assert info.value.code == "bad_request" and info.value.details["field"] == field
+
+
+def test_segment_requests_are_validated():
+    assert P.request("segment", photo="/p.png", out="/m.png", points=[[1, 2, 1]])["type"] == "segment"
+    for bad in ({"points": [[1, 2, 5]]}, {"points": [], "box": None}, {"box": [1, 2, 3]}):
+        with pytest.raises(P.ProtocolError):
+            P.request("segment", photo="/p.png", out="/m.png", **bad)
+    with pytest.raises(P.ProtocolError, match="out_dir"):
+        P.request("segment_all", photo="/p.png")

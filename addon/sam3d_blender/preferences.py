@@ -12,10 +12,10 @@ from .core import setup
 ADDON_DIR = os.path.dirname(os.path.abspath(__file__))
 
 VRAM_PRESETS = (
-    ("AUTO", "Automatic", "Let the worker decide from the GPU's free memory"),
-    ("LOW", "Low (8-12 GB)", "Load stages one at a time; slower"),
-    ("MEDIUM", "Medium (16-24 GB)", "Keep stage 1 loaded, load stage 2 on demand"),
-    ("HIGH", "High (32 GB and more)", "Keep everything loaded; fastest"),
+    ("AUTO", "Automatic", "Keep both stages loaded; after running out of GPU memory, retry one stage at a time"),
+    ("LOW", "Low (8-12 GB)", "One stage on the GPU at a time (a whole object in 8 GB); slower"),
+    ("MEDIUM", "Medium (16-24 GB)", "Keep both stages loaded (about 13 GB)"),
+    ("HIGH", "High (32 GB and more)", "Keep both stages loaded; fastest"),
 )
 
 

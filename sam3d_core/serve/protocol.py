@@ -36,6 +36,10 @@ ERROR_CODES = (
     "version_mismatch",  # the message's "v" is not this protocol version
 )
 
+# GPU memory presets of a reconstruct request: "low" = one stage on the GPU at a time (<= 8 GB); "medium" and
+# "high" keep both stages loaded (about 13 GB at the official size); "auto" = as the worker was started.
+VRAM_PRESETS = ("auto", "low", "medium", "high")
+
 MAX_LINE_BYTES = 1 << 20  # a request line longer than this is rejected (paths, not pixels)
 
 
@@ -185,6 +189,10 @@ def _check_reconstruct(msg: dict) -> None:
     _field(msg, "fast", (bool,), False, "true or false")
     _field(msg, "stage2", (bool,), False, "true or false (false: stage 1 only, voxels)")
     _field(msg, "name", (str,), False, "an object name string")
+    vram = _field(msg, "vram", (str,), False, '"auto", "low", "medium" or "high"')
+    if vram is not None and vram not in VRAM_PRESETS:
+        raise ProtocolError("bad_request", f'reconstruct request: "vram" is {vram!r}, expected one of {VRAM_PRESETS}',
+                            {"field": "vram"})
     _bounded(msg, "texture_size", 64, 8192, "texture size in pixels")
     _bounded(msg, "faces", 100, 2_000_000, "target face count")
 

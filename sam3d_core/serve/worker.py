@@ -366,6 +366,9 @@ class Worker:
         if not existing.is_dir() or not os.access(existing, os.W_OK):
             raise BadInput(f"cannot write the output folder {str(outdir)!r} ({str(existing)!r} is not a writable "
                            "folder); choose a writable folder", field="out", path=str(outdir))
+        vram = req.get("vram") or "auto"
+        if vram != "auto":  # stays in effect for later jobs until another preset is sent
+            pipe.set_low_vram(vram == "low")
         # 2.-6. stage 1, stage 2, mesh clean-up, bake, placement (progress events per stage and step)
         try:
             results = pipe.reconstruct(ctx, [mask], names=[name], seed=seed, steps=req.get("steps"), fast=fast,
