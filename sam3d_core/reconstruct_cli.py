@@ -51,6 +51,8 @@ def add_model_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--texture-size", type=int, default=1024, help="baked texture size in pixels (default 1024)")
     sp.add_argument("--faces", type=int, default=20000, help="target face count after decimation (default 20000)")
     sp.add_argument("--low-vram", action="store_true", help="one stage on the GPU at a time (about 8 GB or less)")
+    sp.add_argument("--max-voxels", type=int, default=None,
+                    help="cap on stage-1 voxels (default: the model's; fewer is faster and coarser)")
     sp.add_argument("--fov", type=float, default=None, help="horizontal field of view in degrees when the photo "
                                                            "has no EXIF focal length (default 60)")
     sp.add_argument("--depth", default=None, help="a depth map (.npy, metres, the photo's size) for metric layout")
@@ -67,13 +69,16 @@ def _check_sizes(args) -> None:
         raise ValueError(f"--faces {args.faces}: expected 100..2000000 (20000 is a good default)")
     if args.steps is not None and not 1 <= args.steps <= 1000:
         raise ValueError(f"--steps {args.steps}: expected 1..1000")
+    if args.max_voxels is not None and args.max_voxels < 16:
+        raise ValueError(f"--max-voxels {args.max_voxels}: expected at least 16 (default: the model's cap)")
 
 
 def _open(args):
     from sam3d_core.pipeline import Pipeline
 
     _check_sizes(args)
-    pipe, which = Pipeline.load(args.model, args.device, low_vram=args.low_vram, compile=args.compile)
+    pipe, which = Pipeline.load(args.model, args.device, low_vram=args.low_vram, compile=args.compile,
+                               max_voxels=args.max_voxels)
     print(f"model: {which}", file=sys.stderr)
     depth = np.load(args.depth) if args.depth else None
     depth_model = getattr(args, "depth_model", "auto")

@@ -169,3 +169,18 @@ def test_full_image_tokens_are_shared_across_objects_exactly(pipe):
         assert torch.equal(second, stage.encode(prepare(b)))
         assert not torch.equal(first, second)
     assert len(shared) == 2  # one entry per stage
+
+
+def test_cli_scene_reconstructs_every_object_found(tmp_path, capsys):
+    pytest.importorskip("cv2")
+    out = tmp_path / "scene"
+    code = main(["scene", str(EXAMPLE_PHOTO), "--out", str(out), "--model", "tiny", "--device", "cpu", "--steps",
+                 "1", "--texture-size", "64", "--faces", "300", "--max-voxels", "150", "--max-objects", "2"])
+    assert code == 0
+    record = json.loads((out / "scene.json").read_text())
+    names = [o["name"] for o in record["objects"]]
+    assert 1 <= len(names) <= 2 and names[0] == "object_0"
+    for o in record["objects"]:
+        assert (out / o["mesh_glb"]).is_file() and (out / o["mask"]).is_file()
+        assert 0 < o["num_voxels"] <= 150
+    assert "segmenter: basic" in capsys.readouterr().err
