@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +112,7 @@ class Pipeline:
         self.description = description
         self.device = stage1.device
         self.low_vram = False
+        self.overlap = True  # several objects: CPU post-processing of one overlaps the next one's GPU stages
         if low_vram:
             self.set_low_vram(True)
 
@@ -256,36 +260,93 @@ class Pipeline:
         names = list(names) if names is not None else [f"object_{i}" for i in range(len(masks))]
         if len(names) != len(masks):
             raise ValueError(f"got {len(names)} names for {len(masks)} masks; give one name per mask")
-        results = []
-        for i, (mask, name) in enumerate(zip(masks, names, strict=True)):
-            kwargs = dict(name=name, seed=seed + i, steps=steps, fast=fast, texture_size=texture_size,
-                          faces=faces, stage2=stage2, progress=progress)
-            try:
-                res = self.reconstruct_one(ctx, mask, **kwargs)
-            except Exception as e:
-                if not _is_oom(e) or self.low_vram or self.device.type != "cuda":
-                    raise
-                if torch.cuda.is_available():  # retry this object once in low-VRAM mode
-                    torch.cuda.empty_cache()
-                self.set_low_vram(True)
-                try:
-                    res = self.reconstruct_one(ctx, mask, **kwargs)
-                except Exception as e2:
-                    if _is_oom(e2):
-                        raise GPUOutOfMemory(
-                            "CUDA ran out of memory even in low-VRAM mode (one stage on the GPU at a time, bf16). "
-                            "Close other programs that use the GPU, lower --texture-size and --faces, or run on "
-                            "the CPU with --device cpu (slow)") from e2
-                    raise
-                res.settings["low_vram_retry"] = True
+        results: list[ObjectResult] = []
+
+        def deliver(res: ObjectResult) -> None:
             results.append(res)
             if on_object is not None:
                 on_object(res)
+
+        # Object i's clean-up, UVs and bake (CPU) overlap object i + 1's GPU stages. Not in low-VRAM mode (the
+        # bake's GPU lookup would share the GPU with the next stage) and not for one object. Progress calls
+        # are serialised by a lock, as they then come from two threads.
+        overlap = self.overlap and len(masks) > 1 and not self.low_vram
+        if overlap and progress is not None:
+            lock, user_progress = threading.Lock(), progress
+
+            def progress(stage: str, step: int, total: int) -> None:
+                with lock:
+                    user_progress(stage, step, total)
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="sam3d-finish") if overlap else None
+        pending = None  # the previous object's finish, running on the pool
+        try:
+            for i, (mask, name) in enumerate(zip(masks, names, strict=True)):
+                kwargs = dict(name=name, seed=seed + i, steps=steps, fast=fast, texture_size=texture_size,
+                              faces=faces, stage2=stage2, progress=progress)
+                finish = self._gpu_steps_with_retry(ctx, mask, kwargs)
+                if pool is not None and not self.low_vram:
+                    job = pool.submit(finish)
+                    if pending is not None:
+                        deliver(pending.result())
+                    pending = job
+                    continue
+                if pending is not None:  # a retry switched to low-VRAM mode: finish in order, then no overlap
+                    deliver(pending.result())
+                    pending = None
+                deliver(finish())
+            if pending is not None:
+                deliver(pending.result())
+                pending = None
+        finally:
+            if pending is not None:  # a later object failed: keep the one that finished
+                try:
+                    deliver(pending.result())
+                except Exception:  # noqa: S110 - the later object's error is the one raised
+                    pass
+            if pool is not None:
+                pool.shutdown()
         return results
+
+    def _gpu_steps_with_retry(self, ctx: PhotoContext, mask: np.ndarray, kwargs: dict):
+        """`_gpu_steps`, retried once in low-VRAM mode after a CUDA out-of-memory error."""
+        try:
+            return self._gpu_steps(ctx, mask, **kwargs)
+        except Exception as e:
+            if not _is_oom(e) or self.low_vram or self.device.type != "cuda":
+                raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.set_low_vram(True)
+        try:
+            finish = self._gpu_steps(ctx, mask, **kwargs)
+
+            def marked(progress: Progress | None = None) -> ObjectResult:
+                res = finish(progress)
+                res.settings["low_vram_retry"] = True
+                return res
+
+            return marked
+        except Exception as e2:
+            if _is_oom(e2):
+                raise GPUOutOfMemory(
+                    "CUDA ran out of memory even in low-VRAM mode (one stage on the GPU at a time, bf16). "
+                    "Close other programs that use the GPU, lower --texture-size and --faces, or run on "
+                    "the CPU with --device cpu (slow)") from e2
+            raise
 
     def reconstruct_one(self, ctx: PhotoContext, mask: np.ndarray, *, name: str = "object_0", seed: int = 42,
                         steps: int | None = None, fast: bool = False, texture_size: int = 1024,
                         faces: int = 20000, stage2: bool = True, progress: Progress | None = None) -> ObjectResult:
+        """One object, steps 1-6."""
+        return self._gpu_steps(ctx, mask, name=name, seed=seed, steps=steps, fast=fast, texture_size=texture_size,
+                               faces=faces, stage2=stage2, progress=progress)()
+
+    def _gpu_steps(self, ctx: PhotoContext, mask: np.ndarray, *, name: str, seed: int, steps: int | None,
+                   fast: bool, texture_size: int, faces: int, stage2: bool,
+                   progress: Progress | None) -> Callable[[Progress | None], ObjectResult]:
+        """Steps 1-3 (the GPU stages) now; returns `finish(progress=None)`, steps 4-6 (mostly CPU), which may
+        run on another thread while the next object's GPU stages run."""
         report = progress or (lambda stage, step, total: None)
         timings: dict[str, float] = {}
         t = time.perf_counter()
@@ -323,8 +384,7 @@ class Pipeline:
         voxels = out1.coords[:, 1:].cpu().numpy()
         settings = {"seed": seed, "stage1": dict(out1.settings), "texture_size": texture_size, "faces": faces}
 
-        mesh = gaussians = None
-        clean_report: dict = {}
+        gaussians = None
         if stage2 and self.stage2 is not None:
             # 3. Stage 2: SLAT on the stage-1 voxels, then the Gaussian and mesh decoders.
             with self._on_gpu(self.stage2):
@@ -339,10 +399,22 @@ class Pipeline:
             if dense is None or len(dense.faces) == 0:
                 raise RuntimeError("stage 2 produced an empty mesh for this object; try another seed or a "
                                    "tighter mask")
+            del out2
+        else:
+            dense = None
+        return partial(self._finish_steps, ctx, mask, name, texture_size, faces, dense, gaussians, pose, pose4,
+                       voxels, settings, timings, lap, report)
+
+    def _finish_steps(self, ctx, mask, name, texture_size, faces, dense, gaussians, pose, pose4, voxels, settings,
+                      timings, lap, report, progress: Progress | None = None) -> ObjectResult:
+        report = progress or report
+        mesh, clean_report = None, {}
+        if dense is not None:
             # 4. Clean-up, decimation, UVs. 5. Texture bake from the dense mesh's vertex colours.
             mesh, clean_report = self._finish_mesh(dense, name, texture_size, faces, report, lap)
         # 6. Placement check: the silhouette of the placed geometry against the mask.
         report("export", 0, 1)
+        translation, scale = pose4[:3, 3], np.linalg.norm(pose4[:3, :3], axis=0)
         if mesh is not None:
             v_local, f_local = mesh.vertices, mesh.faces
         else:

@@ -108,10 +108,10 @@ def test_out_of_memory_retries_once_in_low_vram_mode(pipe, monkeypatch):
         calls.append(pipe.low_vram)
         if len(calls) == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
-        return ObjectResult(kwargs["name"], mask, np.eye(4), [1, 0, 0, 0], [0, 0, 1], [1, 1, 1], 0, None, None, None,
-                            settings={"seed": kwargs["seed"]})
+        return lambda progress=None: ObjectResult(kwargs["name"], mask, np.eye(4), [1, 0, 0, 0], [0, 0, 1],
+                                                  [1, 1, 1], 0, None, None, None, settings={"seed": kwargs["seed"]})
 
-    monkeypatch.setattr(pipe, "reconstruct_one", flaky)
+    monkeypatch.setattr(pipe, "_gpu_steps", flaky)
     monkeypatch.setattr(pipe, "device", torch.device("cuda"))
     monkeypatch.setattr(pipe, "set_low_vram", lambda on: (modes.append(on), setattr(pipe, "low_vram", on)))
     try:
@@ -121,7 +121,7 @@ def test_out_of_memory_retries_once_in_low_vram_mode(pipe, monkeypatch):
         def always(*args, **kwargs):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-        monkeypatch.setattr(pipe, "reconstruct_one", always)
+        monkeypatch.setattr(pipe, "_gpu_steps", always)
         pipe.low_vram = False
         with pytest.raises(GPUOutOfMemory, match="low-VRAM"):
             pipe.reconstruct(ctx, [mask], steps=1)
@@ -184,3 +184,27 @@ def test_cli_scene_reconstructs_every_object_found(tmp_path, capsys):
         assert (out / o["mesh_glb"]).is_file() and (out / o["mask"]).is_file()
         assert 0 < o["num_voxels"] <= 150
     assert "segmenter: basic" in capsys.readouterr().err
+
+
+def test_overlapped_objects_equal_sequential_ones(pipe):
+    """With several objects, one's post-processing runs on a thread while the next one's stages run: same
+    results, delivered in order, as one after the other."""
+    ctx = pipe.open_photo(EXAMPLE_PHOTO)
+    a = pipe.load_mask(ctx, EXAMPLE_MASK)
+    b = np.zeros_like(a)
+    b[40:220, 80:330] = True
+    opts = dict(names=["a", "b", "c"], seed=3, steps=1, texture_size=64, faces=300)
+    seen = []
+    overlapped = pipe.reconstruct(ctx, [a, b, a], on_object=lambda r: seen.append(r.name), **opts)
+    pipe.overlap = False
+    try:
+        sequential = pipe.reconstruct(ctx, [a, b, a], **opts)
+    finally:
+        pipe.overlap = True
+    assert seen == ["a", "b", "c"]
+    for x, y in zip(overlapped, sequential, strict=True):
+        assert x.name == y.name and x.settings["seed"] == y.settings["seed"]
+        np.testing.assert_array_equal(x.mesh.faces, y.mesh.faces)
+        np.testing.assert_allclose(x.mesh.vertices, y.mesh.vertices)
+        np.testing.assert_array_equal(x.mesh.texture, y.mesh.texture)
+        assert x.mask_iou == pytest.approx(y.mask_iou)
