@@ -173,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(d)
     d.set_defaults(func=cmd_demo, out="demo_out")
 
+    from sam3d_core.doctor import add_doctor_parser
     from sam3d_core.serve.cli import add_serve_parser
+
+    add_doctor_parser(sub)
 
     add_serve_parser(sub)
     return p

@@ -573,3 +573,24 @@ def test_posed_gaussians_in_gltf_world(tmp_path):
 def test_bad_inputs(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_addon_camera_copy_agrees_with_frames():
+    """The add-on keeps a stdlib copy of `blender_camera` (Blender gets no numpy from us) for photos the
+    worker has not answered for yet; it must give the same camera."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "addon" / "sam3d_blender" / "core" / "camera.py"
+    spec = importlib.util.spec_from_file_location("addon_core_camera", path)
+    addon_camera = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(addon_camera)
+    for K, w, h in (([[500.0, 0, 331.0], [0, 460.0, 180.0], [0, 0, 1]], 640, 400),
+                    ([[900.0, 0, 300.0], [0, 900.0, 200.0], [0, 0, 1]], 600, 400)):
+        ours, theirs = frames.blender_camera(np.array(K), w, h), addon_camera.blender_camera_from_K(K, w, h)
+        assert theirs.keys() <= ours.keys()  # frames adds sensor_height_mm and resolution_percentage
+        for key in theirs:
+            value = ours[key]
+            if isinstance(value, str):
+                assert theirs[key] == value, key
+            else:
+                np.testing.assert_allclose(np.asarray(theirs[key], float), np.asarray(value, float), err_msg=key)

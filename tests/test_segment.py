@@ -258,3 +258,12 @@ def test_cli_errors_name_the_value(tmp_path):
         _run([str(photo), "--out", str(tmp_path / "m.png")])
     with pytest.raises(SystemExit):
         _run([str(photo), "--point", "3;4", "--out", str(tmp_path / "m.png")])
+
+
+def test_prompt_as_arrays_for_the_sam_predictors():
+    coords, labels, box = Prompt(points=((10, 20.5, 1), (3, 4, 0)), box=(1, 2, 30, 40)).as_arrays()
+    assert coords.dtype == np.float32 and coords.tolist() == [[10, 20.5], [3, 4]]
+    assert labels.dtype == np.int64 and labels.tolist() == [1, 0]
+    assert box.dtype == np.float32 and box.tolist() == [1, 2, 30, 40]
+    assert Prompt(box=(0, 0, 5, 5)).as_arrays()[:2] == (None, None)
+    assert Prompt(points=((1, 1, 1),)).as_arrays()[2] is None

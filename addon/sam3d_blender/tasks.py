@@ -536,7 +536,7 @@ class CheckSetupTask:
         if self.python:
             self.problem = ""
             try:
-                self.probe = subprocess.Popen([self.python, "-c", setup.PROBE_CODE], stdout=subprocess.PIPE,
+                self.probe = subprocess.Popen([self.python, *setup.PROBE_ARGS], stdout=subprocess.PIPE,
                                               stderr=subprocess.PIPE, text=True, env=setup.worker_env(self.weights_dir))
                 SESSION.start(prefs)
             except (OSError, SetupError) as e:
@@ -549,7 +549,8 @@ class CheckSetupTask:
     def tick(self) -> bool:
         if self.probe is not None and self.probe.poll() is not None:
             out, err = self.probe.communicate()
-            self.probe_out = setup.parse_probe(out) or {"torch_error": (err.strip().splitlines() or ["?"])[-1]}
+            # no JSON line: the interpreter could not even import sam3d_core (its last stderr line says why)
+            self.probe_out = setup.parse_probe(out) or {"sam3d_error": (err.strip().splitlines() or ["?"])[-1]}
             self.probe = None
         state = SESSION.state if self.python and not self.problem else "failed"
         waiting = self.probe is not None or state == "starting"

@@ -46,6 +46,16 @@ class Prompt:
             if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
                 raise ValueError(f"box {self.box} does not overlap the {width}x{height} image")
 
+    def as_arrays(self) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """(coords [N, 2] float32, labels [N] int64, box [4] float32), None where absent: SAM predictors' form."""
+        if self.points:
+            coords = np.array([[x, y] for x, y, _ in self.points], np.float32)
+            labels = np.array([lab for *_, lab in self.points], np.int64)
+        else:
+            coords = labels = None
+        box = np.array(self.box, np.float32) if self.box is not None else None
+        return coords, labels, box
+
     @property
     def positives(self) -> list[tuple[float, float]]:
         return [(x, y) for x, y, lab in self.points if lab == 1]

@@ -112,9 +112,7 @@ class Sam2Segmenter:
         if self.image is None:
             raise RuntimeError("call set_image(image) before predict()")
         prompt.validate(*self.image.shape[:2])
-        coords = np.array([[x, y] for x, y, _ in prompt.points], np.float32) if prompt.points else None
-        labels = np.array([lab for *_, lab in prompt.points], np.int64) if prompt.points else None
-        box = np.array(prompt.box, np.float32) if prompt.box is not None else None
+        coords, labels, box = prompt.as_arrays()
         mi = prompt.mask_input
         if mi is not None and mi.shape == self.image.shape[:2]:
             mi = mask_to_logits(mi, self.model.sam_prompt_encoder.mask_input_size[0])  # a mask given as pixels

@@ -17,29 +17,9 @@ from pathlib import Path
 ENV_PYTHON = "SAM3D_PYTHON"  # an interpreter that can `import sam3d_core` (overrides auto-detection)
 SERVE_ARGS = ("-m", "sam3d_core.cli", "serve")
 
-# Run by the worker's Python for "Check setup": what torch sees (prints one JSON line).
-PROBE_CODE = r"""
-import json, sys
-info = {"python": sys.version.split()[0], "executable": sys.executable}
-try:
-    import sam3d_core
-    info["sam3d"] = getattr(sam3d_core, "__version__", "?")
-except Exception as e:
-    info["sam3d_error"] = f"{type(e).__name__}: {e}"
-try:
-    import torch
-    info["torch"] = torch.__version__
-    info["cuda"] = bool(torch.cuda.is_available())
-    if info["cuda"]:
-        p = torch.cuda.get_device_properties(0)
-        free, total = torch.cuda.mem_get_info(0)
-        info["gpu"] = p.name
-        info["gpu_memory_gb"] = round(total / 2**30, 1)
-        info["gpu_free_gb"] = round(free / 2**30, 1)
-except Exception as e:
-    info["torch_error"] = f"{type(e).__name__}: {e}"
-print(json.dumps(info))
-"""
+# Run with the worker's Python for "Check setup": `sam3d doctor --json` prints one JSON line (versions, GPU,
+# memory). The probe itself lives in the library, so nothing here imports the worker's packages.
+PROBE_ARGS = ("-m", "sam3d_core.doctor", "--json")
 
 
 @dataclass(frozen=True)
