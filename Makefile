@@ -1,5 +1,6 @@
 # Two commands for a fresh Linux machine with Python 3.11: `make demo` and `make test`.
 PYTHON ?= python3.11
+TORCH  ?= 2.13.0
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -12,13 +13,14 @@ BSTAMP := $(BVENV)/.installed
 BPY_PIN ?= bpy==4.2.0
 ADDON_ZIP := dist/sam3d_blender.zip
 
-.PHONY: install install-blender demo demo-blend addon test test-main test-blender lint bench-stage1 clean
+.PHONY: install install-blender demo demo-blend addon test test-main test-blender lint format bench-stage1 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first and alone: pinning the version lets pip take a local CPU wheel where one exists
-	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q "torch>=2.4"
+	# torch first and alone, at the pinned version (a local CPU wheel where one exists); no silent fallback
+	$(PY) -m pip install -q "torch==$(TORCH)" || { echo "could not install torch==$(TORCH); \
+	set TORCH=<version> (make TORCH=2.5.1 ...) to use another, at your own risk" >&2; exit 1; }
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
@@ -51,7 +53,7 @@ demo-blend: $(BSTAMP)
 addon: $(BSTAMP)
 	$(BPY) addon/build.py zip --out $(ADDON_ZIP) --validate
 
-test: test-main test-blender
+test: lint test-main test-blender
 
 test-main: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -61,8 +63,16 @@ test-main: $(STAMP)
 test-blender: $(STAMP) $(BSTAMP)
 	SAM3D_PYTHON=$(abspath $(PY)) $(BPY) -m pytest -q --confcutdir=tests/blender tests/blender
 
+LINTED := sam3d_core kernels tests bench addon
+
+# Checks only: it never rewrites a file. `make format` applies the fixes.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sam3d_core kernels tests bench addon
+	$(VENV)/bin/ruff check --no-fix $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix $(LINTED)
+	$(VENV)/bin/ruff format $(LINTED)
 
 bench-stage1: $(STAMP)
 	$(PY) bench/stage1.py

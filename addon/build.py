@@ -72,8 +72,10 @@ def blender_extension_cli() -> tuple[Path, Path]:
     """Paths of Blender's extension CLI script and its list of valid tags, inside the installed bpy wheel."""
     spec = importlib.util.find_spec("bpy")
     if spec is None or not spec.origin:
-        raise FileNotFoundError("the bpy module is not installed in this Python; run `make install-blender` and "
-                                "use .venv-blender/bin/python")
+        raise FileNotFoundError(
+            "the bpy module is not installed in this Python; run `make install-blender` and "
+            "use .venv-blender/bin/python"
+        )
     bpy_dir = Path(spec.origin).parent
     scripts = next(iter(sorted(bpy_dir.glob("*/scripts"))), None)
     if scripts is None:
@@ -88,8 +90,12 @@ def blender_extension_cli() -> tuple[Path, Path]:
 def validate(path: Path) -> tuple[bool, str]:
     """Run Blender's `extension validate` on a zip or a folder. Returns (ok, its output)."""
     cli, tags = blender_extension_cli()
-    proc = subprocess.run([sys.executable, str(cli), "validate", str(path), f"--valid-tags={tags}"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(cli), "validate", str(path), f"--valid-tags={tags}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
 
 

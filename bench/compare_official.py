@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sam3d_core.models.ss_vae import shape_latent_to_grid  # noqa: E402
-from sam3d_core.sampling import stage1_noise  # noqa: E402
-from sam3d_core.stage1 import Stage1Pipeline  # noqa: E402
+from sam3d_core.pipeline.sampling import stage1_noise  # noqa: E402
+from sam3d_core.pipeline.stage1 import Stage1Pipeline  # noqa: E402
 
 
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -75,8 +75,9 @@ def compare_fp32(pipe: Stage1Pipeline, run: Path, meta: dict) -> dict:
     v_u = gen(lat, t, cond * 0, d)
     v_g = gen.forward_cfg(lat, t, gen.prepare_condition(cond), d, 7.0)
     res["eval_rel"] = {
-        name: max(rel(v_c[k], ref[f"eval/cond/{k}"]), rel(v_u[k], ref[f"eval/uncond/{k}"]),
-                  rel(v_g[k], ref[f"eval/cfg/{k}"]))
+        name: max(
+            rel(v_c[k], ref[f"eval/cond/{k}"]), rel(v_u[k], ref[f"eval/uncond/{k}"]), rel(v_g[k], ref[f"eval/cfg/{k}"])
+        )
         for name, k in ((k, k) for k in v_c)
     }
 
@@ -86,9 +87,12 @@ def compare_fp32(pipe: Stage1Pipeline, run: Path, meta: dict) -> dict:
     res["sample_rel"] = {k: rel(v, ref[f"sample/final/{k}"]) for k, v in out.latents.items()}
     logits = pipe.model.decoder(shape_latent_to_grid(out.latents["shape"].to(pipe.dtype)))
     res["logits_rel"] = rel(logits, ref["sample/decoder_logits"])
-    res["voxels"] = {"ours": len(out.coords), "official": len(ref["sample/coords"]),
-                     "iou_pruned": voxel_iou(out.coords, ref["sample/coords"]),
-                     "iou_all": voxel_iou(out.coords_original, ref["sample/coords_original"])}
+    res["voxels"] = {
+        "ours": len(out.coords),
+        "official": len(ref["sample/coords"]),
+        "iou_pruned": voxel_iou(out.coords, ref["sample/coords"]),
+        "iou_all": voxel_iou(out.coords_original, ref["sample/coords_original"]),
+    }
     res["pose"] = pose_diff(out.pose, ref, "")
     short = pipe.sample(inputs, cond, seed=42, shortcut=True, steps=len(ref["shortcut/t_steps"]))
     res["shortcut_rel"] = {k: rel(v, ref[f"shortcut/final/{k}"]) for k, v in short.latents.items()}
@@ -101,11 +105,16 @@ def compare_low_precision(pipe: Stage1Pipeline, run: Path) -> dict:
     ref = {k[5:]: v for k, v in load_file(run / "official_outputs.safetensors").items() if k.startswith("fp16/")}
     inp = load_file(run / "official_inputs.safetensors")
     out = pipe(inp["input/rgb"].numpy(), inp["input/mask"].numpy() > 0, inp["input/pointmap"].numpy(), seed=42)
-    res = {"dtype": str(pipe.dtype),
-           "sample_rel": {k: rel(v, ref[f"sample/final/{k}"]) for k, v in out.latents.items()}}
+    res = {
+        "dtype": str(pipe.dtype),
+        "sample_rel": {k: rel(v, ref[f"sample/final/{k}"]) for k, v in out.latents.items()},
+    }
     if "sample/coords" in ref:
-        res["voxels"] = {"ours": len(out.coords), "official": len(ref["sample/coords"]),
-                         "iou_pruned": voxel_iou(out.coords, ref["sample/coords"])}
+        res["voxels"] = {
+            "ours": len(out.coords),
+            "official": len(ref["sample/coords"]),
+            "iou_pruned": voxel_iou(out.coords, ref["sample/coords"]),
+        }
     if "pose/rotation" in ref:
         res["pose"] = pose_diff(out.pose, ref, "")
     return res

@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sam3d_core.cli import EXAMPLE_MASK, EXAMPLE_PHOTO  # noqa: E402
-from sam3d_core.pipeline import Pipeline  # noqa: E402
+from sam3d_core.cli.reconstruct import EXAMPLE_MASK, EXAMPLE_PHOTO  # noqa: E402
+from sam3d_core.pipeline.reconstruct import Pipeline  # noqa: E402
+from sam3d_core.pipeline.stage1 import Stage1Pipeline  # noqa: E402
+from sam3d_core.pipeline.stage2 import Stage2Pipeline  # noqa: E402
 from sam3d_core.registry import stage1_preset, stage2_preset  # noqa: E402
-from sam3d_core.stage1 import Stage1Pipeline  # noqa: E402
-from sam3d_core.stage2 import Stage2Pipeline  # noqa: E402
 
 
 def main() -> None:
@@ -69,14 +69,20 @@ def main() -> None:
     scene, scene_s = run(args.objects, 100)
     steps = {k: statistics.median(r[0][0].timings.get(k, 0.0) for r in singles) for k in singles[0][0][0].timings}
     result = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "low_vram": args.low_vram,
-        "dtype": str(dtype).removeprefix("torch."), "load_s": round(load_s, 2), "first_object_s": round(warm_s, 2),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "preset": args.preset,
+        "low_vram": args.low_vram,
+        "dtype": str(dtype).removeprefix("torch."),
+        "load_s": round(load_s, 2),
+        "first_object_s": round(warm_s, 2),
         "seconds_per_object": round(statistics.median(s for _, s in singles), 2),
         "steps_s": {k: round(v, 3) for k, v in steps.items()},
         f"scene_{args.objects}_objects_s": round(scene_s, 2),
         "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if dev.type == "cuda" else None,
-        "voxels": [r.num_voxels for r in scene], "faces": [len(r.mesh.faces) for r in scene],
+        "voxels": [r.num_voxels for r in scene],
+        "faces": [len(r.mesh.faces) for r in scene],
         "mesh_report": scene[0].report,
     }
     print(json.dumps(result, indent=1))

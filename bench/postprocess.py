@@ -6,7 +6,7 @@
 The input imitates the stage-2 mesh of the official configuration with random weights (about 1.25M faces,
 630k vertices, 4000 components, most of them floaters): a noisy SDF on the 257^3 lattice (a wrinkled blob plus
 small blobs in a shell around it), its narrow band turned into fine voxels with random FlexiCubes weights and
-deformations, and smoothly varying vertex colours, extracted with `sam3d_core.flexicubes.extract_mesh`.
+deformations, and smoothly varying vertex colours, extracted with `sam3d_core.geometry.flexicubes.extract_mesh`.
 `--cache` keeps the generated mesh (generation takes ~10 s on 2 cores).
 
 Runs what `Pipeline._finish_mesh` runs: clean_mesh (decimating to --faces), unwrap_uv, VertexColorSource,
@@ -34,8 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sam3d_core.export.bake import VertexColorSource, bake_texture, sample_texture  # noqa: E402
-from sam3d_core.export.mesh import clean_mesh, unwrap_uv  # noqa: E402
-from sam3d_core.flexicubes import extract_mesh  # noqa: E402
+from sam3d_core.export.cleanup import clean_mesh  # noqa: E402
+from sam3d_core.export.uv import unwrap_uv  # noqa: E402
+from sam3d_core.geometry.flexicubes import extract_mesh  # noqa: E402
 
 
 def _colour(p: np.ndarray) -> np.ndarray:
@@ -196,8 +197,10 @@ def _check(v, f, c, source: _TimedSource, uv, texture: np.ndarray, args) -> None
         expected = ref.colors(points)
         print(f"scipy lookup on the same texels: {time.perf_counter() - t:.3f} s")
         diff = np.abs(source.source.colors(points) - expected) * 255
-        print(f"torch vs scipy lookup, 0..255: mean {diff.mean():.4f}, p99.9 {np.percentile(diff, 99.9):.3f}, "
-              f"max {diff.max():.3f}, texels differing by > 1: {(diff.max(1) > 1).mean():.2e}")
+        print(
+            f"torch vs scipy lookup, 0..255: mean {diff.mean():.4f}, p99.9 {np.percentile(diff, 99.9):.3f}, "
+            f"max {diff.max():.3f}, texels differing by > 1: {(diff.max(1) > 1).mean():.2e}"
+        )
     rng = np.random.default_rng(0)
     tri = uv.vertices[uv.faces].astype(np.float64)
     area = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)

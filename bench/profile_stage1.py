@@ -17,11 +17,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sam3d_core.camera import fallback_pointmap  # noqa: E402
-from sam3d_core.cli import EXAMPLE_MASK, EXAMPLE_PHOTO, _load_inputs  # noqa: E402
+from sam3d_core.cli.reconstruct import EXAMPLE_MASK, EXAMPLE_PHOTO
+from sam3d_core.inputs.camera import fallback_pointmap  # noqa: E402
+from sam3d_core.inputs.imageio import load_mask, load_photo  # noqa: E402
+from sam3d_core.pipeline.sampling import stage1_noise  # noqa: E402
+from sam3d_core.pipeline.stage1 import Stage1Pipeline  # noqa: E402
 from sam3d_core.registry import stage1_preset  # noqa: E402
-from sam3d_core.sampling import stage1_noise  # noqa: E402
-from sam3d_core.stage1 import Stage1Pipeline  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -42,9 +43,11 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
 
-    pipe = Stage1Pipeline.from_random(stage1_preset("official"), device="cuda", dtype=DTYPES[args.dtype],
-                                      compile=args.compile)
-    image, mask = _load_inputs(EXAMPLE_PHOTO, EXAMPLE_MASK)
+    pipe = Stage1Pipeline.from_random(
+        stage1_preset("official"), device="cuda", dtype=DTYPES[args.dtype], compile=args.compile
+    )
+    photo = load_photo(EXAMPLE_PHOTO)
+    image, mask = photo.rgb, load_mask(EXAMPLE_MASK, photo)
     inputs = pipe.prepare(image, mask, fallback_pointmap(*image.shape[:2])[0])
     with torch.no_grad():
         cond = pipe.encode(inputs)
@@ -60,8 +63,9 @@ def main() -> None:
                 f()
         print(f"guided eval (2B): {wall(guided, 10) * 1e3:.2f} ms   cond-only eval: {wall(plain, 10) * 1e3:.2f} ms")
         print(f"prepare_condition: {wall(lambda: gen.prepare_condition(cond), 5) * 1e3:.2f} ms")
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
             guided()
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=60)

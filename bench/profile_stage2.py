@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.stage2 import DTYPES, sphere_shell  # noqa: E402
 from sam3d_core.models.slat_flow import SLatFlowModel  # noqa: E402
+from sam3d_core.pipeline.sampling import sample_stage2, stage2_noise  # noqa: E402
+from sam3d_core.pipeline.stage1 import init_random_weights  # noqa: E402
 from sam3d_core.registry import stage2_preset  # noqa: E402
-from sam3d_core.sampling import sample_stage2, stage2_noise  # noqa: E402
-from sam3d_core.stage1 import init_random_weights  # noqa: E402
 
 
 def wall(fn, n: int) -> float:
@@ -67,8 +67,9 @@ def main() -> None:
         sample = lambda: sample_stage2(flow, cond, coords, x, cfg.sampler, grids=grids)  # noqa: E731
         sample()
         print(f"25-step sample: {wall(sample, 2) * 1e3:.1f} ms")
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
             guided()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70))

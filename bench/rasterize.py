@@ -99,8 +99,17 @@ def main() -> None:
             run = functools.partial(rasterize, pos, faces, args.size, args.size, backend=backend)
             ms = median_ms(run, args.repeats, cuda)
             covered = int((outs[backend].face_id >= 0).sum())
-            rows.append({"case": case, "faces": faces.shape[0], "size": args.size, "device": str(device),
-                         "backend": backend, "ms": ms, "covered": covered})
+            rows.append(
+                {
+                    "case": case,
+                    "faces": faces.shape[0],
+                    "size": args.size,
+                    "device": str(device),
+                    "backend": backend,
+                    "ms": ms,
+                    "covered": covered,
+                }
+            )
         if "triton" in outs:
             same = torch.equal(outs["triton"].face_id, outs["reference"].face_id)
             rows[-1]["identical_to_reference"] = same and torch.equal(outs["triton"].bary, outs["reference"].bary)

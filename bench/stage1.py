@@ -25,10 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sam3d_core.camera import fallback_pointmap  # noqa: E402
-from sam3d_core.cli import EXAMPLE_MASK, EXAMPLE_PHOTO, _load_inputs  # noqa: E402
+from sam3d_core.cli.reconstruct import EXAMPLE_MASK, EXAMPLE_PHOTO
+from sam3d_core.inputs.camera import fallback_pointmap  # noqa: E402
+from sam3d_core.inputs.imageio import load_mask, load_photo  # noqa: E402
+from sam3d_core.pipeline.stage1 import Stage1Pipeline  # noqa: E402
 from sam3d_core.registry import stage1_preset  # noqa: E402
-from sam3d_core.stage1 import Stage1Pipeline  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -48,8 +49,13 @@ def run_once(pipe: Stage1Pipeline, image, mask, pointmap, shortcut: bool) -> dic
     inputs, t_prep = timed(lambda: pipe.prepare(image, mask, pointmap), dev)
     cond, t_enc = timed(lambda: pipe.encode(inputs), dev)
     out, t_rest = timed(lambda: pipe.sample(inputs, cond, seed=42, shortcut=shortcut), dev)
-    return {"preprocess": t_prep, "condition": t_enc, "sample+decode": t_rest,
-            "total": t_prep + t_enc + t_rest, "voxels": float(len(out.coords))}
+    return {
+        "preprocess": t_prep,
+        "condition": t_enc,
+        "sample+decode": t_rest,
+        "total": t_prep + t_enc + t_rest,
+        "voxels": float(len(out.coords)),
+    }
 
 
 def main() -> None:
@@ -65,11 +71,12 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    image, mask = _load_inputs(EXAMPLE_PHOTO, EXAMPLE_MASK)
+    photo = load_photo(EXAMPLE_PHOTO)
+    image, mask = photo.rgb, load_mask(EXAMPLE_MASK, photo)
     pointmap, _ = fallback_pointmap(*image.shape[:2])
-    pipe = Stage1Pipeline.from_random(stage1_preset(args.preset), seed=0, device=args.device,
-                                      dtype=DTYPES[args.dtype],
-                                      compile=args.compile)
+    pipe = Stage1Pipeline.from_random(
+        stage1_preset(args.preset), seed=0, device=args.device, dtype=DTYPES[args.dtype], compile=args.compile
+    )
     pipe.cuda_graphs = pipe.cuda_graphs and not args.no_cuda_graphs
     rows = {}
     for mode, shortcut in (("default (25 steps, CFG 7)", False), ("shortcut (4 steps)", True)):
@@ -85,17 +92,23 @@ def main() -> None:
 
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "torch": torch.__version__, "preset": args.preset, "dtype": args.dtype,
-        "compile": args.compile, "cuda_graphs": pipe.cuda_graphs,
-        "date": time.strftime("%Y-%m-%d"), "ours": rows,
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "compile": args.compile,
+        "cuda_graphs": pipe.cuda_graphs,
+        "date": time.strftime("%Y-%m-%d"),
+        "ours": rows,
     }
     if args.official_json and args.official_json.is_file():
         result["official"] = json.loads(args.official_json.read_text())
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     for mode, r in rows.items():
-        print(f"| ours | {mode} | {r['condition']:.3f} | {r['sample+decode']:.3f} | {r['total']:.3f} | "
-              f"{r.get('peak_gb', float('nan')):.2f} |")
+        print(
+            f"| ours | {mode} | {r['condition']:.3f} | {r['sample+decode']:.3f} | {r['total']:.3f} | "
+            f"{r.get('peak_gb', float('nan')):.2f} |"
+        )
 
 
 if __name__ == "__main__":

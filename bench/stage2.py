@@ -22,13 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sam3d_core.flexicubes import extract_mesh  # noqa: E402
+from sam3d_core.geometry.flexicubes import extract_mesh  # noqa: E402
 from sam3d_core.models.condition import ConditionEmbedder  # noqa: E402
 from sam3d_core.models.slat_flow import SLatFlowModel  # noqa: E402
 from sam3d_core.models.slat_vae import SLatGaussianDecoder, SLatMeshDecoder  # noqa: E402
+from sam3d_core.pipeline.sampling import denormalize_slat, sample_stage2, stage2_noise  # noqa: E402
+from sam3d_core.pipeline.stage1 import init_random_weights  # noqa: E402
 from sam3d_core.registry import stage2_preset  # noqa: E402
-from sam3d_core.sampling import denormalize_slat, sample_stage2, stage2_noise  # noqa: E402
-from sam3d_core.stage1 import init_random_weights  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -63,14 +63,20 @@ def main() -> None:
     dev, dtype = torch.device(args.device), DTYPES[args.dtype]
     cfg = stage2_preset(args.preset)
     with dev:
-        nets = {"cond": ConditionEmbedder(cfg.condition), "flow": SLatFlowModel(cfg.flow),
-                "gs": SLatGaussianDecoder(cfg.gaussian), "mesh": SLatMeshDecoder(cfg.mesh)}
+        nets = {
+            "cond": ConditionEmbedder(cfg.condition),
+            "flow": SLatFlowModel(cfg.flow),
+            "gs": SLatGaussianDecoder(cfg.gaussian),
+            "mesh": SLatMeshDecoder(cfg.mesh),
+        }
     for i, m in enumerate(nets.values()):
         init_random_weights(m, seed=i).to(dtype).eval().requires_grad_(False)
     coords = sphere_shell().to(dev)
     s = cfg.condition.dino.image_size
-    views = {k: torch.rand(1, c, s, s, device=dev, dtype=dtype)
-             for k, c in (("image", 3), ("rgb_image", 3), ("mask", 1), ("rgb_image_mask", 1))}
+    views = {
+        k: torch.rand(1, c, s, s, device=dev, dtype=dtype)
+        for k, c in (("image", 3), ("rgb_image", 3), ("mask", 1), ("rgb_image_mask", 1))
+    }
 
     @torch.no_grad()
     def one_object() -> dict[str, float]:
@@ -95,8 +101,14 @@ def main() -> None:
         med["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     med["first_call_s"] = first["total"]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    result = {"device": name, "torch": torch.__version__, "dtype": args.dtype,
-              "voxels": len(coords), "date": time.strftime("%Y-%m-%d"), "ours": med}
+    result = {
+        "device": name,
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "voxels": len(coords),
+        "date": time.strftime("%Y-%m-%d"),
+        "ours": med,
+    }
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

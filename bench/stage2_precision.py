@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.stage2 import sphere_shell  # noqa: E402
+from sam3d_core.pipeline.stage1 import init_random_weights  # noqa: E402
+from sam3d_core.pipeline.stage2 import Stage2Model, Stage2Pipeline  # noqa: E402
 from sam3d_core.registry import stage2_preset  # noqa: E402
-from sam3d_core.stage1 import init_random_weights  # noqa: E402
-from sam3d_core.stage2 import Stage2Model, Stage2Pipeline  # noqa: E402
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -55,8 +55,10 @@ def main() -> None:
     coords = sphere_shell().to(args.device)
     s = cfg.condition.dino.image_size
     g = torch.Generator(device=args.device).manual_seed(1)
-    views = {k: torch.rand(1, c, s, s, device=args.device, generator=g)
-             for k, c in (("image", 3), ("rgb_image", 3), ("mask", 1), ("rgb_image_mask", 1))}
+    views = {
+        k: torch.rand(1, c, s, s, device=args.device, generator=g)
+        for k, c in (("image", 3), ("rgb_image", 3), ("mask", 1), ("rgb_image_mask", 1))
+    }
     out = {}
     for name, pipe in (("fp32", fp32), ("bf16", bf16)):
         with torch.no_grad():
@@ -67,12 +69,15 @@ def main() -> None:
         out[name] = (cond, slat, gs, mesh)
     (c32, s32, g32, m32), (c16, s16, g16, m16) = out["fp32"], out["bf16"]
     result = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "voxels": len(coords),
-        "condition_tokens_rel": rel(c16, c32), "slat_rel": rel(s16, s32),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "voxels": len(coords),
+        "condition_tokens_rel": rel(c16, c32),
+        "slat_rel": rel(s16, s32),
         "slat_mean_abs_over_std": float((s16 - s32).abs().mean() / s32.std()),
         "gaussian_xyz_rel": rel(g16.get_xyz, g32.get_xyz),
         "gaussian_color_rel": rel(g16._features_dc, g32._features_dc),
-        "faces_fp32": len(m32.faces), "faces_bf16": len(m16.faces),
+        "faces_fp32": len(m32.faces),
+        "faces_bf16": len(m16.faces),
         "mesh_surface_distance": surface_distance(m16.vertices.float(), m32.vertices.float()),
     }
     print(json.dumps(result, indent=1))

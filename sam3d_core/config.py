@@ -154,8 +154,7 @@ class Stage1Config:
             raise ValueError(f"model_channels {self.flow.model_channels} not divisible by heads")
         if self.condition.dino.image_size != self.preprocess.image_size:
             raise ValueError(
-                f"DINO input size {self.condition.dino.image_size} != preprocess size "
-                f"{self.preprocess.image_size}"
+                f"DINO input size {self.condition.dino.image_size} != preprocess size {self.preprocess.image_size}"
             )
         if self.decoder.latent_channels != self.flow.latent_channels:
             raise ValueError("decoder latent_channels must equal flow latent_channels")

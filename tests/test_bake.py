@@ -27,7 +27,7 @@ from sam3d_core.export.bake import (  # noqa: E402
     closest_point_barycentric,
     sample_texture,
 )
-from sam3d_core.gaussians import SH_C0, Gaussians, inverse_softplus, logit  # noqa: E402
+from sam3d_core.geometry.gaussians import SH_C0, Gaussians, inverse_softplus, logit  # noqa: E402
 
 SIZE, PADDING, RADIUS = 256, 4, 0.4
 _M = np.array([[0.6, -0.3, 0.2], [0.2, 0.5, -0.4], [-0.3, 0.2, 0.6]])
@@ -145,8 +145,9 @@ def test_gltf_convention_is_the_trimesh_one_flipped(case):
     ref = bake_texture(case.vertices, case.faces, case.uvs, _smooth_source(case), size=64, padding=2)
     np.testing.assert_array_equal(tex, ref)
     _, uv = surface_samples(case, 100)
-    np.testing.assert_allclose(sample_texture(tex, uv), sample_texture(tex, np.stack([uv[:, 0], 1 - uv[:, 1]], 1),
-                                                                        convention="gltf"))
+    np.testing.assert_allclose(
+        sample_texture(tex, uv), sample_texture(tex, np.stack([uv[:, 0], 1 - uv[:, 1]], 1), convention="gltf")
+    )
     # trimesh reads TextureVisuals.uv with v = 0 at the bottom row, as "trimesh" here.
     image = np.zeros((8, 8, 3), np.uint8)
     image[:4] = (255, 0, 0)  # top half red
@@ -247,11 +248,13 @@ def test_grid_finds_the_nearest_triangle(cell):
     size = np.where(rng.random((400, 1, 1)) < 0.9, 0.01, 0.3)
     tri = centre + rng.normal(size=(400, 3, 3)) * size
     tri[:10, 2] = tri[:10, 0] + 40 * (tri[:10, 1] - tri[:10, 0]) + 0.01 * rng.normal(size=(10, 3))  # slivers
-    points = np.concatenate([
-        tri[rng.integers(0, 400, 300), 0] + rng.normal(scale=0.01, size=(300, 3)),
-        rng.uniform(-1, 1, (300, 3)),
-        rng.normal(size=(20, 3)) * 5,
-    ])
+    points = np.concatenate(
+        [
+            tri[rng.integers(0, 400, 300), 0] + rng.normal(scale=0.01, size=(300, 3)),
+            rng.uniform(-1, 1, (300, 3)),
+            rng.normal(size=(20, 3)) * 5,
+        ]
+    )
     grid = _TriangleGrid(torch.from_numpy(tri).float(), cell=cell)
     face, bary = grid.nearest(torch.from_numpy(points).float(), max_pairs=20000)  # small: many chunks
     found = np.einsum("nk,nkc->nc", bary.double().numpy(), tri[face.numpy()])

@@ -98,8 +98,7 @@ def test_forward_is_the_official_order_of_projected_blocks(tiny):
         order = [("image", 0, 0), ("rgb_image", 0, 1), ("mask", 1, 0), ("rgb_image_mask", 1, 1),
                  ("pointmap", 2, 0), ("rgb_pointmap", 2, 1)]  # fmt: skip
         want = [
-            tiny.projection_nets[i](tiny.module_list[i](views[name])) + tiny.idx_emb[group]
-            for name, i, group in order
+            tiny.projection_nets[i](tiny.module_list[i](views[name])) + tiny.idx_emb[group] for name, i, group in order
         ]
     assert tokens.shape == (2, TINY.num_tokens, TINY.embed_dim)
     torch.testing.assert_close(tokens, torch.cat(want, dim=1))
@@ -111,9 +110,7 @@ def test_shared_full_views_broadcast_over_objects(tiny):
     full = {k: v[:1] for k, v in views.items() if k.startswith("rgb_")}
     with torch.no_grad():
         cropped = tiny.embed_views(views["image"], views["mask"], views["pointmap"], view="cropped")
-        shared = tiny.embed_views(
-            full["rgb_image"], full["rgb_image_mask"], full["rgb_pointmap"], view="full"
-        )
+        shared = tiny.embed_views(full["rgb_image"], full["rgb_image_mask"], full["rgb_pointmap"], view="full")
         fused = tiny.fuse(cropped, shared)
         repeated = {k: (v[:1].expand_as(v) if k.startswith("rgb_") else v) for k, v in views.items()}
         reference = tiny(**repeated)

@@ -14,11 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from sam3d_core import depth as D
-from sam3d_core.camera import intrinsics_from_fov, pointmap_from_depth
-from sam3d_core.convert import CheckpointError
-from sam3d_core.imageio import InputError
-from sam3d_core.pipeline import Pipeline
+from sam3d_core.cli.weights import add_depth_parser
+from sam3d_core.inputs import depth as D
+from sam3d_core.inputs.camera import intrinsics_from_fov, pointmap_from_depth
+from sam3d_core.inputs.imageio import InputError
+from sam3d_core.pipeline.reconstruct import Pipeline
+from sam3d_core.weights.store import CheckpointError
 
 H, W = 40, 48
 TOY_FOV = 50.0
@@ -176,7 +177,7 @@ def test_open_photo_named_unavailable_adapter_is_a_clear_input_error(toys, pipe,
 
 
 def test_cli_flag_reaches_open_photo_and_the_source_is_printed(toys, tmp_path, capsys):
-    from sam3d_core.reconstruct_cli import _open, add_model_args
+    from sam3d_core.cli.reconstruct import _open, add_model_args
 
     path, _ = photo_file(tmp_path)
     parser = argparse.ArgumentParser()
@@ -250,11 +251,20 @@ def test_moge_adapter_says_why_it_is_unavailable(tmp_path, monkeypatch):
 def fake_moge_checkpoint() -> dict:
     """A MoGe v1 model.pt's layout at toy sizes: {'model': state dict, 'model_config': constructor kwargs}."""
     g = torch.Generator().manual_seed(0)
-    sd = {"backbone.patch_embed.proj.weight": torch.randn(8, 3, 14, 14, generator=g),
-          "head.projects.0.weight": torch.randn(4, 8, 1, 1, generator=g),
-          "image_mean": torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)}
-    return {"model": sd, "model_config": {"encoder": "dinov2_vitl14", "intermediate_layers": 4,
-                                          "num_tokens_range": [1200, 2500], "remap_output": "exp"}}
+    sd = {
+        "backbone.patch_embed.proj.weight": torch.randn(8, 3, 14, 14, generator=g),
+        "head.projects.0.weight": torch.randn(4, 8, 1, 1, generator=g),
+        "image_mean": torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+    }
+    return {
+        "model": sd,
+        "model_config": {
+            "encoder": "dinov2_vitl14",
+            "intermediate_layers": 4,
+            "num_tokens_range": [1200, 2500],
+            "remap_output": "exp",
+        },
+    }
 
 
 def sha256(path) -> str:
@@ -314,7 +324,7 @@ def test_import_depth_subcommand(tmp_path, monkeypatch, capsys):
     src = tmp_path / "model.pt"
     torch.save(fake_moge_checkpoint(), src)
     parser = argparse.ArgumentParser()
-    D.add_depth_parser(parser.add_subparsers(dest="action"))
+    add_depth_parser(parser.add_subparsers(dest="action"))
     args = parser.parse_args(["import-depth", str(src), "--name", "mine"])
     assert args.func(args) == 0
     assert sha256(src) in capsys.readouterr().out

@@ -85,9 +85,7 @@ def test_block_matches_written_out_math():
         block.ls2.gamma.uniform_(0.5, 1.5)
     x = torch.randn(2, 7, dim)
     h = F.layer_norm(x, (dim,), block.norm1.weight, block.norm1.bias, 1e-6)
-    q, k, v = (
-        (h @ block.attn.qkv.weight.T + block.attn.qkv.bias).view(2, 7, 3, heads, 4).permute(2, 0, 3, 1, 4)
-    )
+    q, k, v = (h @ block.attn.qkv.weight.T + block.attn.qkv.bias).view(2, 7, 3, heads, 4).permute(2, 0, 3, 1, 4)
     attn = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1) @ v  # [B, H, L, D], scale 1/sqrt(4)
     a = attn.transpose(1, 2).reshape(2, 7, dim) @ block.attn.proj.weight.T + block.attn.proj.bias
     x1 = x + a * block.ls1.gamma

@@ -12,7 +12,8 @@ import threading
 
 import pytest
 
-from sam3d_core import download as dl
+from sam3d_core.cli.weights import add_download_parser
+from sam3d_core.weights import download as dl
 
 TOKEN = "hf_test_token"
 COMMIT = "c0ffee" * 6 + "abcd"
@@ -55,8 +56,15 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
                 return self._send(404, {}, b"missing")
             data = st.files[name]
             etag = st.etags.get(name, hashlib.sha256(data).hexdigest())
-            return self._send(302, {"Location": f"/cdn/{name}", "X-Linked-Etag": f'"{etag}"',
-                                    "X-Linked-Size": len(data), "X-Repo-Commit": COMMIT})
+            return self._send(
+                302,
+                {
+                    "Location": f"/cdn/{name}",
+                    "X-Linked-Etag": f'"{etag}"',
+                    "X-Linked-Size": len(data),
+                    "X-Repo-Commit": COMMIT,
+                },
+            )
         if len(parts) == 2 and parts[0] in ("cdn", "sam") and parts[1] in st.files:
             return self._serve(st, st.files[parts[1]])
         self._send(404, {}, b"missing")
@@ -117,7 +125,8 @@ def test_official_download_checks_hashes_and_keeps_the_token_off_the_cdn(server,
     record = json.loads((out / "download.json").read_text())
     assert record["commit"] == COMMIT
     assert {n: r["sha256"] for n, r in record["files"].items()} == {
-        n: hashlib.sha256(d).hexdigest() for n, d in files.items()}
+        n: hashlib.sha256(d).hexdigest() for n, d in files.items()
+    }
     resolve = [e for e in server.log if "/resolve/" in e[1]]
     cdn = [e for e in server.log if e[1].startswith("/cdn/")]
     assert resolve and all(auth == f"Bearer {TOKEN}" for _, _, auth, _ in resolve)
@@ -209,7 +218,7 @@ def test_cli_download(server, tmp_path, capsys, monkeypatch):
     files = fake_official(server, ("pipeline.yaml",))
     monkeypatch.setattr(dl, "OFFICIAL_FILES", tuple(files))
     parser = argparse.ArgumentParser()
-    dl.add_download_parser(parser.add_subparsers(dest="action"))
+    add_download_parser(parser.add_subparsers(dest="action"))
     base = ["download", "official", "--dest", str(tmp_path / "w"), "--token", TOKEN, "--endpoint", server.url]
     monkeypatch.setattr("sys.stdin", io.StringIO(""))  # not a terminal: --yes is required
     args = parser.parse_args(base)

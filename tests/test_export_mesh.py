@@ -17,17 +17,20 @@ trimesh = pytest.importorskip("trimesh", reason="mesh export needs the export ex
 pytest.importorskip("xatlas", reason="UV unwrap needs xatlas: pip install 'sam3d[export]'")
 pytest.importorskip("fast_simplification", reason="decimation needs fast-simplification: pip install 'sam3d[export]'")
 
-from sam3d_core.export.gltf import Z_UP_TO_Y_UP, save_object_glb, save_scene_glb  # noqa: E402
-from sam3d_core.export.mesh import (  # noqa: E402
-    TexturedMesh,
+from sam3d_core.export.cleanup import (  # noqa: E402
     _ear_clip,
     _ray_winding,
-    _split_faces,
     _stable_argsort,
     _winding_number,
     clean_mesh,
-    unwrap_uv,
 )
+from sam3d_core.export.gltf import (  # noqa: E402
+    Z_UP_TO_Y_UP,
+    TexturedMesh,  # noqa: E402
+    save_object_glb,
+    save_scene_glb,
+)
+from sam3d_core.export.uv import _split_faces, unwrap_uv  # noqa: E402
 
 
 def _colour(v: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sam3d_core.flexicubes import MeshResult, _case_ids, _tables, extract_mesh
+from sam3d_core.geometry.flexicubes import MeshResult, _case_ids, _tables, extract_mesh
 
 FIXTURE = Path(__file__).parent / "fixtures" / "stage2_small"
 CORNERS = torch.tensor([[i & 1, (i >> 1) & 1, (i >> 2) & 1] for i in range(8)])

@@ -2,7 +2,7 @@
 
 The placement test builds a scene the way a photo is made: an asymmetric closed mesh in the model's local
 frame, a ground-truth pose, a mask and depth map ray-cast in the OpenCV frame (written here, independent of
-`sam3d_core.frames`), the official point-map normalisation, encode/decode of the pose latents, then each
+`sam3d_core.geometry.frames`), the official point-map normalisation, encode/decode of the pose latents, then each
 convention's placement projected back onto the photo.
 """
 
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from sam3d_core import camera, frames
-from sam3d_core.gaussians import Gaussians
-from sam3d_core.layout import (
+from sam3d_core.geometry import frames
+from sam3d_core.geometry.gaussians import Gaussians
+from sam3d_core.geometry.layout import (
     ROT6D_MEAN,
     ROT6D_STD,
     Pose,
@@ -33,7 +33,8 @@ from sam3d_core.layout import (
     quaternion_to_matrix,
     rotation_6d_to_matrix,
 )
-from sam3d_core.preprocess import normalize_pointmap
+from sam3d_core.inputs import camera
+from sam3d_core.pipeline.preprocess import normalize_pointmap
 
 W, H = 160, 100  # non-square photo
 K = np.array([[150.0, 0.0, 91.3], [0.0, 138.0, 42.6], [0.0, 0.0, 1.0]])  # fx != fy, principal point off-centre
@@ -59,9 +60,9 @@ def _random_rotations(n: int, seed: int) -> torch.Tensor:
 
 
 def test_frames_imports_without_torch():
-    code = "import sys, sam3d_core.frames; sys.exit(any(m.split('.')[0] == 'torch' for m in sys.modules))"
+    code = "import sys, sam3d_core.geometry.frames; sys.exit(any(m.split('.')[0] == 'torch' for m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True)
-    assert result.returncode == 0, "sam3d_core.frames must stay numpy-only: Blender's Python imports it"
+    assert result.returncode == 0, "sam3d_core.geometry.frames must stay numpy-only: Blender's Python imports it"
 
 
 def test_conversions_are_rotations_and_round_trip():
@@ -76,9 +77,6 @@ def test_conversions_are_rotations_and_round_trip():
         for dst in frames.CONVENTIONS:
             back = frames.convert_points(frames.convert_points(pts, src, dst), dst, src)
             np.testing.assert_allclose(back, pts, atol=1e-12)
-    # camera.py's flips are the same maps.
-    np.testing.assert_array_equal(camera.P3D_TO_GLTF, frames.P3D_TO_GLTF)
-    np.testing.assert_array_equal(camera.P3D_TO_OPENCV, frames.P3D_TO_OPENCV)
 
 
 @pytest.mark.parametrize(
@@ -584,8 +582,10 @@ def test_addon_camera_copy_agrees_with_frames():
     spec = importlib.util.spec_from_file_location("addon_core_camera", path)
     addon_camera = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(addon_camera)
-    for K, w, h in (([[500.0, 0, 331.0], [0, 460.0, 180.0], [0, 0, 1]], 640, 400),
-                    ([[900.0, 0, 300.0], [0, 900.0, 200.0], [0, 0, 1]], 600, 400)):
+    for K, w, h in (
+        ([[500.0, 0, 331.0], [0, 460.0, 180.0], [0, 0, 1]], 640, 400),
+        ([[900.0, 0, 300.0], [0, 900.0, 200.0], [0, 0, 1]], 600, 400),
+    ):
         ours, theirs = frames.blender_camera(np.array(K), w, h), addon_camera.blender_camera_from_K(K, w, h)
         assert theirs.keys() <= ours.keys()  # frames adds sensor_height_mm and resolution_percentage
         for key in theirs:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sam3d_core import hub
-from sam3d_core.stage1 import Stage1Pipeline
+from sam3d_core.pipeline.stage1 import Stage1Pipeline
+from sam3d_core.weights import hub
 
 pytestmark = pytest.mark.gpu
 FIXTURE = Path(__file__).parent / "fixtures" / "stage1_small"
@@ -38,10 +38,11 @@ def test_cuda_float32_matches_official(model_dir, data, monkeypatch):
     pipe = Stage1Pipeline.from_pretrained(model_dir, device="cuda", dtype=torch.float32)
     out = _run(pipe, data)  # the CUDA generator seeded 42 draws other numbers than the CPU one
     noise = {k: data[f"sample/noise/{k}"] for k in out.latents}
-    from sam3d_core.sampling import sample_stage1
+    from sam3d_core.pipeline.sampling import sample_stage1
 
-    cond = pipe.encode(pipe.prepare(data["input/rgb"].numpy(), data["input/mask"].numpy() > 0,
-                                    data["input/pointmap"].numpy()))
+    cond = pipe.encode(
+        pipe.prepare(data["input/rgb"].numpy(), data["input/mask"].numpy() > 0, data["input/pointmap"].numpy())
+    )
     final = sample_stage1(pipe.model.generator, cond, {k: v.cuda() for k, v in noise.items()}, pipe.cfg.sampler)
     for k, v in final.items():
         ref = data[f"sample/final/{k}"]
@@ -87,7 +88,7 @@ def test_cuda_compiled_fast_path_equals_eager(model_dir, data):
 
 def test_cuda_stage2_chain_matches_official(tmp_path, monkeypatch):
     """Stage 2 on the GPU (float32, TF32 off) against the official stage-2 fixture."""
-    from sam3d_core.stage2 import Stage2Pipeline
+    from sam3d_core.pipeline.stage2 import Stage2Pipeline
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -97,7 +98,7 @@ def test_cuda_stage2_chain_matches_official(tmp_path, monkeypatch):
     data = load_file(fixture / "data.safetensors")
     cond = pipe.encode(pipe.prepare(data["input/rgb"].numpy(), data["input/mask"].numpy() > 0))
     coords = data["input/coords"].to(torch.int32).cuda()
-    from sam3d_core.sampling import denormalize_slat, sample_stage2
+    from sam3d_core.pipeline.sampling import denormalize_slat, sample_stage2
 
     noise = data["sample/noise"].reshape(-1, 8).cuda()
     slat = denormalize_slat(sample_stage2(pipe.model.generator, cond, coords, noise, pipe.cfg.sampler), pipe.cfg)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam3d_core.camera import DEFAULT_FOV_DEG, intrinsics_from_exif, intrinsics_from_fov, resolve_intrinsics
-from sam3d_core.imageio import (
+from sam3d_core.inputs.camera import DEFAULT_FOV_DEG, intrinsics_from_exif, intrinsics_from_fov, resolve_intrinsics
+from sam3d_core.inputs.imageio import (
     InputError,
     Photo,
     blob_sizes,
@@ -48,6 +48,7 @@ def exif(orientation: int = 1, **sub) -> Image.Exif:
 
 def png_header_only(w: int, h: int) -> bytes:
     """A PNG that declares w x h pixels but holds almost no data (what a decompression bomb looks like)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -130,8 +131,12 @@ def test_float_tiff_in_unit_range(tmp_path):
 
 
 def test_cmyk_jpeg_adobe_inverted_renders_correctly(tmp_path):
-    blocks = {(0, 0, 0, 0): (255, 255, 255), (255, 0, 0, 0): (0, 255, 255), (0, 255, 255, 0): (255, 0, 0),
-              (0, 0, 0, 255): (0, 0, 0)}
+    blocks = {
+        (0, 0, 0, 0): (255, 255, 255),
+        (255, 0, 0, 0): (0, 255, 255),
+        (0, 255, 255, 0): (255, 0, 0),
+        (0, 0, 0, 255): (0, 0, 0),
+    }
     im = Image.new("CMYK", (32 * len(blocks), 32))
     for i, cmyk in enumerate(blocks):
         im.paste(cmyk, (32 * i, 0, 32 * (i + 1), 32))
@@ -227,8 +232,13 @@ ORIENT = {
 @pytest.mark.parametrize("orientation", range(1, 9))
 @pytest.mark.parametrize("ext", ["png", "jpg"])
 def test_exif_orientation_applied(tmp_path, orientation, ext):
-    a = rand_rgb(40, 56, seed=orientation) if ext == "png" else np.kron(
-        np.random.default_rng(orientation).integers(0, 256, (5, 7, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    a = (
+        rand_rgb(40, 56, seed=orientation)
+        if ext == "png"
+        else np.kron(np.random.default_rng(orientation).integers(0, 256, (5, 7, 3)), np.ones((8, 8, 1))).astype(
+            np.uint8
+        )
+    )
     jpeg = {"quality": 98, "subsampling": 0} if ext == "jpg" else {}
     path = save(tmp_path, f"o{orientation}.{ext}", Image.fromarray(a), exif=exif(orientation), **jpeg)
     p = load_photo(path)
@@ -332,13 +342,14 @@ def test_mask_file_modes(tmp_path):
     grey[10:30, 10:30] = 128
     grey[30:40, 30:40] = 127  # at the threshold: background
     expect = blob(48, 64, 10, 30, 10, 30)
-    np.testing.assert_array_equal(load_mask(save(tmp_path, "l.png", Image.fromarray(grey)), size, min_pixels=1),
-                                  expect)
+    np.testing.assert_array_equal(load_mask(save(tmp_path, "l.png", Image.fromarray(grey)), size, min_pixels=1), expect)
     np.testing.assert_array_equal(
-        load_mask(save(tmp_path, "b.png", Image.fromarray(expect).convert("1")), size, min_pixels=1), expect)
+        load_mask(save(tmp_path, "b.png", Image.fromarray(expect).convert("1")), size, min_pixels=1), expect
+    )
     v16 = np.where(expect, 40000, 30000).astype(np.uint16)
-    np.testing.assert_array_equal(load_mask(save(tmp_path, "m16.png", Image.fromarray(v16)), size, min_pixels=1),
-                                  expect)
+    np.testing.assert_array_equal(
+        load_mask(save(tmp_path, "m16.png", Image.fromarray(v16)), size, min_pixels=1), expect
+    )
 
 
 def test_mask_rgb_uses_luminance_and_rgba_its_alpha(tmp_path):
@@ -347,16 +358,17 @@ def test_mask_rgb_uses_luminance_and_rgba_its_alpha(tmp_path):
     rgb[5:20, 5:20] = (255, 0, 0)  # luma 76: background
     rgb[25:40, 25:40] = (0, 255, 0)  # luma 150: object
     expect = blob(48, 64, 25, 40, 25, 40)
-    np.testing.assert_array_equal(load_mask(save(tmp_path, "rgb.png", Image.fromarray(rgb)), size, min_pixels=1),
-                                  expect)
+    np.testing.assert_array_equal(
+        load_mask(save(tmp_path, "rgb.png", Image.fromarray(rgb)), size, min_pixels=1), expect
+    )
     opaque = np.dstack([rgb, np.full((48, 64), 255, np.uint8)])
-    np.testing.assert_array_equal(load_mask(save(tmp_path, "op.png", Image.fromarray(opaque)), size, min_pixels=1),
-                                  expect)
+    np.testing.assert_array_equal(
+        load_mask(save(tmp_path, "op.png", Image.fromarray(opaque)), size, min_pixels=1), expect
+    )
     white = np.full((48, 64, 3), 255, np.uint8)
     alpha = np.where(blob(48, 64, 8, 30, 8, 50), 255, 0).astype(np.uint8)
     notes: list[str] = []
-    m = load_mask(save(tmp_path, "a.png", Image.fromarray(np.dstack([white, alpha]))), size, min_pixels=1,
-                  notes=notes)
+    m = load_mask(save(tmp_path, "a.png", Image.fromarray(np.dstack([white, alpha]))), size, min_pixels=1, notes=notes)
     np.testing.assert_array_equal(m, alpha > 127)
     assert any("alpha" in n for n in notes)
 
@@ -372,8 +384,7 @@ def test_mask_arrays():
     soft = np.where(expect, 0.6, 0.4).astype(np.float32)
     np.testing.assert_array_equal(load_mask(soft, size, min_pixels=1), expect)
     np.testing.assert_array_equal(load_mask(np.where(expect, 200.0, 100.0), size, min_pixels=1), expect)
-    np.testing.assert_array_equal(load_mask(np.dstack([expect * 255] * 3).astype(np.uint8), size, min_pixels=1),
-                                  expect)
+    np.testing.assert_array_equal(load_mask(np.dstack([expect * 255] * 3).astype(np.uint8), size, min_pixels=1), expect)
     with pytest.raises(InputError, match="shape"):
         load_mask(np.zeros((32, 40, 2), np.uint8), size)
     with pytest.raises(InputError, match="values span"):
@@ -408,7 +419,7 @@ def test_mask_warnings_border_and_parts(caplog):
     two = blob(48, 64, 0, 20, 10, 30) | blob(48, 64, 30, 40, 40, 50)
     load_mask(two, size, min_pixels=1, notes=notes)
     assert any("top edge" in n for n in notes) and any("2 separate parts" in n for n in notes)
-    with caplog.at_level(logging.WARNING, logger="sam3d_core.imageio"):
+    with caplog.at_level(logging.WARNING, logger="sam3d_core.inputs.imageio"):
         load_mask(two, size, min_pixels=1)
     assert "separate parts" in caplog.text
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sam3d_core.layout import (
+from sam3d_core.geometry.layout import (
     ROT6D_MEAN,
     ROT6D_STD,
     Pose,
@@ -118,9 +118,7 @@ def test_pose_apply_and_as_matrix_agree_with_composition():
     sigma, shift = torch.full((2, 3), 1.7), torch.tensor([[0.3, 0.1, 2.0], [0.0, -1.0, 4.0]])
     pose = decode_pose(lat, sigma, shift)
     points = torch.rand(2, 10, 3) - 0.5
-    rot = rotation_6d_to_matrix(
-        lat["6drotation_normalized"][:, 0] * torch.tensor(ROT6D_STD) + torch.tensor(ROT6D_MEAN)
-    )
+    rot = rotation_6d_to_matrix(lat["6drotation_normalized"][:, 0] * torch.tensor(ROT6D_STD) + torch.tensor(ROT6D_MEAN))
     m = _row_vector_matrix(lat["scale"][:, 0].exp(), rot, lat["translation"][:, 0])
     m = m @ _row_vector_matrix(sigma, torch.eye(3).repeat(2, 1, 1), shift)
     homog = torch.cat([points, torch.ones(2, 10, 1)], dim=-1)
@@ -153,9 +151,7 @@ def test_local_voxel_centers():
     expected = (coords[:, 1:].double() + 0.5) / 64 - 0.5
     torch.testing.assert_close(centers, expected.float())
     assert centers.dtype == torch.float32 and centers.abs().max() < 0.5
-    torch.testing.assert_close(
-        local_voxel_centers(coords, resolution=16)[0], torch.full((3,), 0.5 / 16 - 0.5)
-    )
+    torch.testing.assert_close(local_voxel_centers(coords, resolution=16)[0], torch.full((3,), 0.5 / 16 - 0.5))
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sam3d_core import hub
-from sam3d_core.stage1 import Stage1Pipeline
+from sam3d_core.pipeline.stage1 import Stage1Pipeline
+from sam3d_core.weights import hub
 
 FIXTURE = Path(__file__).parent / "fixtures" / "stage1_small"
 SEED = 42  # meta.json: torch.manual_seed(42) before sample_sparse_structure
@@ -51,8 +51,14 @@ def test_default_mode_matches_official(pipe, data):
 
 
 def test_shortcut_mode_matches_official(pipe, data):
-    out = pipe(data["input/rgb"].numpy(), data["input/mask"].numpy() > 0, data["input/pointmap"].numpy(),
-               seed=SEED, shortcut=True, steps=4)
+    out = pipe(
+        data["input/rgb"].numpy(),
+        data["input/mask"].numpy() > 0,
+        data["input/pointmap"].numpy(),
+        seed=SEED,
+        shortcut=True,
+        steps=4,
+    )
     for name, value in out.latents.items():
         ref = data[f"shortcut/final/{name}"]
         torch.testing.assert_close(value, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()), msg=name)

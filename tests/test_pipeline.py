@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sam3d_core import frames
-from sam3d_core.cli import EXAMPLE_MASK, EXAMPLE_PHOTO, main
-from sam3d_core.imageio import InputError
-from sam3d_core.pipeline import GPUOutOfMemory, ObjectResult, Pipeline
+from sam3d_core.cli.main import main
+from sam3d_core.cli.reconstruct import EXAMPLE_MASK, EXAMPLE_PHOTO
+from sam3d_core.geometry import frames
+from sam3d_core.inputs.imageio import InputError
+from sam3d_core.pipeline.reconstruct import GPUOutOfMemory, ObjectResult, Pipeline
 
 trimesh = pytest.importorskip("trimesh")
 
@@ -30,8 +31,16 @@ def done(pipe, tmp_path_factory):
     ctx = pipe.open_photo(EXAMPLE_PHOTO)
     mask = pipe.load_mask(ctx, EXAMPLE_MASK)
     seen = []
-    results = pipe.reconstruct(ctx, [mask, mask], names=["cup", "cup_again"], seed=5, steps=2, texture_size=64,
-                               faces=400, progress=lambda *a: seen.append(a))
+    results = pipe.reconstruct(
+        ctx,
+        [mask, mask],
+        names=["cup", "cup_again"],
+        seed=5,
+        steps=2,
+        texture_size=64,
+        faces=400,
+        progress=lambda *a: seen.append(a),
+    )
     out = tmp_path_factory.mktemp("pipeline_out")
     scene = pipe.export(ctx, results, out)
     return ctx, mask, results, scene, out, seen
@@ -42,16 +51,21 @@ def test_objects_are_textured_placed_and_recorded(done):
     assert [r.name for r in results] == ["cup", "cup_again"]
     assert [r.settings["seed"] for r in results] == [5, 6]  # object i gets seed + i
     stages = [s for s, _, _ in seen]
-    for a, b in zip(("preprocess", "stage1", "stage2", "postprocess", "bake"),
-                    ("stage1", "stage2", "postprocess", "bake", "export"), strict=True):
+    for a, b in zip(
+        ("preprocess", "stage1", "stage2", "postprocess", "bake"),
+        ("stage1", "stage2", "postprocess", "bake", "export"),
+        strict=True,
+    ):
         assert stages.index(a) < stages.index(b)
     for r in results:
         m = r.mesh
         assert m.texture.shape == (64, 64, 3) and m.uvs.min() >= 0 and m.uvs.max() <= 1
         assert len(m.faces) <= 600 and 0.0 <= r.mask_iou <= 1.0
         # the recorded pose matrix is the stage-1 pose, and the Blender matrix is derived from it
-        np.testing.assert_allclose(frames.blender_object_matrix(r.pose_matrix),
-                                   np.array(scene["objects"][results.index(r)]["blender_matrix_world"]))
+        np.testing.assert_allclose(
+            frames.blender_object_matrix(r.pose_matrix),
+            np.array(scene["objects"][results.index(r)]["blender_matrix_world"]),
+        )
     record = json.loads((out / "scene.json").read_text())
     assert record["intrinsics_source"] == "default_fov" and record["pointmap_source"] == "fallback plane"
     assert record["width"] == ctx.width and record["blender_camera"]["resolution_y"] == ctx.height
@@ -76,8 +90,9 @@ def test_scene_glb_places_each_object_with_its_pose(done):
 def test_reported_iou_is_the_silhouette_of_the_placed_mesh(done):
     ctx, mask, results, *_ = done
     r = results[0]
-    sil = frames.render_silhouette(frames.transform_points(r.pose_matrix, r.mesh.vertices), r.mesh.faces, ctx.K,
-                                   ctx.width, ctx.height)
+    sil = frames.render_silhouette(
+        frames.transform_points(r.pose_matrix, r.mesh.vertices), r.mesh.faces, ctx.K, ctx.width, ctx.height
+    )
     assert frames.mask_iou(sil, mask) == pytest.approx(r.mask_iou)
 
 
@@ -108,8 +123,19 @@ def test_out_of_memory_retries_once_in_low_vram_mode(pipe, monkeypatch):
         calls.append(pipe.low_vram)
         if len(calls) == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
-        return lambda progress=None: ObjectResult(kwargs["name"], mask, np.eye(4), [1, 0, 0, 0], [0, 0, 1],
-                                                  [1, 1, 1], 0, None, None, None, settings={"seed": kwargs["seed"]})
+        return lambda progress=None: ObjectResult(
+            kwargs["name"],
+            mask,
+            np.eye(4),
+            [1, 0, 0, 0],
+            [0, 0, 1],
+            [1, 1, 1],
+            0,
+            None,
+            None,
+            None,
+            settings={"seed": kwargs["seed"]},
+        )
 
     monkeypatch.setattr(pipe, "_gpu_steps", flaky)
     monkeypatch.setattr(pipe, "device", torch.device("cuda"))
@@ -131,8 +157,26 @@ def test_out_of_memory_retries_once_in_low_vram_mode(pipe, monkeypatch):
 
 def test_cli_reconstruct_writes_the_files(tmp_path, capsys):
     out = tmp_path / "cli"
-    code = main(["reconstruct", str(EXAMPLE_PHOTO), "--mask", str(EXAMPLE_MASK), "--out", str(out), "--model",
-                 "tiny", "--device", "cpu", "--steps", "2", "--texture-size", "64", "--faces", "300"])
+    code = main(
+        [
+            "reconstruct",
+            str(EXAMPLE_PHOTO),
+            "--mask",
+            str(EXAMPLE_MASK),
+            "--out",
+            str(out),
+            "--model",
+            "tiny",
+            "--device",
+            "cpu",
+            "--steps",
+            "2",
+            "--texture-size",
+            "64",
+            "--faces",
+            "300",
+        ]
+    )
     assert code == 0
     record = json.loads((out / "scene.json").read_text())
     assert [o["name"] for o in record["objects"]] == ["object_0"]
@@ -147,9 +191,28 @@ def test_cli_reconstruct_writes_the_files(tmp_path, capsys):
 def test_cli_reconstruct_from_a_click(tmp_path):
     pytest.importorskip("cv2")
     out = tmp_path / "click"
-    code = main(["reconstruct", str(EXAMPLE_PHOTO), "--point", "300,200", "--box", "200,100,420,330", "--out",
-                 str(out), "--model", "tiny", "--device", "cpu", "--steps", "1", "--texture-size", "64",
-                 "--faces", "300"])
+    code = main(
+        [
+            "reconstruct",
+            str(EXAMPLE_PHOTO),
+            "--point",
+            "300,200",
+            "--box",
+            "200,100,420,330",
+            "--out",
+            str(out),
+            "--model",
+            "tiny",
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--texture-size",
+            "64",
+            "--faces",
+            "300",
+        ]
+    )
     assert code == 0 and (out / "object_0_mask.png").is_file()
     assert Path(out / "scene.json").is_file()
 
@@ -161,8 +224,10 @@ def test_full_image_tokens_are_shared_across_objects_exactly(pipe):
     b = np.zeros_like(a)
     b[50:200, 60:300] = True
     shared: dict = {}
-    for stage, prepare in ((pipe.stage1, lambda m: pipe.stage1.prepare(ctx.photo.rgb, m, ctx.pointmap)),
-                           (pipe.stage2, lambda m: pipe.stage2.prepare(ctx.photo.rgb, m))):
+    for stage, prepare in (
+        (pipe.stage1, lambda m: pipe.stage1.prepare(ctx.photo.rgb, m, ctx.pointmap)),
+        (pipe.stage2, lambda m: pipe.stage2.prepare(ctx.photo.rgb, m)),
+    ):
         first = stage.encode(prepare(a), shared)
         second = stage.encode(prepare(b), shared)  # reuses the first object's full-image tokens
         assert torch.equal(first, stage.encode(prepare(a)))
@@ -174,8 +239,28 @@ def test_full_image_tokens_are_shared_across_objects_exactly(pipe):
 def test_cli_scene_reconstructs_every_object_found(tmp_path, capsys):
     pytest.importorskip("cv2")
     out = tmp_path / "scene"
-    code = main(["scene", str(EXAMPLE_PHOTO), "--out", str(out), "--model", "tiny", "--device", "cpu", "--steps",
-                 "1", "--texture-size", "64", "--faces", "300", "--max-voxels", "150", "--max-objects", "2"])
+    code = main(
+        [
+            "scene",
+            str(EXAMPLE_PHOTO),
+            "--out",
+            str(out),
+            "--model",
+            "tiny",
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--texture-size",
+            "64",
+            "--faces",
+            "300",
+            "--max-voxels",
+            "150",
+            "--max-objects",
+            "2",
+        ]
+    )
     assert code == 0
     record = json.loads((out / "scene.json").read_text())
     names = [o["name"] for o in record["objects"]]

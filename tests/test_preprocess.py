@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from sam3d_core.config import PreprocessConfig
-from sam3d_core.preprocess import (
+from sam3d_core.pipeline.preprocess import (
     crop_around_mask,
     mask_crop_box,
     normalize_pointmap,
@@ -40,9 +40,7 @@ def test_shift_is_masked_median_and_scale_is_scene_median_chebyshev_radius():
 
 
 def test_even_counts_take_the_lower_median_and_inf_counts_as_a_number():
-    pm = _points(
-        [[(1, 1, 1), (2, 2, 2), (3, 3, 3), (4, 4, 4)], [(INF, INF, INF), (0, 0, 0), (2, 2, 2), (2, 2, 2)]]
-    )
+    pm = _points([[(1, 1, 1), (2, 2, 2), (3, 3, 3), (4, 4, 4)], [(INF, INF, INF), (0, 0, 0), (2, 2, 2), (2, 2, 2)]])
     mask = torch.tensor([[True, True, True, True], [False] * 4])
     _, scale, shift = normalize_pointmap(pm, mask)
     torch.testing.assert_close(shift, torch.full((3,), 2.0))

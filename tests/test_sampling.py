@@ -10,14 +10,14 @@ from stage1_fixture import group, load_official_generator
 
 from sam3d_core.config import SamplerConfig
 from sam3d_core.models.ss_flow import SSFlowModel
-from sam3d_core.registry import stage1_preset
-from sam3d_core.sampling import (
+from sam3d_core.pipeline.sampling import (
     cfg_strength_at,
     euler_sample,
     sample_stage1,
     stage1_noise,
     time_grid,
 )
+from sam3d_core.registry import stage1_preset
 
 SAMPLER = SamplerConfig()
 
@@ -166,7 +166,6 @@ def test_bad_arguments_raise(model):
 
 
 # --- parity with the official code (tests/fixtures/stage1_small, see its meta.json) --------------------
-
 
 
 def test_official_schedule_and_noise():

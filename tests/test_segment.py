@@ -13,21 +13,24 @@ import pytest
 import torch
 from PIL import Image
 
-from sam3d_core.convert import CheckpointError
+from sam3d_core.inputs.imageio import InputError
 from sam3d_core.segment import BASIC_LABEL, Prompt, available_backends, load_segmenter, mask_iou
 from sam3d_core.segment import weights as W
 from sam3d_core.segment.sam1 import filter_objects
+from sam3d_core.weights.store import CheckpointError
 
 pytest.importorskip("cv2", reason="the basic back-end needs opencv-python-headless")
+from sam3d_core.cli.segment import add_segment_parser  # noqa: E402
 from sam3d_core.segment.basic import BasicSegmenter  # noqa: E402
-from sam3d_core.segment.cli import add_segment_parser  # noqa: E402
 
 EVAL = Path(__file__).resolve().parent.parent / "assets" / "segment_eval"
 
 
 def _photo(name: str) -> tuple[np.ndarray, np.ndarray]:
-    return (np.asarray(Image.open(EVAL / f"{name}.jpg").convert("RGB")),
-            np.asarray(Image.open(EVAL / f"{name}_mask.png")) > 0)
+    return (
+        np.asarray(Image.open(EVAL / f"{name}.jpg").convert("RGB")),
+        np.asarray(Image.open(EVAL / f"{name}_mask.png")) > 0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -114,15 +117,19 @@ def test_basic_segment_all_returns_large_regions(vase):
 
 def test_filter_objects_drops_background_parts_and_crumbs():
     h = w = 100
+
     def box(x0, y0, x1, y1):
         m = np.zeros((h, w), bool)
         m[y0:y1, x0:x1] = True
         return m
-    masks = [box(0, 0, 100, 80),   # background: 80 % of the image
-             box(10, 10, 50, 50),  # an object
-             box(15, 15, 30, 30),  # a part of it
-             box(60, 60, 90, 95),  # another object
-             box(0, 99, 3, 100)]   # a crumb
+
+    masks = [
+        box(0, 0, 100, 80),  # background: 80 % of the image
+        box(10, 10, 50, 50),  # an object
+        box(15, 15, 30, 30),  # a part of it
+        box(60, 60, 90, 95),  # another object
+        box(0, 99, 3, 100),
+    ]  # a crumb
     assert filter_objects(masks, [0.9] * 5) == [1, 3]
 
 
@@ -147,9 +154,11 @@ def test_auto_choice_says_which_and_why(monkeypatch, tmp_path):
 def _fake_sam_state() -> dict[str, torch.Tensor]:
     """Tensors under SAM's three prefixes (the import path is format-level, not model-level)."""
     g = torch.Generator().manual_seed(0)
-    return {"image_encoder.patch_embed.proj.weight": torch.randn(768, 3, 16, 16, generator=g),
-            "prompt_encoder.point_embeddings.0.weight": torch.randn(1, 256, generator=g),
-            "mask_decoder.iou_token.weight": torch.randn(1, 256, generator=g)}
+    return {
+        "image_encoder.patch_embed.proj.weight": torch.randn(768, 3, 16, 16, generator=g),
+        "prompt_encoder.point_embeddings.0.weight": torch.randn(1, 256, generator=g),
+        "mask_decoder.iou_token.weight": torch.randn(1, 256, generator=g),
+    }
 
 
 class _RunsCode:
@@ -250,9 +259,9 @@ def test_cli_errors_name_the_value(tmp_path):
         _run([str(photo), "--point", "100,5", "--out", str(tmp_path / "m.png")])
     bad = tmp_path / "not_a_photo.png"
     bad.write_text("hello")
-    with pytest.raises(ValueError, match="cannot read photo"):
+    with pytest.raises(InputError, match="not an image Pillow can read"):  # the reader reconstruct uses
         _run([str(bad), "--point", "1,1", "--out", str(tmp_path / "m.png")])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         _run([str(tmp_path / "missing.jpg"), "--point", "1,1", "--out", str(tmp_path / "m.png")])
     with pytest.raises(ValueError, match="either --all or a prompt"):
         _run([str(photo), "--out", str(tmp_path / "m.png")])

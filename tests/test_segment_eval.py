@@ -46,7 +46,10 @@ def test_basic_one_box_mean_iou():
     ious = {name: box_iou(name, seg) for name in ISSUE_PHOTOS + ADDED_PHOTOS}
     issue = float(np.mean([ious[n] for n in ISSUE_PHOTOS]))
     every = float(np.mean(list(ious.values())))
-    print("basic back-end, one box: " + ", ".join(f"{k} {v:.3f}" for k, v in ious.items())
-          + f"; mean of the issue's four {issue:.3f}, of all {every:.3f}")
+    print(
+        "basic back-end, one box: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in ious.items())
+        + f"; mean of the issue's four {issue:.3f}, of all {every:.3f}"
+    )
     assert all(v > 0.5 for v in ious.values()), ious
     assert issue >= TARGET and every >= TARGET, ious

@@ -17,8 +17,9 @@ from sam3d_core.segment import weights as W
 from sam3d_core.segment.sam1 import SamSegmenter, import_error
 
 _err = import_error()
-pytestmark = pytest.mark.skipif(_err is not None, reason=f"segment-anything unusable here: {_err} "
-                                "(it needs a torchvision built for this torch)")
+pytestmark = pytest.mark.skipif(
+    _err is not None, reason=f"segment-anything unusable here: {_err} (it needs a torchvision built for this torch)"
+)
 
 
 def tiny_sam(seed: int = 0):
@@ -28,15 +29,35 @@ def tiny_sam(seed: int = 0):
     torch.manual_seed(seed)
     dim, img, patch = 32, 64, 16
     return Sam(
-        image_encoder=ImageEncoderViT(img_size=img, patch_size=patch, embed_dim=dim, depth=2, num_heads=2,
-                                      mlp_ratio=2, out_chans=dim, qkv_bias=True, use_rel_pos=True, window_size=2,
-                                      global_attn_indexes=(1,), norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)),
-        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(img // patch, img // patch),
-                                     input_image_size=(img, img), mask_in_chans=4),
-        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer_dim=dim, iou_head_depth=2,
-                                 iou_head_hidden_dim=dim,
-                                 transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2)),
-        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
+        image_encoder=ImageEncoderViT(
+            img_size=img,
+            patch_size=patch,
+            embed_dim=dim,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=2,
+            out_chans=dim,
+            qkv_bias=True,
+            use_rel_pos=True,
+            window_size=2,
+            global_attn_indexes=(1,),
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim,
+            image_embedding_size=(img // patch, img // patch),
+            input_image_size=(img, img),
+            mask_in_chans=4,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer_dim=dim,
+            iou_head_depth=2,
+            iou_head_hidden_dim=dim,
+            transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
     ).eval()
 
 
@@ -78,8 +99,7 @@ def test_saved_checkpoint_imports_and_loads_strictly(photo, tmp_path, monkeypatc
 
 
 def test_segment_all_runs_the_automatic_generator(photo):
-    seg = SamSegmenter(tiny_sam(), amg={"points_per_side": 4, "pred_iou_thresh": 0.0,
-                                        "stability_score_thresh": 0.0})
+    seg = SamSegmenter(tiny_sam(), amg={"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0})
     seg.set_image(photo)
     objs = seg.segment_all()
     assert all(o.mask.shape == (48, 80) and o.mask.dtype == bool for o in objs)

@@ -10,22 +10,24 @@ import numpy as np
 import pytest
 import torch
 
-from sam3d_core.convert import CheckpointError
 from sam3d_core.segment import Prompt
 from sam3d_core.segment import weights as W
 from sam3d_core.segment.sam1 import mask_to_logits as sam1_logits
 from sam3d_core.segment.sam2 import config_name, import_error
 from sam3d_core.segment.sam2 import mask_to_logits as sam2_logits
+from sam3d_core.weights.store import CheckpointError
 
 
 def _fake_sam2_state(blocks: int, v21: bool) -> dict[str, torch.Tensor]:
     """Key layout of a SAM 2 checkpoint (the import path is format-level; the strict load is model-level)."""
     g = torch.Generator().manual_seed(0)
     sd = {f"image_encoder.trunk.blocks.{i}.attn.qkv.weight": torch.randn(6, 2, generator=g) for i in range(blocks)}
-    sd |= {"image_encoder.trunk.patch_embed.proj.weight": torch.randn(96, 3, 7, 7, generator=g),
-           "sam_prompt_encoder.point_embeddings.0.weight": torch.randn(1, 256, generator=g),
-           "sam_mask_decoder.iou_token.weight": torch.randn(1, 256, generator=g),
-           "memory_encoder.out_proj.weight": torch.randn(64, 256, 1, 1, generator=g)}
+    sd |= {
+        "image_encoder.trunk.patch_embed.proj.weight": torch.randn(96, 3, 7, 7, generator=g),
+        "sam_prompt_encoder.point_embeddings.0.weight": torch.randn(1, 256, generator=g),
+        "sam_mask_decoder.iou_token.weight": torch.randn(1, 256, generator=g),
+        "memory_encoder.out_proj.weight": torch.randn(64, 256, 1, 1, generator=g),
+    }
     if v21:
         sd["no_obj_embed_spatial"] = torch.randn(1, 64, generator=g)
     return sd
@@ -74,8 +76,9 @@ def test_masks_become_logits_in_each_models_frame():
 
 
 _err = import_error()
-needs_sam2 = pytest.mark.skipif(_err is not None, reason=f"sam2 unusable here: {_err} (pip install sam2 with a "
-                                "torchvision built for this torch)")
+needs_sam2 = pytest.mark.skipif(
+    _err is not None, reason=f"sam2 unusable here: {_err} (pip install sam2 with a torchvision built for this torch)"
+)
 
 
 @needs_sam2

@@ -30,26 +30,29 @@ def test_unknown_fields_are_tolerated():
     assert ev["eta_s"] == 3
 
 
-@pytest.mark.parametrize("line, code, request_id", [
-    (b'{"v":1,"id":"a","type":"frobnicate"}', "bad_request", "a"),
-    (b'{"v":2,"id":"b","type":"hello"}', "version_mismatch", "b"),
-    (b'{"v":0,"id":"b","type":"hello"}', "version_mismatch", "b"),
-    (b'{"id":"c","type":"hello"}', "bad_request", "c"),
-    (b'{"v":"1","id":"c","type":"hello"}', "bad_request", "c"),
-    (b'{"v":1,"type":"hello"}', "bad_request", None),
-    (b'{"v":1,"id":7,"type":"hello"}', "bad_request", None),
-    (b"not json", "bad_request", None),
-    (b"[1, 2]", "bad_request", None),
-    (b'{"v":1,"id":"n","type":"reconstruct","photo":"p","mask":"m","out":"o","steps":NaN}', "bad_request", None),
-    (b"\xff\xfe", "bad_request", None),
-    (b'{"v":1,"id":"d","type":"reconstruct","mask":"m","out":"o"}', "bad_request", "d"),
-    (b'{"v":1,"id":"d","type":"reconstruct","photo":"","mask":"m","out":"o"}', "bad_request", "d"),
-    (b'{"v":1,"id":"e","type":"reconstruct","photo":"p","mask":"m","out":"o","steps":"5"}', "bad_request", "e"),
-    (b'{"v":1,"id":"e","type":"reconstruct","photo":"p","mask":"m","out":"o","steps":0}', "bad_request", "e"),
-    (b'{"v":1,"id":"e","type":"reconstruct","photo":"p","mask":"m","out":"o","seed":true}', "bad_request", "e"),
-    (b'{"v":1,"id":"e","type":"reconstruct","photo":"p","mask":"m","out":"o","fast":1}', "bad_request", "e"),
-    (b'{"v":1,"id":"f","type":"cancel"}', "bad_request", "f"),
-])
+@pytest.mark.parametrize(
+    "line, code, request_id",
+    [
+        (b'{"v":1,"id":"a","type":"frobnicate"}', "bad_request", "a"),
+        (b'{"v":2,"id":"b","type":"hello"}', "version_mismatch", "b"),
+        (b'{"v":0,"id":"b","type":"hello"}', "version_mismatch", "b"),
+        (b'{"id":"c","type":"hello"}', "bad_request", "c"),
+        (b'{"v":"1","id":"c","type":"hello"}', "bad_request", "c"),
+        (b'{"v":1,"type":"hello"}', "bad_request", None),
+        (b'{"v":1,"id":7,"type":"hello"}', "bad_request", None),
+        (b"not json", "bad_request", None),
+        (b"[1, 2]", "bad_request", None),
+        (b'{"v":1,"id":"n","type":"reconstruct","photo":"p","mask":"m","out":"o","steps":NaN}', "bad_request", None),
+        (b"\xff\xfe", "bad_request", None),
+        (b'{"v":1,"id":"d","type":"reconstruct","mask":"m","out":"o"}', "bad_request", "d"),
+        (b'{"v":1,"id":"d","type":"reconstruct","photo":"","mask":"m","out":"o"}', "bad_request", "d"),
+        (b'{"v":1,"id":"e","type":"reconstruct","photo":"p","mask":"m","out":"o","steps":"5"}', "bad_request", "e"),
+        (b'{"v":1,"id":"e","type":"reconstruct","photo":"p","mask":"m","out":"o","steps":0}', "bad_request", "e"),
+        (b'{"v":1,"id":"e","type":"reconstruct","photo":"p","mask":"m","out":"o","seed":true}', "bad_request", "e"),
+        (b'{"v":1,"id":"e","type":"reconstruct","photo":"p","mask":"m","out":"o","fast":1}', "bad_request", "e"),
+        (b'{"v":1,"id":"f","type":"cancel"}', "bad_request", "f"),
+    ],
+)
 def test_invalid_requests_get_structured_errors(line, code, request_id):
     with pytest.raises(P.ProtocolError) as info:
         P.decode_request(line)
@@ -75,8 +78,13 @@ def test_valid_requests_and_defaults():
 
 
 def test_responses_validate():
-    ok = [P.progress("a", "stage1", 1, 25), P.error("a", "bad_input", "photo missing", {"x": float("nan")}),
-          P.response("result", "a", glb="/o/x.glb"), P.response("cancelled", "a"), P.response("hello", "a")]
+    ok = [
+        P.progress("a", "stage1", 1, 25),
+        P.error("a", "bad_input", "photo missing", {"x": float("nan")}),
+        P.response("result", "a", glb="/o/x.glb"),
+        P.response("cancelled", "a"),
+        P.response("hello", "a"),
+    ]
     for msg in ok:
         assert P.decode_response(P.encode(msg)) == json.loads(P.encode(msg))
     with pytest.raises(ValueError):
@@ -98,14 +106,18 @@ def test_protocol_and_client_are_stdlib_only():
         "import sam3d_core.serve.protocol, sam3d_core.serve.client;"
         "print(sorted(m for m in sys.modules if m.startswith('sam3d_core')))"
     )
-    out = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(REPO)], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code, str(REPO)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == str(["sam3d_core", "sam3d_core.serve", "sam3d_core.serve.client",
-                                      "sam3d_core.serve.protocol"])
+    assert out.stdout.strip() == str(
+        ["sam3d_core", "sam3d_core.serve", "sam3d_core.serve.client", "sam3d_core.serve.protocol", "sam3d_core.version"]
+    )
     # and with the full environment, nothing heavy is pulled in either
-    code = ("import sys; import sam3d_core.serve.client;"
-            "print([m for m in ('torch', 'numpy', 'PIL', 'trimesh') if m in sys.modules])")
+    code = (
+        "import sys; import sam3d_core.serve.client;"
+        "print([m for m in ('torch', 'numpy', 'PIL', 'trimesh') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
 
@@ -132,7 +144,7 @@ def test_worker_stdout_carries_only_protocol_lines():
 def test_serve_subcommand_parser():
     import argparse
 
-    from sam3d_core.serve.cli import add_serve_parser, cmd_serve
+    from sam3d_core.cli.serve import add_serve_parser, cmd_serve
 
     parser = argparse.ArgumentParser(prog="sam3d")
     add_serve_parser(parser.add_subparsers(dest="command", required=True))
@@ -144,8 +156,9 @@ def test_client_reports_a_worker_that_fails_to_start():
     from sam3d_core.serve.client import WorkerClient, WorkerError
 
     logs: list[str] = []
-    client = WorkerClient(sys.executable, args=("-c", "import sys; sys.stderr.write('boom: no torch\\n'); sys.exit(3)"),
-                          log=logs.append)
+    client = WorkerClient(
+        sys.executable, args=("-c", "import sys; sys.stderr.write('boom: no torch\\n'); sys.exit(3)"), log=logs.append
+    )
     with pytest.raises(WorkerError) as info:
         client.hello(timeout=30)
     e = info.value
@@ -158,8 +171,12 @@ def test_reconstruct_options_are_validated():
     base = {"photo": "/p.png", "mask": "/m.png", "out": "/o"}
     for ok in ({"vram": "low"}, {"texture_size": 64, "faces": 100, "stage2": False, "name": "cup"}):
         assert P.request("reconstruct", **base, **ok)["type"] == "reconstruct"
-    for bad, field in (({"vram": "huge"}, "vram"), ({"texture_size": 9}, "texture_size"),
-                       ({"faces": 10**7}, "faces"), ({"stage2": "yes"}, "stage2")):
+    for bad, field in (
+        ({"vram": "huge"}, "vram"),
+        ({"texture_size": 9}, "texture_size"),
+        ({"faces": 10**7}, "faces"),
+        ({"stage2": "yes"}, "stage2"),
+    ):
         with pytest.raises(P.ProtocolError) as info:
             P.request("reconstruct", **base, **bad)
         assert info.value.code == "bad_request" and info.value.details["field"] == field

@@ -69,8 +69,7 @@ def test_reconstruct_reports_progress_and_writes_glb(worker, files, tmp_path):
     assert final["type"] == "result", final
     progress = [(e["stage"], e["step"], e["total"]) for e in events[:-1]]
     assert all(e["type"] == "progress" and e["id"] == job.id for e in events[:-1])
-    assert progress == [("preprocess", 0, 1), ("stage1", 0, 2), ("stage1", 1, 2), ("stage1", 2, 2),
-                        ("export", 0, 1)]
+    assert progress == [("preprocess", 0, 1), ("stage1", 0, 2), ("stage1", 1, 2), ("stage1", 2, 2), ("export", 0, 1)]
     glb = Path(final["glb"])
     assert glb.is_absolute() and glb.is_file() and glb.read_bytes()[:4] == b"glTF"
     assert Path(final["scene"]).is_file() and final["num_voxels"] > 0
@@ -108,12 +107,14 @@ def test_open_photo_and_segment_requests(worker, files, tmp_path):
     assert info["type"] == "photo" and (info["width"], info["height"]) == (64, 48)
     assert info["intrinsics_source"] == "default_fov" and len(info["K"]) == 3
     assert info["blender_camera"]["resolution_x"] == 64 and info["segmenter"]["name"]
-    res = worker.segment(str(files["photo"]), str(tmp_path / "m.png"), points=[[32, 25, 1]],
-                         box=[15, 10, 50, 40]).result(timeout=60)
+    res = worker.segment(
+        str(files["photo"]), str(tmp_path / "m.png"), points=[[32, 25, 1]], box=[15, 10, 50, 40]
+    ).result(timeout=60)
     mask = np.asarray(Image.open(res["mask"]))
     assert mask.shape == (48, 64) and res["area"] == int((mask > 127).sum()) > 0
-    again = worker.segment(str(files["photo"]), str(tmp_path / "m2.png"), points=[[32, 25, 1], [20, 15, 0]],
-                           previous=res["mask"]).result(timeout=60)
+    again = worker.segment(
+        str(files["photo"]), str(tmp_path / "m2.png"), points=[[32, 25, 1], [20, 15, 0]], previous=res["mask"]
+    ).result(timeout=60)
     assert Path(again["mask"]).is_file()
     with pytest.raises(WorkerError) as info:
         worker.segment(str(files["photo"]), str(tmp_path / "m3.png"), points=[[640, 25, 1]]).result(timeout=60)
@@ -146,12 +147,15 @@ def test_cancel_running_and_queued_jobs(worker, files, tmp_path):
     assert Path(after.result(timeout=120)["glb"]).is_file()  # the worker goes on with the next job
 
 
-@pytest.mark.parametrize("photo, mask, words", [
-    ("missing", "mask", ["does not exist"]),
-    ("not_an_image", "mask", ["not_an_image.png"]),
-    ("photo", "empty_mask", ["empty"]),
-    ("photo", "small_mask", ["32x24", "64x48"]),
-])
+@pytest.mark.parametrize(
+    "photo, mask, words",
+    [
+        ("missing", "mask", ["does not exist"]),
+        ("not_an_image", "mask", ["not_an_image.png"]),
+        ("photo", "empty_mask", ["empty"]),
+        ("photo", "small_mask", ["32x24", "64x48"]),
+    ],
+)
 def test_bad_input_is_reported_and_worker_survives(worker, files, tmp_path, photo, mask, words):
     path = {k: str(files[k]) if k in files else str(files["dir"] / f"{k}.png") for k in (photo, mask)}
     job = worker.reconstruct(path[photo], path[mask], str(tmp_path / "out"), steps=2, stage2=False)
@@ -206,7 +210,7 @@ def test_missing_weights_and_out_of_memory_in_process(tmp_path, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    from sam3d_core.pipeline import Pipeline
+    from sam3d_core.pipeline.reconstruct import Pipeline
 
     pipe, which = Pipeline.load("tiny", "cpu", max_voxels=100)
     pipe.stage1.sample = oom

@@ -9,8 +9,8 @@ import torch
 
 from sam3d_core.models.condition import ConditionEmbedder
 from sam3d_core.models.slat_flow import SLatFlowModel
+from sam3d_core.pipeline.sampling import cfg_strength_at, denormalize_slat, sample_stage2, slat_time_grid, stage2_noise
 from sam3d_core.registry import stage2_preset
-from sam3d_core.sampling import cfg_strength_at, denormalize_slat, sample_stage2, slat_time_grid, stage2_noise
 
 FIXTURE = Path(__file__).parent / "fixtures" / "stage2_small"
 GENERATOR_PREFIX = "_base_models.generator.reverse_fn.backbone."

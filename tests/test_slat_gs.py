@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sam3d_core.gaussians import SH_C0, Gaussians
+from sam3d_core.geometry.gaussians import SH_C0, Gaussians
 from sam3d_core.models.slat_vae import SLatGaussianDecoder, hammersley_offsets, radical_inverse
 from sam3d_core.registry import stage2_preset
 

@@ -67,9 +67,7 @@ def test_official_state_dict_matches_spec_table():
     assert list(buffers) == ["latent_mapping.shape.pos_emb"]  # persistent buffer, in the checkpoint
     assert isinstance(model.latent_mapping["scale"].pos_emb, torch.nn.Parameter)
     # strict load of a same-keyed state dict works with no renaming
-    model.load_state_dict(
-        {k: torch.empty(s, device="meta") for k, s in table.items()}, strict=True, assign=True
-    )
+    model.load_state_dict({k: torch.empty(s, device="meta") for k, s in table.items()}, strict=True, assign=True)
 
 
 def test_shape_pos_emb_is_ij_grid_embedding():
@@ -189,7 +187,6 @@ def test_bad_inputs_raise(small):
 
 
 # --- parity with the official code (tests/fixtures/stage1_small, see its meta.json) --------------------
-
 
 
 @torch.no_grad()

@@ -133,9 +133,7 @@ def test_pixel_shuffle_3d_index_map():
     x = torch.arange(16 * 2 * 3 * 2, dtype=torch.float32).reshape(1, 16, 2, 3, 2)
     y = pixel_shuffle_3d(x, 2)
     assert y.shape == (1, 2, 4, 6, 4)
-    for c, i, j, k, h, w, d in itertools.product(
-        range(2), range(2), range(2), range(2), range(2), range(3), range(2)
-    ):
+    for c, i, j, k, h, w, d in itertools.product(range(2), range(2), range(2), range(2), range(2), range(3), range(2)):
         assert y[0, c, 2 * h + i, 2 * w + j, 2 * d + k] == x[0, c * 8 + i * 4 + j * 2 + k, h, w, d]
 
 

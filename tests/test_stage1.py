@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from sam3d_core.camera import fallback_pointmap
-from sam3d_core.cli import EXAMPLE_MASK, EXAMPLE_PHOTO, _load_inputs, main
+from sam3d_core.cli.main import main
+from sam3d_core.cli.reconstruct import EXAMPLE_MASK, EXAMPLE_PHOTO
+from sam3d_core.inputs.camera import fallback_pointmap
+from sam3d_core.inputs.imageio import load_mask, load_photo
+from sam3d_core.pipeline.stage1 import Stage1Model, Stage1Pipeline
 from sam3d_core.registry import stage1_preset
-from sam3d_core.stage1 import Stage1Model, Stage1Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,8 @@ def pipe() -> Stage1Pipeline:
 
 @pytest.fixture(scope="module")
 def example():
-    image, mask = _load_inputs(EXAMPLE_PHOTO, EXAMPLE_MASK)
+    photo = load_photo(EXAMPLE_PHOTO)
+    image, mask = photo.rgb, load_mask(EXAMPLE_MASK, photo)
     pointmap, K = fallback_pointmap(*image.shape[:2])
     return image, mask, pointmap
 
@@ -84,8 +87,20 @@ def test_cli_stage1_writes_a_placed_glb_and_json(tmp_path, monkeypatch):
     trimesh = pytest.importorskip("trimesh")
     monkeypatch.setenv("SAM3D_HOME", str(tmp_path / "home"))
     out = tmp_path / "out"
-    rc = main(["stage1", str(EXAMPLE_PHOTO), "--mask", str(EXAMPLE_MASK), "--steps", "2", "--model", "tiny",
-               "--out", str(out)])
+    rc = main(
+        [
+            "stage1",
+            str(EXAMPLE_PHOTO),
+            "--mask",
+            str(EXAMPLE_MASK),
+            "--steps",
+            "2",
+            "--model",
+            "tiny",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     scene = json.loads((out / "scene.json").read_text())
     obj = scene["objects"][0]

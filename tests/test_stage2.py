@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from sam3d_core.camera import fallback_pointmap
-from sam3d_core.cli import EXAMPLE_MASK, EXAMPLE_PHOTO, _load_inputs
-from sam3d_core.preprocess import preprocess_stage2
+from sam3d_core.cli.reconstruct import EXAMPLE_MASK, EXAMPLE_PHOTO
+from sam3d_core.inputs.camera import fallback_pointmap
+from sam3d_core.inputs.imageio import load_mask, load_photo
+from sam3d_core.pipeline.preprocess import preprocess_stage2
+from sam3d_core.pipeline.stage1 import Stage1Pipeline
+from sam3d_core.pipeline.stage2 import Stage2Model, Stage2Pipeline
 from sam3d_core.registry import stage1_preset, stage2_preset
-from sam3d_core.stage1 import Stage1Pipeline
-from sam3d_core.stage2 import Stage2Model, Stage2Pipeline
 
 FIXTURE = Path(__file__).parent / "fixtures" / "stage2_small"
 TINY = stage2_preset("tiny")
@@ -123,7 +124,8 @@ def tiny2() -> Stage2Pipeline:
 
 @pytest.fixture(scope="module")
 def example():
-    image, mask = _load_inputs(EXAMPLE_PHOTO, EXAMPLE_MASK)
+    photo = load_photo(EXAMPLE_PHOTO)
+    image, mask = photo.rgb, load_mask(EXAMPLE_MASK, photo)
     return image, mask
 
 
@@ -188,17 +190,21 @@ def test_bad_voxels_and_options_are_clear_errors(tiny2, example):
         tiny2(image, np.zeros_like(mask), good, steps=1)
 
 
-
-
 def test_from_pretrained_after_import_matches_the_official_chain(tmp_path, data):
-    from sam3d_core import hub
+    from sam3d_core.weights import hub
 
     root = tmp_path / "models"
     hub.import_official(FIXTURE / "official", name="fixture", root=root)
     pipe = Stage2Pipeline.from_pretrained(str(root / "fixture"), device="cpu")
-    out = pipe(data["input/rgb"].numpy(), data["input/mask"].numpy() > 0, data["input/coords"].to(torch.int32),
-               seed=42, decode=("gaussian",))
+    out = pipe(
+        data["input/rgb"].numpy(),
+        data["input/mask"].numpy() > 0,
+        data["input/coords"].to(torch.int32),
+        seed=42,
+        decode=("gaussian",),
+    )
     ref = data["sample/slat_feats"]
-    torch.testing.assert_close(out.slat_feats, ref.reshape(out.slat_feats.shape), rtol=1e-4,
-                               atol=1e-4 * float(ref.abs().max()))
+    torch.testing.assert_close(
+        out.slat_feats, ref.reshape(out.slat_feats.shape), rtol=1e-4, atol=1e-4 * float(ref.abs().max())
+    )
     assert pipe.weights_id.startswith("sha256:")

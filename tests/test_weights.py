@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sam3d_core import hub
-from sam3d_core.cli import main
-from sam3d_core.convert import CheckpointError, stage1_config_from_official
-from sam3d_core.stage1 import Stage1Pipeline
+from sam3d_core.cli.main import main
+from sam3d_core.pipeline.stage1 import Stage1Pipeline
+from sam3d_core.weights import hub
+from sam3d_core.weights.convert import CheckpointError, stage1_config_from_official
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "stage1_small" / "official"
 
@@ -150,8 +150,8 @@ STAGE2 = Path(__file__).parent / "fixtures" / "stage2_small" / "official"
 
 
 def test_stage2_yamls_give_the_tiny_stage2_preset():
-    from sam3d_core.convert import stage2_config_from_official
     from sam3d_core.registry import stage2_preset
+    from sam3d_core.weights.convert import stage2_config_from_official
 
     assert stage2_config_from_official(STAGE2) == stage2_preset("tiny")
 
@@ -164,8 +164,13 @@ def test_import_both_stages_from_one_folder_like_the_release(home, tmp_path):
     rep = hub.import_official(both)
     assert rep.stages == ("stage1", "stage2")
     manifest = json.loads((rep.folder / "manifest.json").read_text())
-    assert {"stage1.json", "stage2.json", "slat_generator.safetensors", "slat_decoder_gs.safetensors",
-            "slat_decoder_mesh.safetensors"} <= set(manifest["files"])
+    assert {
+        "stage1.json",
+        "stage2.json",
+        "slat_generator.safetensors",
+        "slat_decoder_gs.safetensors",
+        "slat_decoder_mesh.safetensors",
+    } <= set(manifest["files"])
     cfg, state, _ = hub.load_stage2_state("official")
     raw = torch.load(STAGE2 / "slat_decoder_mesh.ckpt", weights_only=True)
     key = next(iter(raw))

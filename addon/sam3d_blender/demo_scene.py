@@ -54,8 +54,9 @@ def add_light(context: bpy.types.Context, col: bpy.types.Collection) -> None:
         bg.inputs["Strength"].default_value = 1.0
 
 
-def setup_composite_render(scene: bpy.types.Scene, photo: bpy.types.Image, samples: int = 8,
-                           percentage: int = 50) -> None:
+def setup_composite_render(
+    scene: bpy.types.Scene, photo: bpy.types.Image, samples: int = 8, percentage: int = 50
+) -> None:
     """Cycles on the CPU, few samples, transparent film; the compositor lays the render over the photo."""
     scene.render.engine = "CYCLES"
     scene.cycles.device = "CPU"

@@ -69,8 +69,9 @@ class SAM3D_OT_add_prompt(bpy.types.Operator):
         if not props.photo:
             return _fail(self, props, "open a photo first (SAM 3D panel > Open Photo)")
         if not (0 <= self.x < props.width and 0 <= self.y < props.height):
-            return _fail(self, props, f"click ({self.x:.0f}, {self.y:.0f}) is outside the {props.width}x"
-                                      f"{props.height} photo")
+            return _fail(
+                self, props, f"click ({self.x:.0f}, {self.y:.0f}) is outside the {props.width}x{props.height} photo"
+            )
         p = props.prompts.add()
         p.x, p.y, p.label = self.x, self.y, self.label
         tasks.request_segment(context)
@@ -127,19 +128,26 @@ class SAM3D_OT_pick(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        return bool(_props(context).photo) and context.area is not None and context.area.type in (
-            "IMAGE_EDITOR", "VIEW_3D")
+        return (
+            bool(_props(context).photo)
+            and context.area is not None
+            and context.area.type in ("IMAGE_EDITOR", "VIEW_3D")
+        )
 
     def invoke(self, context, event):
         if overlay.photo_frame(context) is None:
-            msg = ("show the photo first: in the Image Editor open it, or in the 3D view look through its camera "
-                   "(Numpad 0)")
+            msg = (
+                "show the photo first: in the Image Editor open it, or in the 3D view look through its camera "
+                "(Numpad 0)"
+            )
             self.report({"WARNING"}, msg)
             return {"CANCELLED"}
         self._press = None
         context.window_manager.modal_handler_add(self)
-        context.workspace.status_text_set("Click: object  Shift/Right-click: not object  Drag: box  "
-                                          "Enter: add object  Backspace: undo click  Esc: done")
+        context.workspace.status_text_set(
+            "Click: object  Shift/Right-click: not object  Drag: box  "
+            "Enter: add object  Backspace: undo click  Esc: done"
+        )
         return {"RUNNING_MODAL"}
 
     def _to_photo(self, context, event):
@@ -449,8 +457,24 @@ class SAM3D_OT_stop_worker(bpy.types.Operator):
         return {"FINISHED"}
 
 
-CLASSES = (SAM3D_OT_open_photo, SAM3D_OT_add_prompt, SAM3D_OT_set_box, SAM3D_OT_clear_prompts, SAM3D_OT_pick,
-           SAM3D_OT_add_object, SAM3D_OT_add_mask, SAM3D_OT_find_objects, SAM3D_OT_remove_item,
-           SAM3D_OT_reconstruct, SAM3D_OT_cancel, SAM3D_OT_reroll, SAM3D_OT_best_of_n, SAM3D_OT_keep_candidate,
-           SAM3D_OT_reject_candidates, SAM3D_OT_load_scene, SAM3D_OT_check_setup, SAM3D_OT_detect_python,
-           SAM3D_OT_stop_worker)
+CLASSES = (
+    SAM3D_OT_open_photo,
+    SAM3D_OT_add_prompt,
+    SAM3D_OT_set_box,
+    SAM3D_OT_clear_prompts,
+    SAM3D_OT_pick,
+    SAM3D_OT_add_object,
+    SAM3D_OT_add_mask,
+    SAM3D_OT_find_objects,
+    SAM3D_OT_remove_item,
+    SAM3D_OT_reconstruct,
+    SAM3D_OT_cancel,
+    SAM3D_OT_reroll,
+    SAM3D_OT_best_of_n,
+    SAM3D_OT_keep_candidate,
+    SAM3D_OT_reject_candidates,
+    SAM3D_OT_load_scene,
+    SAM3D_OT_check_setup,
+    SAM3D_OT_detect_python,
+    SAM3D_OT_stop_worker,
+)

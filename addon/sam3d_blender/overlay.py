@@ -36,10 +36,12 @@ def _mask_shader():
         info.vertex_in(1, "VEC2", "texCoord")
         info.vertex_out(iface)
         info.fragment_out(0, "VEC4", "FragColor")
-        info.vertex_source("void main() { uv = texCoord; "
-                           "gl_Position = ModelViewProjectionMatrix * vec4(pos, 0.0, 1.0); }")
-        info.fragment_source("void main() { float m = texture(image, uv).r; "
-                             "FragColor = vec4(color.rgb, color.a * step(0.5, m)); }")
+        info.vertex_source(
+            "void main() { uv = texCoord; gl_Position = ModelViewProjectionMatrix * vec4(pos, 0.0, 1.0); }"
+        )
+        info.fragment_source(
+            "void main() { float m = texture(image, uv).r; FragColor = vec4(color.rgb, color.a * step(0.5, m)); }"
+        )
         _SHADER = gpu.shader.create_from_info(info)
     return _SHADER
 
@@ -62,7 +64,7 @@ def _texture(path: str):
 def refresh(props) -> None:
     """Redraw the views after a mask changed."""
     wm = bpy.context.window_manager
-    for window in (wm.windows if wm else []):
+    for window in wm.windows if wm else []:
         for area in window.screen.areas:
             if area.type in ("IMAGE_EDITOR", "VIEW_3D"):
                 area.tag_redraw()
@@ -88,8 +90,10 @@ def photo_frame(context) -> tuple[float, float, float, float] | None:
             return None
         from bpy_extras.view3d_utils import location_3d_to_region_2d
 
-        corners = [location_3d_to_region_2d(region, rv3d, cam.matrix_world @ v)
-                   for v in cam.data.view_frame(scene=context.scene)]
+        corners = [
+            location_3d_to_region_2d(region, rv3d, cam.matrix_world @ v)
+            for v in cam.data.view_frame(scene=context.scene)
+        ]
         if any(c is None for c in corners):
             return None
         xs, ys = [c.x for c in corners], [c.y for c in corners]
@@ -103,9 +107,14 @@ def _draw_mask(path: str, frame, color, alpha: float) -> None:
         return
     left, bottom, right, top = frame
     shader = _mask_shader()
-    batch = batch_for_shader(shader, "TRI_FAN", {
-        "pos": ((left, bottom), (right, bottom), (right, top), (left, top)),
-        "texCoord": ((0, 0), (1, 0), (1, 1), (0, 1))})
+    batch = batch_for_shader(
+        shader,
+        "TRI_FAN",
+        {
+            "pos": ((left, bottom), (right, bottom), (right, top), (left, top)),
+            "texCoord": ((0, 0), (1, 0), (1, 1), (0, 1)),
+        },
+    )
     shader.bind()
     mvp = gpu.matrix.get_projection_matrix() @ gpu.matrix.get_model_view_matrix()
     shader.uniform_float("ModelViewProjectionMatrix", mvp)

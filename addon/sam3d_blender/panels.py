@@ -6,8 +6,14 @@ import bpy
 
 from .session import SESSION, TASKS
 
-STATUS_ICONS = {"MASKED": "MOD_MASK", "QUEUED": "SORTTIME", "RUNNING": "PLAY", "DONE": "CHECKMARK",
-                "ERROR": "ERROR", "CANCELLED": "CANCEL"}
+STATUS_ICONS = {
+    "MASKED": "MOD_MASK",
+    "QUEUED": "SORTTIME",
+    "RUNNING": "PLAY",
+    "DONE": "CHECKMARK",
+    "ERROR": "ERROR",
+    "CANCELLED": "CANCEL",
+}
 
 
 class SAM3D_UL_items(bpy.types.UIList):
@@ -39,8 +45,10 @@ def _draw(layout, context) -> None:
     row.operator("sam3d.pick", text="Click Objects", icon="EYEDROPPER")
     row.operator("sam3d.clear_prompts", text="", icon="X")
     if props.prompts or props.use_box:
-        box.label(text=f"{sum(p.label for p in props.prompts)} + / {sum(1 - p.label for p in props.prompts)} - "
-                       f"clicks{', box' if props.use_box else ''}")
+        box.label(
+            text=f"{sum(p.label for p in props.prompts)} + / {sum(1 - p.label for p in props.prompts)} - "
+            f"clicks{', box' if props.use_box else ''}"
+        )
     if props.draft_info:
         box.label(text=props.draft_info)
     row = box.row(align=True)
@@ -66,8 +74,9 @@ def _draw(layout, context) -> None:
         row.operator("sam3d.keep_candidate", icon="CHECKMARK")
         row.operator("sam3d.reject_candidates", icon="X")
 
-    worker = {"stopped": "not running", "starting": "loading the model ...", "ready": "ready",
-              "failed": "FAILED"}[SESSION.state]
+    worker = {"stopped": "not running", "starting": "loading the model ...", "ready": "ready", "failed": "FAILED"}[
+        SESSION.state
+    ]
     layout.label(text=f"Worker: {worker}", icon="ERROR" if SESSION.state == "failed" else "CONSOLE")
     if props.status:
         icon = {"ERROR": "ERROR", "WARNING": "INFO"}.get(props.status_level, "NONE")

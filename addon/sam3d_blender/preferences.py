@@ -26,30 +26,54 @@ def package_name() -> str:
 class SAM3D_Preferences(bpy.types.AddonPreferences):
     bl_idname = __package__
 
-    python: StringProperty(name="Worker Python", subtype="FILE_PATH", default="",
-                           description="Python interpreter of the environment where sam3d is installed "
-                                       "(empty: detect it)")
-    weights_dir: StringProperty(name="Weights folder", subtype="DIR_PATH", default="",
-                                description="sam3d data folder holding imported weights (empty: sam3d's default)")
-    model: StringProperty(name="Model", default="",
-                          description="Imported model name, or 'tiny' (empty: the best available)")
-    device: EnumProperty(name="Device", items=(("auto", "Automatic", "CUDA when present"),
-                                               ("cuda", "CUDA", "The first NVIDIA GPU"),
-                                               ("cpu", "CPU", "Very slow; for testing")), default="auto")
+    python: StringProperty(
+        name="Worker Python",
+        subtype="FILE_PATH",
+        default="",
+        description="Python interpreter of the environment where sam3d is installed (empty: detect it)",
+    )
+    weights_dir: StringProperty(
+        name="Weights folder",
+        subtype="DIR_PATH",
+        default="",
+        description="sam3d data folder holding imported weights (empty: sam3d's default)",
+    )
+    model: StringProperty(
+        name="Model", default="", description="Imported model name, or 'tiny' (empty: the best available)"
+    )
+    device: EnumProperty(
+        name="Device",
+        items=(
+            ("auto", "Automatic", "CUDA when present"),
+            ("cuda", "CUDA", "The first NVIDIA GPU"),
+            ("cpu", "CPU", "Very slow; for testing"),
+        ),
+        default="auto",
+    )
     vram: EnumProperty(name="GPU memory", items=VRAM_PRESETS, default="AUTO")
     steps: IntProperty(name="Steps", default=0, min=0, max=1000, description="Sampling steps (0: the model's)")
     seed: IntProperty(name="Seed", default=42, min=0)
-    textured: BoolProperty(name="Textured mesh", default=True,
-                           description="Reconstruct the textured mesh (stage 2). Off: the coarse shape and its "
-                                       "placement only, several times faster (for layout)")
+    textured: BoolProperty(
+        name="Textured mesh",
+        default=True,
+        description="Reconstruct the textured mesh (stage 2). Off: the coarse shape and its "
+        "placement only, several times faster (for layout)",
+    )
     texture_size: IntProperty(name="Texture size", default=1024, min=64, max=8192)
     faces: IntProperty(name="Faces", default=20000, min=100, max=2_000_000, description="Target face count")
-    output_dir: StringProperty(name="Output folder", subtype="DIR_PATH", default="",
-                               description="Where masks and reconstructed objects are written (empty: a folder "
-                                           "next to the .blend, or a temporary one)")
-    preference_log: StringProperty(name="Preference log", subtype="FILE_PATH", default="",
-                                   description="JSON-lines file of picks and rejections (empty: the weights "
-                                               "folder's preferences.jsonl)")
+    output_dir: StringProperty(
+        name="Output folder",
+        subtype="DIR_PATH",
+        default="",
+        description="Where masks and reconstructed objects are written (empty: a folder "
+        "next to the .blend, or a temporary one)",
+    )
+    preference_log: StringProperty(
+        name="Preference log",
+        subtype="FILE_PATH",
+        default="",
+        description="JSON-lines file of picks and rejections (empty: the weights folder's preferences.jsonl)",
+    )
 
     def draw(self, context):
         layout = self.layout
@@ -59,8 +83,12 @@ class SAM3D_Preferences(bpy.types.AddonPreferences):
         row.operator("sam3d.detect_python", text="", icon="VIEWZOOM")
         if not self.python:
             found = setup.find_worker_python(ADDON_DIR)
-            col.label(text=f"Detected: {found[0].python} ({found[0].source})" if found
-                      else "No sam3d environment found: set the Worker Python", icon="INFO")
+            col.label(
+                text=f"Detected: {found[0].python} ({found[0].source})"
+                if found
+                else "No sam3d environment found: set the Worker Python",
+                icon="INFO",
+            )
         col.prop(self, "weights_dir")
         col.prop(self, "model")
         row = col.row()
@@ -102,8 +130,10 @@ def worker_python(prefs) -> tuple[str, str]:
     found = setup.find_worker_python(ADDON_DIR)
     if found:
         return found[0].python, found[0].source
-    return "", ("no sam3d environment found; set Preferences > Add-ons > SAM 3D Objects > Worker Python to the "
-                "python of the environment where sam3d is installed (or set $SAM3D_PYTHON)")
+    return "", (
+        "no sam3d environment found; set Preferences > Add-ons > SAM 3D Objects > Worker Python to the "
+        "python of the environment where sam3d is installed (or set $SAM3D_PYTHON)"
+    )
 
 
 def weights_dir(prefs) -> str:

@@ -74,8 +74,9 @@ def apply_camera(cam_obj: bpy.types.Object, cam: dict, scene: bpy.types.Scene) -
     cam_obj["sam3d_camera"] = json.dumps(cam)
 
 
-def setup_photo_camera(context: bpy.types.Context, photo: str, cam: dict, K=None,
-                       intrinsics_source: str = "default_fov") -> bpy.types.Object:
+def setup_photo_camera(
+    context: bpy.types.Context, photo: str, cam: dict, K=None, intrinsics_source: str = "default_fov"
+) -> bpy.types.Object:
     """A new camera matched to the photo, with the photo as its background, in the photo's collection.
 
     Makes it the scene camera and sets the render resolution to the photo's. Raises before touching the
@@ -131,8 +132,9 @@ def material_report(objects) -> dict:
                 continue
             mats.add(slot.material.name)
             if slot.material.use_nodes:
-                images.update(n.image.name for n in slot.material.node_tree.nodes
-                              if n.type == "TEX_IMAGE" and n.image is not None)
+                images.update(
+                    n.image.name for n in slot.material.node_tree.nodes if n.type == "TEX_IMAGE" and n.image is not None
+                )
     return {"materials": len(mats), "image_textures": len(images)}
 
 
@@ -151,8 +153,13 @@ def _ensure_material(obj: bpy.types.Object) -> None:
     obj.data.materials.append(mat)
 
 
-def apply_entry(context: bpy.types.Context, entry: ObjectEntry, collection: bpy.types.Collection,
-                photo: str = "", extra: dict | None = None) -> bpy.types.Object:
+def apply_entry(
+    context: bpy.types.Context,
+    entry: ObjectEntry,
+    collection: bpy.types.Collection,
+    photo: str = "",
+    extra: dict | None = None,
+) -> bpy.types.Object:
     """Import one object's GLB, place it with its matrix, put it into `collection`; returns the top object.
 
     A single imported mesh becomes the object itself; several become children of an empty (the top
@@ -160,8 +167,10 @@ def apply_entry(context: bpy.types.Context, entry: ObjectEntry, collection: bpy.
     On failure every object the import created is removed again, so the scene is left as it was.
     """
     if not os.path.isfile(entry.mesh_path):
-        raise FileNotFoundError(f"the object file {entry.mesh_path!r} does not exist (did the worker's output "
-                                "folder get deleted?); reconstruct the object again")
+        raise FileNotFoundError(
+            f"the object file {entry.mesh_path!r} does not exist (did the worker's output "
+            "folder get deleted?); reconstruct the object again"
+        )
     before = set(bpy.data.objects)
     try:
         result = bpy.ops.import_scene.gltf(filepath=entry.mesh_path)

@@ -145,8 +145,11 @@ class OpenPhotoTask(Task):
             return False
         msg = self.job.final
         if msg.get("type") != "photo":
-            report(props, f"camera uses a 60 degree field of view (reading the photo failed: "
-                          f"{self._error_text(msg)})", "WARNING")
+            report(
+                props,
+                f"camera uses a 60 degree field of view (reading the photo failed: {self._error_text(msg)})",
+                "WARNING",
+            )
             return True
         cam = props.camera
         if cam is not None and msg.get("blender_camera"):
@@ -166,8 +169,16 @@ def _camera_differs(cam_obj, new: dict, tol: float = 1e-6) -> bool:
         old = json.loads(cam_obj.get("sam3d_camera", "{}"))
     except ValueError:
         return True
-    for key in ("lens_mm", "sensor_width_mm", "shift_x", "shift_y", "resolution_x", "resolution_y",
-                "pixel_aspect_x", "pixel_aspect_y"):
+    for key in (
+        "lens_mm",
+        "sensor_width_mm",
+        "shift_x",
+        "shift_y",
+        "resolution_x",
+        "resolution_y",
+        "pixel_aspect_x",
+        "pixel_aspect_y",
+    ):
         if key not in old or abs(float(old[key]) - float(new[key])) > tol:
             return True
     return old.get("sensor_fit") != new.get("sensor_fit") or old.get("matrix_world") != new.get("matrix_world")
@@ -190,9 +201,13 @@ def request_segment(context: bpy.types.Context) -> None:
     gen = _SEGMENT_GENERATION.get(scene.name, 0) + 1
     _SEGMENT_GENERATION[scene.name] = gen
     out = os.path.join(work_dir(scene, props.photo, preferences.get()), f"draft_{gen}.png")
-    req = {"type": "segment", "photo": props.photo, "out": out,
-           "points": [[p.x, p.y, p.label] for p in props.prompts],
-           "box": list(props.box) if props.use_box else None}
+    req = {
+        "type": "segment",
+        "photo": props.photo,
+        "out": out,
+        "points": [[p.x, p.y, p.label] for p in props.prompts],
+        "box": list(props.box) if props.use_box else None,
+    }
     from .session import add_task
 
     add_task(SegmentTask(scene, gen, req))
@@ -214,8 +229,12 @@ class SegmentTask(Task):
             if SESSION.state != "ready":
                 return False
             if not SESSION.capable("segment"):
-                report(props, "this worker cannot select objects from clicks yet (no 'segment' capability); "
-                              "update sam3d, or add masks from files (Add mask)", "ERROR")
+                report(
+                    props,
+                    "this worker cannot select objects from clicks yet (no 'segment' capability); "
+                    "update sam3d, or add masks from files (Add mask)",
+                    "ERROR",
+                )
                 return True
             self.job = SESSION.submit(self.request)
         self.job.poll()
@@ -229,8 +248,9 @@ class SegmentTask(Task):
         seg = msg.get("segmenter") or {}
         name = seg.get("name", "?") if isinstance(seg, dict) else str(seg)
         score = msg.get("score")
-        props.draft_info = f"{msg.get('area', '?')} px" + (f", score {score:.2f}" if score is not None else "") + \
-            f" ({name})"
+        props.draft_info = (
+            f"{msg.get('area', '?')} px" + (f", score {score:.2f}" if score is not None else "") + f" ({name})"
+        )
         from . import overlay
 
         overlay.refresh(props)
@@ -279,8 +299,9 @@ class SegmentAllTask(Task):
             if SESSION.state != "ready":
                 return False
             if not SESSION.capable("segment_all"):
-                report(props, "this worker cannot find objects automatically yet (no 'segment_all' capability)",
-                       "ERROR")
+                report(
+                    props, "this worker cannot find objects automatically yet (no 'segment_all' capability)", "ERROR"
+                )
                 return True
             self.job = SESSION.submit(self.request)
         self.job.poll()
@@ -304,8 +325,14 @@ def job_request(scene: bpy.types.Scene, item, seed: int, tag: str) -> dict:
     props, prefs = scene.sam3d, preferences.get()
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", item.name) or "object"  # it names the worker's output files
     out = os.path.join(work_dir(scene, props.photo, prefs), f"{safe}_{tag}")
-    req = {"type": "reconstruct", "photo": props.photo, "mask": bpy.path.abspath(item.mask), "out": out,
-           "seed": seed, "name": safe}
+    req = {
+        "type": "reconstruct",
+        "photo": props.photo,
+        "mask": bpy.path.abspath(item.mask),
+        "out": out,
+        "seed": seed,
+        "name": safe,
+    }
     if prefs is not None:
         req["steps"] = prefs.steps or None
         req["texture_size"], req["faces"] = prefs.texture_size, prefs.faces
@@ -404,8 +431,9 @@ class ReconstructTask(Task):
     def _place_candidate(self, context, props, item, entry) -> None:
         group = CANDIDATES[self.group]
         col = _candidate_collection(context, props, item)
-        obj = S.apply_entry(context, entry, col, photo=props.photo,
-                            extra={"sam3d_item": item.uid, "sam3d_candidate_group": self.group})
+        obj = S.apply_entry(
+            context, entry, col, photo=props.photo, extra={"sam3d_item": item.uid, "sam3d_candidate_group": self.group}
+        )
         obj["sam3d_true_matrix"] = json.dumps([list(r) for r in obj.matrix_world])
         index = len(group["names"])
         if index:  # side by side, to the right of the first (the first stays lined up with the photo)
@@ -417,8 +445,7 @@ class ReconstructTask(Task):
 
 
 def _world_extent(obj) -> float:
-    xs = [(o.matrix_world @ Vector(c)).x for o in S.object_and_children(obj) if o.type == "MESH"
-          for c in o.bound_box]
+    xs = [(o.matrix_world @ Vector(c)).x for o in S.object_and_children(obj) if o.type == "MESH" for c in o.bound_box]
     return (max(xs) - min(xs)) if xs else 0.0
 
 
@@ -442,16 +469,20 @@ def preference_log_path() -> str:
     prefs = preferences.get()
     if prefs is not None and prefs.preference_log:
         return bpy.path.abspath(prefs.preference_log)
-    base = preferences.weights_dir(prefs) or os.environ.get("SAM3D_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "share", "sam3d")
+    base = (
+        preferences.weights_dir(prefs)
+        or os.environ.get("SAM3D_HOME")
+        or os.path.join(os.path.expanduser("~"), ".local", "share", "sam3d")
+    )
     return os.path.join(base, "preferences.jsonl")
 
 
 def _log_choice(props, item, kind: str, chosen: dict | None, rejected: list[dict]) -> None:
     weights = next((c.get("settings", {}).get("weights", "") for c in [chosen, *rejected] if c), "")
     model = SESSION.hello.get("model", "") if SESSION.hello else ""
-    record = preflog.make_record(kind, props.photo, bpy.path.abspath(item.mask), chosen, rejected,
-                                 weights=str(weights), model=model)
+    record = preflog.make_record(
+        kind, props.photo, bpy.path.abspath(item.mask), chosen, rejected, weights=str(weights), model=model
+    )
     preflog.append(preference_log_path(), record)
 
 
@@ -536,8 +567,13 @@ class CheckSetupTask:
         if self.python:
             self.problem = ""
             try:
-                self.probe = subprocess.Popen([self.python, *setup.PROBE_ARGS], stdout=subprocess.PIPE,
-                                              stderr=subprocess.PIPE, text=True, env=setup.worker_env(self.weights_dir))
+                self.probe = subprocess.Popen(
+                    [self.python, *setup.PROBE_ARGS],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=setup.worker_env(self.weights_dir),
+                )
                 SESSION.start(prefs)
             except (OSError, SetupError) as e:
                 self.problem, self.probe = str(e), None
@@ -561,9 +597,14 @@ class CheckSetupTask:
         problem = self.problem or (SESSION.error if state == "failed" else "")
         if waiting:
             problem = problem or f"the worker did not answer within {self.TIMEOUT_S:.0f} s"
-        lines = setup.setup_report(self.python, self.probe_out, SESSION.hello,
-                                   setup.imported_models(self.weights_dir or _default_data_dir()),
-                                   self.weights_dir, problem)
+        lines = setup.setup_report(
+            self.python,
+            self.probe_out,
+            SESSION.hello,
+            setup.imported_models(self.weights_dir or _default_data_dir()),
+            self.weights_dir,
+            problem,
+        )
         _set_report(lines)
         return True
 

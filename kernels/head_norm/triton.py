@@ -8,8 +8,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _head_rms_norm_kernel(x_ptr, g_ptr, y_ptr, rows, heads, stride_outer, stride_head, eps,
-                          D: tl.constexpr, BLOCK_R: tl.constexpr):
+def _head_rms_norm_kernel(
+    x_ptr, g_ptr, y_ptr, rows, heads, stride_outer, stride_head, eps, D: tl.constexpr, BLOCK_R: tl.constexpr
+):
     pid = tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # row = outer * heads + head
     d = tl.arange(0, D)

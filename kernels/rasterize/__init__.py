@@ -33,8 +33,6 @@ __all__ = ["Raster", "interpolate", "rasterize", "rasterize_reference"]
 _BACKENDS = ("auto", "reference", "triton")
 
 
-
-
 def rasterize(pos: torch.Tensor, faces: torch.Tensor, height: int, width: int, backend: str = "auto") -> Raster:
     """pos [V, 3] float (x, y in pixels, z = depth, smaller wins), faces [F, 3] int -> Raster of [H, W].
 
@@ -58,4 +56,3 @@ def rasterize(pos: torch.Tensor, faces: torch.Tensor, height: int, width: int, b
 
     st = setup(pos, faces, height, width)
     return resolve(coverage_triton(st, height, width), st, height, width)
-

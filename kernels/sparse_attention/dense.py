@@ -20,8 +20,12 @@ def _priority():
     if _PRIORITY is None:
         from torch.nn.attention import SDPBackend
 
-        _PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                     SDPBackend.MATH]
+        _PRIORITY = [
+            SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.MATH,
+        ]
     return _PRIORITY
 
 

@@ -27,8 +27,6 @@ _BACKENDS = ("auto", "reference", "triton")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-
-
 def submanifold_conv3d(
     feats: torch.Tensor,
     coords: torch.Tensor,

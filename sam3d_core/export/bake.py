@@ -84,6 +84,7 @@ def closest_point_barycentric(p: np.ndarray, a: np.ndarray, b: np.ndarray, c: np
     Region tests on the Voronoi regions of vertices, edges and face (as in Ericson, Real-Time Collision
     Detection, 5.1.5), vectorised; degenerate triangles fall back to their edges and vertices.
     """
+
     def dot(x, y):
         return np.einsum("...i,...i->...", x, y)
 
@@ -203,8 +204,9 @@ class _TriangleGrid:
             big = torch.nonzero(~is_small)[:, 0]  # long or large triangles: every cell of the box
             count = span[big].prod(1)
             tri_id = torch.repeat_interleave(big, count)
-            k = torch.arange(len(tri_id), device=lo.device) - torch.repeat_interleave(torch.cumsum(count, 0) - count,
-                                                                                       count)
+            k = torch.arange(len(tri_id), device=lo.device) - torch.repeat_interleave(
+                torch.cumsum(count, 0) - count, count
+            )
             sy, sz = span[tri_id, 1], span[tri_id, 2]
             c = lo[tri_id] + torch.stack([k // (sy * sz), (k // sz) % sy, k % sz], 1)
             ids.append(tri_id)
@@ -239,8 +241,9 @@ class _TriangleGrid:
             for ring in range(_RINGS):
                 for lo in range(0, len(todo), block):
                     sl = slice(lo, lo + block)
-                    self._search(p, todo[sl], cell[sl], frac[sl], h, _shell(ring, p.device), (dims, start, ref),
-                                 max_pairs, best)
+                    self._search(
+                        p, todo[sl], cell[sl], frac[sl], h, _shell(ring, p.device), (dims, start, ref), max_pairs, best
+                    )
                 settled = best[0][todo] <= (ring * h + wall) ** 2
                 todo, cell, frac, wall = todo[~settled], cell[~settled], frac[~settled], wall[~settled]
             if bool((dims <= _RINGS).all()):  # the last blocks spanned the grid: exact for the points in it
@@ -389,7 +392,7 @@ class GaussianSource:
     """Colour from nearby 3D Gaussians: the average of the `k` nearest centres' colours, weighted by opacity x
     the Gaussian's density at the point (exp(-m^2 / 2), m the Mahalanobis distance under its scales and rotation).
 
-    `gaussians`: a `sam3d_core.gaussians.Gaussians` (colours SH_C0 dc + 0.5, clipped to [0, 1]). Where no
+    `gaussians`: a `sam3d_core.geometry.gaussians.Gaussians` (colours SH_C0 dc + 0.5, clipped to [0, 1]). Where no
     Gaussian reaches the point (all weights ~0), the colour of the Gaussian with the smallest m is used.
     """
 
@@ -403,11 +406,14 @@ class GaussianSource:
         self.opacity = _numpy(gaussians.get_opacity, np.float64)[:, 0]
         self.inv_scale = 1.0 / _numpy(gaussians.get_scaling, np.float64)
         w, x, y, z = _numpy(gaussians.get_rotation, np.float64).T
-        self.rot = np.stack([  # [M, 3, 3], columns = the Gaussian's local axes in the object frame
-            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
-            np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
-            np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
-        ], 1)
+        self.rot = np.stack(
+            [  # [M, 3, 3], columns = the Gaussian's local axes in the object frame
+                np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
+                np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
+                np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
+            ],
+            1,
+        )
         self.k = min(k, len(self.xyz))
         self._tree = cKDTree(self.xyz)
 
@@ -479,8 +485,12 @@ def _push_pull(color: np.ndarray, known: np.ndarray) -> np.ndarray:
         h, wd = w.shape
         c = np.pad(c, ((0, h % 2), (0, wd % 2), (0, 0)))
         w = np.pad(w, ((0, h % 2), (0, wd % 2)))
-        levels.append((c.reshape(c.shape[0] // 2, 2, c.shape[1] // 2, 2, -1).sum((1, 3)),
-                       w.reshape(w.shape[0] // 2, 2, w.shape[1] // 2, 2).sum((1, 3))))
+        levels.append(
+            (
+                c.reshape(c.shape[0] // 2, 2, c.shape[1] // 2, 2, -1).sum((1, 3)),
+                w.reshape(w.shape[0] // 2, 2, w.shape[1] // 2, 2).sum((1, 3)),
+            )
+        )
     filled = None
     for c, w in reversed(levels):
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -571,6 +581,10 @@ def sample_texture(texture: np.ndarray, uv, convention: str = "trimesh") -> np.n
     def at(r, c):
         return img[np.clip(r, 0, height - 1), np.clip(c, 0, width - 1)]
 
-    out = (at(y0, x0) * (1 - fx) * (1 - fy) + at(y0, x0 + 1) * fx * (1 - fy)
-           + at(y0 + 1, x0) * (1 - fx) * fy + at(y0 + 1, x0 + 1) * fx * fy)
+    out = (
+        at(y0, x0) * (1 - fx) * (1 - fy)
+        + at(y0, x0 + 1) * fx * (1 - fy)
+        + at(y0 + 1, x0) * (1 - fx) * fy
+        + at(y0 + 1, x0 + 1) * fx * fy
+    )
     return (out / 255.0 if texture.dtype == np.uint8 else out).astype(np.float32)

@@ -19,22 +19,62 @@ import io
 import json
 import math
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sam3d_core.export.mesh import TexturedMesh, vertex_normals
+from sam3d_core.export.cleanup import face_area_vectors
+from sam3d_core.geometry import frames
 
-__all__ = ["Z_UP_TO_Y_UP", "save_object_glb", "save_scene_glb"]
+__all__ = ["TexturedMesh", "save_object_glb", "save_scene_glb", "vertex_normals"]
 
-Z_UP_TO_Y_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])  # row vectors: v @ M = (x, z, -y)
+Z_UP_TO_Y_UP = frames.LOCAL_TO_GLTF_LOCAL.T  # row vectors: v @ M = (x, z, -y), the local frame stored y-up
 
 _FLOAT, _UINT32 = 5126, 5125  # accessor componentType
 _ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963  # bufferView target
 _LINEAR, _LINEAR_MIPMAP_LINEAR, _CLAMP_TO_EDGE = 9729, 9987, 33071  # sampler
 _TYPES = {1: "SCALAR", 2: "VEC2", 3: "VEC3", 4: "VEC4"}
 _CAMERA_KEYS = {"yfov", "aspectRatio", "znear", "zfar"}
+
+
+@dataclass
+class TexturedMesh:
+    """One object ready for GLB export, in the local frame (z up; the writers turn it y-up).
+
+    vertices [V, 3] float, faces [F, 3] int, uvs [V, 2] in [0, 1] (glTF convention) or None,
+    texture [H, W, 3|4] uint8 sRGB or None (needs uvs), vertex_colors [V, 3|4] float sRGB in [0, 1] (or
+    uint8) or None (used only without a texture), name (node and mesh name), metadata (JSON-able; written
+    as the node's glTF `extras`).
+    """
+
+    vertices: np.ndarray
+    faces: np.ndarray
+    uvs: np.ndarray | None = None
+    texture: np.ndarray | None = None
+    vertex_colors: np.ndarray | None = None
+    name: str = "object"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def save_glb(self, path: str | Path) -> Path:
+        return save_object_glb(path, self)
+
+
+def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Area-weighted unit vertex normals [V, 3] float32. Vertices at the same position (UV seams) share one
+    normal, so seams do not show in shading; unreferenced vertices get (0, 0, 1)."""
+    v = np.asarray(vertices, dtype=np.float64)
+    f = np.asarray(faces, dtype=np.int64)
+    positions, weld = np.unique(v, axis=0, return_inverse=True)
+    weld = weld.reshape(-1)
+    cross = np.repeat(face_area_vectors(v, f), 3, axis=0)  # [3F, 3]: each face's area vector for its 3 corners
+    corner = weld[f.reshape(-1)]
+    acc = np.stack([np.bincount(corner, weights=cross[:, k], minlength=len(positions)) for k in range(3)], 1)
+    n = acc[weld]
+    length = np.linalg.norm(n, axis=1, keepdims=True)
+    n = np.where(length > 0, n / np.maximum(length, 1e-30), np.array([0.0, 0.0, 1.0]))
+    return n.astype(np.float32)
 
 
 def _srgb_to_linear(c: np.ndarray) -> np.ndarray:
@@ -255,7 +295,7 @@ def save_scene_glb(
     matrix (column vectors: world = M @ [p_yup, 1], written column-major as glTF wants) places it. Node names
     are the mesh names (must be unique) and node extras the mesh metadata. For a stage-1 pose
     (p_cam = (p_local * s) @ R + t in the PyTorch3D camera frame) the matrix is M[:3, :3] = G @ (s R.T) @
-    Z_UP_TO_Y_UP, M[:3, 3] = G @ t, with G = camera.P3D_TO_GLTF (the y-up turn undone, then the pose).
+    Z_UP_TO_Y_UP, M[:3, 3] = G @ t, with G = frames.P3D_TO_GLTF (the y-up turn undone, then the pose).
     camera: a glTF perspective camera {yfov (radians), znear, aspectRatio?, zfar?} on a node named "camera" at
     the origin with the identity transform (glTF cameras look down -z, y up). extras: scene-level metadata.
     """

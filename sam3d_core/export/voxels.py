@@ -6,15 +6,18 @@ from pathlib import Path
 
 import numpy as np
 
-from sam3d_core.camera import P3D_TO_GLTF
+from sam3d_core.geometry import frames
 
 # The 6 faces of a unit cube as (axis, side) with their quads, vertices in counter-clockwise order
 # seen from outside.
 _CORNERS = np.array([[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)], dtype=np.float64)
 _QUADS = {  # (axis, side) -> corner indices into _CORNERS (index = 4x + 2y + z)
-    (0, 0): (0, 1, 3, 2), (0, 1): (4, 6, 7, 5),
-    (1, 0): (0, 4, 5, 1), (1, 1): (2, 3, 7, 6),
-    (2, 0): (0, 2, 6, 4), (2, 1): (1, 5, 7, 3),
+    (0, 0): (0, 1, 3, 2),
+    (0, 1): (4, 6, 7, 5),
+    (1, 0): (0, 4, 5, 1),
+    (1, 1): (2, 3, 7, 6),
+    (2, 0): (0, 2, 6, 4),
+    (2, 1): (1, 5, 7, 3),
 }
 
 
@@ -45,22 +48,20 @@ def voxel_surface(coords: np.ndarray, resolution: int = 64) -> tuple[np.ndarray,
     return v, np.concatenate(faces)
 
 
-def save_voxels_glb(path: str | Path, coords: np.ndarray, rotation: np.ndarray, translation: np.ndarray,
-                    scale: np.ndarray, resolution: int = 64, color=(200, 160, 90, 255)) -> Path:
-    """Write the voxels posed in the camera frame, converted to glTF's (camera at the origin looking -z)."""
+def save_voxels_glb(
+    path: str | Path, coords: np.ndarray, pose: np.ndarray, resolution: int = 64, color=(200, 160, 90, 255)
+) -> Path:
+    """Write the voxels placed by `pose` (the 4x4 object -> PyTorch3D camera matrix, `Pose.as_matrix()[i]`) in
+    glTF's camera space (camera at the origin looking down -z). The frame turn keeps handedness (det +1), so
+    the face winding stays outward."""
     try:
         import trimesh
     except ImportError as e:  # the optional export dependency
         raise ImportError("GLB export needs trimesh: pip install 'sam3d[export]'") from e
     v_local, faces = voxel_surface(coords, resolution)
-    v_cam = (v_local * np.asarray(scale).reshape(1, 3)) @ np.asarray(rotation).reshape(3, 3) + np.asarray(
-        translation
-    ).reshape(1, 3)
-    v_gltf = v_cam @ P3D_TO_GLTF
-    # The x and z flips keep handedness (det = +1), so the face winding stays outward.
+    v_gltf = frames.transform_points(frames.object_matrix(pose, "gltf"), v_local)
     material = trimesh.visual.material.PBRMaterial(baseColorFactor=list(color), roughnessFactor=1.0)
-    mesh = trimesh.Trimesh(v_gltf, faces, process=False,
-                           visual=trimesh.visual.TextureVisuals(material=material))
+    mesh = trimesh.Trimesh(v_gltf, faces, process=False, visual=trimesh.visual.TextureVisuals(material=material))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mesh.export(path)

@@ -28,7 +28,7 @@ def _check_nchw(name: str, x: torch.Tensor, channels: tuple[int, ...]) -> None:
         want = " or ".join(f"[B, {c}, H, W]" for c in channels)
         raise ValueError(
             f"{name}: got {got}, expected a tensor {want}; "
-            f"use the output of sam3d_core.preprocess.preprocess_stage1"
+            f"use the output of sam3d_core.pipeline.preprocess.preprocess_stage1"
         )
 
 
@@ -114,9 +114,7 @@ class PointPatchEmbed(nn.Module):
 def _projection_net(d_in: int, cfg: ConditionConfig) -> nn.Sequential:
     """LayerNorm(d_in) -> SwiGLU(d_in -> embed_dim); keys `.0.{weight,bias}`, `.1.{w1,w2,w3}`."""
     hidden = int(cfg.projection_hidden_multiplier * cfg.embed_dim)
-    return nn.Sequential(
-        nn.LayerNorm(d_in), SwiGLU(d_in, hidden, cfg.embed_dim, multiple_of=cfg.ffn_multiple_of)
-    )
+    return nn.Sequential(nn.LayerNorm(d_in), SwiGLU(d_in, hidden, cfg.embed_dim, multiple_of=cfg.ffn_multiple_of))
 
 
 class ConditionEmbedder(nn.Module):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from kernels.sparse_attention import windowed_attention
 from kernels.sparse_conv import build_neighbour_map, submanifold_conv3d
 from sam3d_core.config import SLatGaussianDecoderConfig, SLatMeshDecoderConfig
-from sam3d_core.gaussians import Gaussians
+from sam3d_core.geometry.gaussians import Gaussians
 from sam3d_core.models.layers import FeedForwardNet, LayerNorm32, absolute_position_embedding
 
 # Channels per voxel of the FlexiCubes input: sdf 8 | deform 8x3 | weights 21 | color 8x6.

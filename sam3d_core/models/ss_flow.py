@@ -165,9 +165,7 @@ class MoTBlock(nn.Module):
         self.norm2 = nn.ModuleDict({s: LayerNorm32(c, eps=1e-6) for s in STREAMS})
         self.norm3 = LayerNorm32(c, elementwise_affine=False, eps=1e-6)
         self.self_attn = MoTSelfAttention(c, cfg.num_heads)
-        self.cross_attn = nn.ModuleDict(
-            {s: CrossAttention(c, cfg.cond_channels, cfg.num_heads) for s in STREAMS}
-        )
+        self.cross_attn = nn.ModuleDict({s: CrossAttention(c, cfg.cond_channels, cfg.num_heads) for s in STREAMS})
         self.mlp = nn.ModuleDict({s: FeedForwardNet(c, cfg.mlp_ratio) for s in STREAMS})
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(c, 6 * c))  # shared by the streams
 
@@ -181,8 +179,9 @@ class MoTBlock(nn.Module):
 
     def feed_forward(self, x: dict, mod: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         shift, scale, gate = mod[3:]
-        return {s: torch.addcmul(v, self.mlp[s](torch.addcmul(shift, self.norm3(v), 1 + scale)), gate)
-                for s, v in x.items()}
+        return {
+            s: torch.addcmul(v, self.mlp[s](torch.addcmul(shift, self.norm3(v), 1 + scale)), gate) for s, v in x.items()
+        }
 
     def forward(self, x: dict, t_emb: torch.Tensor, cond: torch.Tensor) -> dict[str, torch.Tensor]:
         mod = self.modulation(t_emb)
@@ -190,9 +189,7 @@ class MoTBlock(nn.Module):
         x = {s: v + self.cross_attn[s](self.norm2[s](v), cond) for s, v in x.items()}
         return self.feed_forward(x, mod)
 
-    def forward_cached(
-        self, x: dict, t_emb: torch.Tensor, kv: dict, zero_out: dict | None
-    ) -> dict[str, torch.Tensor]:
+    def forward_cached(self, x: dict, t_emb: torch.Tensor, kv: dict, zero_out: dict | None) -> dict[str, torch.Tensor]:
         """As forward, with the condition K/V precomputed for the first B rows.
 
         zero_out None: x holds B rows, all conditional. Otherwise x holds 2B rows, [cond; uncond], and
@@ -293,9 +290,7 @@ class SSFlowModel(nn.Module):
                 "(t * time_scale) per sample"
             )
         if name == "d" and value is not None and not self.cfg.is_shortcut_model:
-            raise ValueError(
-                "d was given but the model has no d_embedder (is_shortcut_model=False); pass d=None"
-            )
+            raise ValueError("d was given but the model has no d_embedder (is_shortcut_model=False); pass d=None")
 
     def embed_time(self, t: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:  # [B] -> [B, C]
         t_emb = self.t_embedder(t)

@@ -35,8 +35,10 @@ class Prompt:
             raise ValueError("the prompt is empty: give at least one point (--point X,Y) or a box (--box X0,Y0,X1,Y1)")
         for x, y, label in self.points:
             if not (0 <= x < width and 0 <= y < height):
-                raise ValueError(f"point ({x:g}, {y:g}) lies outside the {width}x{height} image; "
-                                 f"use pixel coordinates with 0 <= x < {width} and 0 <= y < {height}")
+                raise ValueError(
+                    f"point ({x:g}, {y:g}) lies outside the {width}x{height} image; "
+                    f"use pixel coordinates with 0 <= x < {width} and 0 <= y < {height}"
+                )
             if label not in (0, 1):
                 raise ValueError(f"point label {label!r} at ({x:g}, {y:g}): expected 1 (+, include) or 0 (-, exclude)")
         if self.box is not None:
@@ -108,8 +110,10 @@ class Segmenter(Protocol):
 def check_image(image: np.ndarray) -> np.ndarray:
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         got = f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}"
-        raise ValueError(f"image: expected an [H, W, 3] uint8 RGB array, got {got}; convert with "
-                         "np.asarray(PIL.Image.open(path).convert('RGB'))")
+        raise ValueError(
+            f"image: expected an [H, W, 3] uint8 RGB array, got {got}; convert with "
+            "np.asarray(PIL.Image.open(path).convert('RGB'))"
+        )
     if min(image.shape[:2]) < 8:
         raise ValueError(f"image of {image.shape[1]}x{image.shape[0]} pixels is too small (at least 8x8)")
     return np.ascontiguousarray(image)

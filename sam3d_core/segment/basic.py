@@ -73,8 +73,8 @@ def _fit(z: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
         if np.linalg.det(cov) <= np.finfo(np.float64).eps:
             cov += 0.01 * np.eye(3)
         model[c] = len(zc) / len(z)
-        model[k + 3 * c:k + 3 * c + 3] = mean
-        model[4 * k + 9 * c:4 * k + 9 * c + 9] = cov.ravel()
+        model[k + 3 * c : k + 3 * c + 3] = mean
+        model[4 * k + 9 * c : 4 * k + 9 * c + 9] = cov.ravel()
     return model.reshape(1, -1)
 
 
@@ -102,8 +102,9 @@ def guided_filter(guide: np.ndarray, p: np.ndarray, radius: int, eps: float = GU
     return box(a) * guide + box(b)
 
 
-def clean_mask(fg: np.ndarray, keep_points: list[tuple[int, int]] = (), keep_region: np.ndarray | None = None
-               ) -> np.ndarray:
+def clean_mask(
+    fg: np.ndarray, keep_points: list[tuple[int, int]] = (), keep_region: np.ndarray | None = None
+) -> np.ndarray:
     """fg: [H, W] bool -> the component(s) under `keep_points`, else those overlapping `keep_region`
     ([H, W] bool, e.g. the box's centre), else the largest; small islands dropped and small enclosed
     holes filled."""
@@ -189,7 +190,7 @@ class BasicSegmenter:
             xs, ys = [p[0] for p in pos], [p[1] for p in pos]
             grow = max(np.hypot(h, w) / 8, 0.5 * (max(xs) - min(xs) + max(ys) - min(ys)))
             x0, y0 = max(0, int(min(xs) - grow)), max(0, int(min(ys) - grow))
-            gc[y0:int(max(ys) + grow), x0:int(max(xs) + grow)] = cv2.GC_PR_BGD
+            gc[y0 : int(max(ys) + grow), x0 : int(max(xs) + grow)] = cv2.GC_PR_BGD
         if prompt.mask_input is not None and prompt.mask_input.shape == self.image.shape[:2]:
             prev = cv2.resize(prompt.mask_input.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
             gc[prev] = cv2.GC_PR_FGD
@@ -253,7 +254,7 @@ class BasicSegmenter:
         h, w = work.shape[:2]
         mx, my = max(1, w // 20), max(1, h // 20)
         gc = np.full((h, w), cv2.GC_BGD, np.uint8)
-        gc[my:h - my, mx:w - mx] = cv2.GC_PR_FGD
+        gc[my : h - my, mx : w - mx] = cv2.GC_PR_FGD
         fg = self._grabcut(gc, work)
         n, labels, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
         order = sorted(range(1, n), key=lambda i: -stats[i, cv2.CC_STAT_AREA])

@@ -24,10 +24,11 @@ def mask_to_logits(mask: np.ndarray, long_side: int = 1024, size: int = 256) -> 
     s = long_side / max(h, w)
     nh, nw = int(h * s + 0.5), int(w * s + 0.5)  # segment-anything's ResizeLongestSide rounding
     k = size / long_side
-    small = cv2.resize(mask.astype(np.float32), (max(1, round(nw * k)), max(1, round(nh * k))),
-                       interpolation=cv2.INTER_AREA)
+    small = cv2.resize(
+        mask.astype(np.float32), (max(1, round(nw * k)), max(1, round(nh * k))), interpolation=cv2.INTER_AREA
+    )
     out = np.zeros((size, size), np.float32)
-    out[:small.shape[0], :small.shape[1]] = small
+    out[: small.shape[0], : small.shape[1]] = small
     return ((out - 0.5) * 2 * LOGIT)[None]
 
 
@@ -48,8 +49,13 @@ def _segment_anything():
     return segment_anything
 
 
-def filter_objects(masks: list[np.ndarray], scores: list[float], max_fraction: float = 0.6,
-                   min_fraction: float = 0.001, contained: float = 0.8) -> list[int]:
+def filter_objects(
+    masks: list[np.ndarray],
+    scores: list[float],
+    max_fraction: float = 0.6,
+    min_fraction: float = 0.001,
+    contained: float = 0.8,
+) -> list[int]:
     """Indices of whole objects among automatic masks, largest first.
 
     Drops background/stuff (area > max_fraction of the image), crumbs (< min_fraction), and parts:
@@ -89,8 +95,10 @@ class SamSegmenter:
         """Build through segment-anything's registry (vit_h / vit_l / vit_b) and load strictly."""
         sa = _segment_anything()
         if model_type not in ("vit_h", "vit_l", "vit_b"):
-            raise ValueError(f"model_type {model_type!r}: expected vit_h, vit_l or vit_b "
-                             "(a custom-size checkpoint needs its Sam built in code)")
+            raise ValueError(
+                f"model_type {model_type!r}: expected vit_h, vit_l or vit_b "
+                "(a custom-size checkpoint needs its Sam built in code)"
+            )
         sam = sa.sam_model_registry[model_type](checkpoint=None)
         sam.load_state_dict(state, strict=True)
         return cls(sam, name or f"sam {model_type}", device)
@@ -129,15 +137,21 @@ class SamSegmenter:
         coords, labels, box = prompt.as_arrays()
         mi = prompt.mask_input
         if mi is not None and mi.shape == self.image.shape[:2]:
-            mi = mask_to_logits(mi, self.model.image_encoder.img_size,  # a previous mask given as pixels
-                                self.model.prompt_encoder.mask_input_size[0])
+            mi = mask_to_logits(
+                mi,
+                self.model.image_encoder.img_size,  # a previous mask given as pixels
+                self.model.prompt_encoder.mask_input_size[0],
+            )
         mask_input = mi.astype(np.float32) if mi is not None and mi.ndim == 3 and mi.shape[0] == 1 else None  # logits
         with torch.inference_mode():
-            masks, scores, logits = self.predictor.predict(point_coords=coords, point_labels=labels, box=box,
-                                                           mask_input=mask_input, multimask_output=multimask)
+            masks, scores, logits = self.predictor.predict(
+                point_coords=coords, point_labels=labels, box=box, mask_input=mask_input, multimask_output=multimask
+            )
         order = np.argsort(-scores)
-        return [MaskCandidate(masks[i].astype(bool), float(scores[i]), self.name, "predicted IoU", logits[i:i + 1])
-                for i in order]
+        return [
+            MaskCandidate(masks[i].astype(bool), float(scores[i]), self.name, "predicted IoU", logits[i : i + 1])
+            for i in order
+        ]
 
     def segment_all(self) -> list[MaskCandidate]:
         """SamAutomaticMaskGenerator (it encodes the image again), then `filter_objects`."""

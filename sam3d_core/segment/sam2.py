@@ -33,8 +33,10 @@ def import_error() -> str | None:
 def config_name(size: str, version: str = "2.1") -> str:
     """The sam2 package's Hydra config for a model size, e.g. configs/sam2.1/sam2.1_hiera_t.yaml."""
     if size not in CONFIG_SHORT:
-        raise ValueError(f"SAM 2 size {size!r}: expected one of {', '.join(CONFIG_SHORT)} "
-                         "(a custom-size checkpoint needs its SAM2Base built in code: Sam2Segmenter(model))")
+        raise ValueError(
+            f"SAM 2 size {size!r}: expected one of {', '.join(CONFIG_SHORT)} "
+            "(a custom-size checkpoint needs its SAM2Base built in code: Sam2Segmenter(model))"
+        )
     short = CONFIG_SHORT[size]
     return f"configs/sam2.1/sam2.1_hiera_{short}.yaml" if version == "2.1" else f"configs/sam2/sam2_hiera_{short}.yaml"
 
@@ -73,8 +75,9 @@ class Sam2Segmenter:
         self.image: np.ndarray | None = None
 
     @classmethod
-    def from_state_dict(cls, size: str, version: str, state: dict, name: str | None = None,
-                        device: str | None = None) -> Sam2Segmenter:
+    def from_state_dict(
+        cls, size: str, version: str, state: dict, name: str | None = None, device: str | None = None
+    ) -> Sam2Segmenter:
         """Build from the package's config (tiny / small / base_plus / large) and load strictly."""
         s2 = _sam2()
         model = s2.build_sam.build_sam2(config_name(size, version), ckpt_path=None, device="cpu")
@@ -118,11 +121,13 @@ class Sam2Segmenter:
             mi = mask_to_logits(mi, self.model.sam_prompt_encoder.mask_input_size[0])  # a mask given as pixels
         mask_input = mi.astype(np.float32) if mi is not None and mi.ndim == 3 and mi.shape[0] == 1 else None
         with torch.inference_mode():
-            masks, scores, logits = self.predictor.predict(point_coords=coords, point_labels=labels, box=box,
-                                                           mask_input=mask_input, multimask_output=multimask)
+            masks, scores, logits = self.predictor.predict(
+                point_coords=coords, point_labels=labels, box=box, mask_input=mask_input, multimask_output=multimask
+            )
         order = np.argsort(-scores)
-        return [MaskCandidate(masks[i] > 0, float(scores[i]), self.name, "predicted IoU", logits[i:i + 1])
-                for i in order]
+        return [
+            MaskCandidate(masks[i] > 0, float(scores[i]), self.name, "predicted IoU", logits[i : i + 1]) for i in order
+        ]
 
     def segment_all(self) -> list[MaskCandidate]:
         """SAM2AutomaticMaskGenerator (it encodes the image again), then `filter_objects`."""

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sam3d_core.inputs.imageio import load_photo
+from sam3d_core.segment.backends import load_segmenter
 from sam3d_core.segment.base import Prompt
 
 MAX_PHOTOS = 4  # encoded photos kept; a SAM 2 embedding with its high-res features is ~16 MB
@@ -47,8 +49,10 @@ def _points(points) -> tuple[tuple[float, float, int], ...]:
             x, y, lab = p
             ok = all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in (x, y, lab))
         if not ok or lab not in (0, 1):
-            raise ValueError(f"point {p!r}: expected [x, y, label] in photo pixels with label 1 (include) or "
-                             "0 (exclude), e.g. [[320, 200, 1], [40, 30, 0]]")
+            raise ValueError(
+                f"point {p!r}: expected [x, y, label] in photo pixels with label 1 (include) or "
+                "0 (exclude), e.g. [[320, 200, 1], [40, 30, 0]]"
+            )
         out.append((float(x), float(y), int(lab)))
     return tuple(out)
 
@@ -56,10 +60,14 @@ def _points(points) -> tuple[tuple[float, float, int], ...]:
 def _box(box) -> tuple[float, float, float, float] | None:
     if box is None:
         return None
-    if not isinstance(box, (list, tuple, np.ndarray)) or len(box) != 4 or not all(
-            isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in box):
-        raise ValueError(f"box {box!r}: expected [x0, y0, x1, y1] in photo pixels (top-left corner, then "
-                         "bottom-right), or None")
+    if (
+        not isinstance(box, (list, tuple, np.ndarray))
+        or len(box) != 4
+        or not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in box)
+    ):
+        raise ValueError(
+            f"box {box!r}: expected [x0, y0, x1, y1] in photo pixels (top-left corner, then bottom-right), or None"
+        )
     return tuple(float(v) for v in box)
 
 
@@ -70,8 +78,14 @@ class SegmentSession:
     Not thread-safe: the worker calls it from one thread.
     """
 
-    def __init__(self, backend: str = "auto", checkpoint: str | None = None, device: str | None = None,
-                 max_photos: int = MAX_PHOTOS, segmenter=None):
+    def __init__(
+        self,
+        backend: str = "auto",
+        checkpoint: str | None = None,
+        device: str | None = None,
+        max_photos: int = MAX_PHOTOS,
+        segmenter=None,
+    ):
         if max_photos < 1:
             raise ValueError(f"max_photos={max_photos}: keep at least 1 encoded photo")
         self._spec = (backend, checkpoint, device)
@@ -85,8 +99,6 @@ class SegmentSession:
     @property
     def segmenter(self):
         if self._seg is None:
-            from sam3d_core.segment import load_segmenter
-
             backend, checkpoint, device = self._spec
             self._seg = load_segmenter(backend, checkpoint=checkpoint, device=device)
         return self._seg
@@ -95,8 +107,13 @@ class SegmentSession:
         """{"name": shown in every UI, "fallback": True for the no-weights back-end, "reason": why this one,
         "photos_cached": how many encoded photos are kept, "max_photos"}."""
         seg = self.segmenter
-        return {"name": seg.name, "fallback": bool(seg.is_basic), "reason": seg.reason,
-                "photos_cached": len(self._cache), "max_photos": self.max_photos}
+        return {
+            "name": seg.name,
+            "fallback": bool(seg.is_basic),
+            "reason": seg.reason,
+            "photos_cached": len(self._cache),
+            "max_photos": self.max_photos,
+        }
 
     # -- photos -----------------------------------------------------------------------------------
     def open(self, photo: str | os.PathLike | np.ndarray, key: str | None = None) -> dict:
@@ -119,8 +136,9 @@ class SegmentSession:
             cache_key = ("file", str(path.resolve()), st.st_mtime_ns, st.st_size)
             rgb = None
         else:
-            raise ValueError(f"photo of type {type(photo).__name__}: expected a file path or an [H, W, 3] uint8 "
-                             "RGB array")
+            raise ValueError(
+                f"photo of type {type(photo).__name__}: expected a file path or an [H, W, 3] uint8 RGB array"
+            )
         seg = self.segmenter
         cached = cache_key in self._cache
         if cached:
@@ -129,15 +147,17 @@ class SegmentSession:
             self._cache.move_to_end(cache_key)
         else:
             if rgb is None:
-                from sam3d_core.segment.cli import read_photo
-
-                rgb = read_photo(path)
+                rgb = load_photo(path).rgb  # the same reader as reconstruct: masks line up with its photo
             seg.set_image(rgb)
             self._remember(cache_key)
         self._current = cache_key
         h, w = seg.image.shape[:2]
-        return {"width": int(w), "height": int(h), "cached": cached,
-                "encode_s": 0.0 if cached else round(time.perf_counter() - t0, 4)}
+        return {
+            "width": int(w),
+            "height": int(h),
+            "cached": cached,
+            "encode_s": 0.0 if cached else round(time.perf_counter() - t0, 4),
+        }
 
     def _remember(self, cache_key: tuple) -> None:
         seg = self.segmenter
@@ -154,8 +174,9 @@ class SegmentSession:
         self.segmenter.restore_image_state(self._cache[cache_key])
 
     # -- masks ------------------------------------------------------------------------------------
-    def predict(self, points=(), box=None, previous: np.ndarray | None = None
-                ) -> tuple[np.ndarray, float | None, str, dict]:
+    def predict(
+        self, points=(), box=None, previous: np.ndarray | None = None
+    ) -> tuple[np.ndarray, float | None, str, dict]:
         """The best mask for clicks and/or a box on the current photo.
 
         points: [[x, y, label], ...]; box: [x0, y0, x1, y1] or None; previous: the [H, W] mask being
@@ -170,8 +191,10 @@ class SegmentSession:
         if previous is not None:
             previous = np.asarray(previous)
             if previous.shape != (h, w):
-                raise ValueError(f"previous mask is {previous.shape[1] if previous.ndim > 1 else '?'}x"
-                                 f"{previous.shape[0]} pixels but the photo is {w}x{h}; pass a mask of this photo")
+                raise ValueError(
+                    f"previous mask is {previous.shape[1] if previous.ndim > 1 else '?'}x"
+                    f"{previous.shape[0]} pixels but the photo is {w}x{h}; pass a mask of this photo"
+                )
             previous = previous > 0
             last = self._last.get(self._current)
             if last is not None and last[1] is not None and np.array_equal(last[0], previous):

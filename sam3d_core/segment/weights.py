@@ -27,17 +27,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sam3d_core.convert import CheckpointError
-from sam3d_core.hub import data_dir, sha256_file, staged_folder, verify_folder
+from sam3d_core.weights.store import CheckpointError, data_dir, sha256_file, staged_folder, verify_folder
 
 # Official file names (dl.fbaipublicfiles.com/segment_anything/). Their full sha256 is not published
 # by Meta; we record the hash at import and check it on every load.
 SAM_FILES = {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_b": "sam_vit_b_01ec64.pth"}
 ENCODER_WIDTH = {1280: "vit_h", 1024: "vit_l", 768: "vit_b"}  # image_encoder.patch_embed.proj.weight dim 0
 PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
-WHERE_TO_GET = ("download one of " + ", ".join(SAM_FILES.values()) + " from the segment-anything README "
-                "(github.com/facebookresearch/segment-anything#model-checkpoints), then run "
-                "`sam3d weights import-sam FILE`")
+WHERE_TO_GET = (
+    "download one of " + ", ".join(SAM_FILES.values()) + " from the segment-anything README "
+    "(github.com/facebookresearch/segment-anything#model-checkpoints), then run "
+    "`sam3d weights import-sam FILE`"
+)
 
 # SAM 2.1 (github.com/facebookresearch/sam2, checkpoints/download_ckpts.sh). The size is read from the
 # number of Hiera blocks (stages 1+2+7+2, 1+2+11+2, 2+3+16+3, 2+6+36+4).
@@ -45,9 +46,11 @@ SAM2_SIZES = ("tiny", "small", "base_plus", "large")
 SAM2_FILES = {s: f"sam2.1_hiera_{s}.pt" for s in SAM2_SIZES}
 SAM2_DEPTH = {12: "tiny", 16: "small", 24: "base_plus", 48: "large"}
 SAM2_REQUIRED = ("image_encoder.trunk.", "sam_prompt_encoder.", "sam_mask_decoder.")
-SAM2_WHERE_TO_GET = ("download one of " + ", ".join(SAM2_FILES.values()) + " from the sam2 README "
-                     "(github.com/facebookresearch/sam2#download-checkpoints), then run "
-                     "`sam3d weights import-sam FILE`")
+SAM2_WHERE_TO_GET = (
+    "download one of " + ", ".join(SAM2_FILES.values()) + " from the sam2 README "
+    "(github.com/facebookresearch/sam2#download-checkpoints), then run "
+    "`sam3d weights import-sam FILE`"
+)
 
 
 def segment_dir() -> Path:
@@ -62,11 +65,15 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused a global: code, or a class we do not know
-        raise CheckpointError(f"{path.name} holds pickled objects other than tensors and was refused "
-                              f"(it could run code when loaded). Use an official file: {WHERE_TO_GET}") from e
+        raise CheckpointError(
+            f"{path.name} holds pickled objects other than tensors and was refused "
+            f"(it could run code when loaded). Use an official file: {WHERE_TO_GET}"
+        ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, SafetensorError) as e:
-        raise CheckpointError(f"{path.name} cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e)[:200]}); truncated or corrupt download? {WHERE_TO_GET}") from e
+        raise CheckpointError(
+            f"{path.name} cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
+            f"{str(e)[:200]}); truncated or corrupt download? {WHERE_TO_GET}"
+        ) from e
     sd = obj.get("model", obj) if isinstance(obj, dict) else obj
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path.name} is not a SAM state dict (a dict of tensors); {WHERE_TO_GET}")
@@ -85,13 +92,17 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if family_of(sd) == "sam2":
         missing = [p for p in SAM2_REQUIRED if not any(k.startswith(p) for k in sd)]
         if missing:
-            raise CheckpointError(f"{path.name}: a Hiera image encoder but no {missing[0]!r} entries; not a "
-                                  f"complete SAM 2 checkpoint? {SAM2_WHERE_TO_GET}")
+            raise CheckpointError(
+                f"{path.name}: a Hiera image encoder but no {missing[0]!r} entries; not a "
+                f"complete SAM 2 checkpoint? {SAM2_WHERE_TO_GET}"
+            )
         return sd
     bad = sorted(k for k in sd if not k.startswith(PREFIXES))
     if bad:
-        raise CheckpointError(f"{path.name}: {len(bad)} entries outside {PREFIXES} (e.g. {bad[0]!r}); "
-                              f"not a segment-anything or SAM 2 checkpoint? {WHERE_TO_GET}; or {SAM2_WHERE_TO_GET}")
+        raise CheckpointError(
+            f"{path.name}: {len(bad)} entries outside {PREFIXES} (e.g. {bad[0]!r}); "
+            f"not a segment-anything or SAM 2 checkpoint? {WHERE_TO_GET}; or {SAM2_WHERE_TO_GET}"
+        )
     return sd
 
 
@@ -110,8 +121,9 @@ def sam2_version_of(sd: dict[str, torch.Tensor]) -> str:
     return "2.1" if "no_obj_embed_spatial" in sd else "2"
 
 
-def import_sam_checkpoint(src: str | Path, name: str | None = None, overwrite: bool = False,
-                          root: Path | None = None) -> Path:
+def import_sam_checkpoint(
+    src: str | Path, name: str | None = None, overwrite: bool = False, root: Path | None = None
+) -> Path:
     """Convert a SAM .pth / SAM 2 .pt (or copy a .safetensors) into `<root>/<name>/`.
 
     name defaults to the model type (vit_b, ...) for SAM and to sam2.1_hiera_<size> (or sam2_hiera_<size>)
@@ -133,7 +145,10 @@ def import_sam_checkpoint(src: str | Path, name: str | None = None, overwrite: b
         out = tmp / "sam.safetensors"
         save_file({k: v.contiguous() for k, v in sd.items()}, str(out), metadata={"format": "pt"})
         manifest = {
-            "kind": kind, "model_type": model_type, **extra, "source": str(src.resolve()),
+            "kind": kind,
+            "model_type": model_type,
+            **extra,
+            "source": str(src.resolve()),
             "source_file": {"name": src.name, "sha256": sha256_file(src), "bytes": src.stat().st_size},
             "files": {out.name: {"sha256": sha256_file(out), "bytes": out.stat().st_size}},
             "imported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -149,8 +164,10 @@ def resolve(name: str | Path, root: Path | None = None) -> Path:
     q = (segment_dir() if root is None else Path(root)) / str(name)
     if (q / "manifest.json").is_file():
         return q
-    raise CheckpointError(f"no imported SAM checkpoint {str(name)!r} (looked in {p} and {q}); "
-                          f"`sam3d weights list` shows what is there; {WHERE_TO_GET}")
+    raise CheckpointError(
+        f"no imported SAM checkpoint {str(name)!r} (looked in {p} and {q}); "
+        f"`sam3d weights list` shows what is there; {WHERE_TO_GET}"
+    )
 
 
 def verify(name: str | Path, root: Path | None = None) -> list[str]:
@@ -164,9 +181,14 @@ def list_sam(root: Path | None = None, kind: str | None = None) -> list[dict]:
     out = []
     for m in sorted(root.glob("*/manifest.json")) if root.is_dir() else []:
         data = json.loads(m.read_text())
-        rec = {"name": m.parent.name, "kind": data.get("kind", "sam"), "model_type": data["model_type"],
-               "folder": str(m.parent), "bytes": sum(r["bytes"] for r in data["files"].values()),
-               "source": data["source_file"]["name"]}
+        rec = {
+            "name": m.parent.name,
+            "kind": data.get("kind", "sam"),
+            "model_type": data["model_type"],
+            "folder": str(m.parent),
+            "bytes": sum(r["bytes"] for r in data["files"].values()),
+            "source": data["source_file"]["name"],
+        }
         if kind is None or rec["kind"] == kind:
             out.append(rec)
     return out
@@ -182,12 +204,17 @@ def _load_checked(name: str | Path, root: Path | None, kind: str) -> tuple[dict,
     folder = resolve(name, root)
     manifest = json.loads((folder / "manifest.json").read_text())
     if manifest.get("kind", "sam") != kind:
-        raise CheckpointError(f"{folder.name!r} is a {manifest.get('kind', 'sam')} checkpoint, not {kind}; "
-                              f"`sam3d weights list` shows the kind of each imported checkpoint")
+        raise CheckpointError(
+            f"{folder.name!r} is a {manifest.get('kind', 'sam')} checkpoint, not {kind}; "
+            f"`sam3d weights list` shows the kind of each imported checkpoint"
+        )
     problems = verify(folder)
     if problems:
-        raise CheckpointError(f"{folder} failed its integrity check: " + "; ".join(problems)
-                              + ". Re-import it with `sam3d weights import-sam FILE --overwrite`.")
+        raise CheckpointError(
+            f"{folder} failed its integrity check: "
+            + "; ".join(problems)
+            + ". Re-import it with `sam3d weights import-sam FILE --overwrite`."
+        )
     return manifest, load_file(str(folder / "sam.safetensors"))
 
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from sam3d_core.serve.cli import main
+from sam3d_core.cli.serve import main
 
 sys.exit(main())

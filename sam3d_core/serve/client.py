@@ -24,9 +24,11 @@ from collections.abc import Callable, Iterator, Sequence
 
 from . import protocol as P
 
-DEFAULT_ARGS = ("-m", "sam3d_core.cli", "serve")
-RESTART_HINT = ("Restart it (close this WorkerClient and create a new one); the worker's last log lines, in "
-                "this error's details (log_tail), say why it stopped")
+DEFAULT_ARGS = ("-m", "sam3d_core.cli.main", "serve")
+RESTART_HINT = (
+    "Restart it (close this WorkerClient and create a new one); the worker's last log lines, in "
+    "this error's details (log_tail), say why it stopped"
+)
 
 
 class WorkerError(Exception):
@@ -123,14 +125,21 @@ class Job:
 
 
 class WorkerClient:
-    """Starts `python_executable -m sam3d_core.cli serve` and talks to it.
+    """Starts `python_executable -m sam3d_core.cli.main serve` and talks to it.
 
     `log`: called with each line of the worker's stderr (default: written to this process's stderr).
     The last lines are also kept in `log_tail`.
     """
 
-    def __init__(self, python_executable: str, args: Sequence[str] = DEFAULT_ARGS, env: dict | None = None,
-                 cwd: str | None = None, log: Callable[[str], None] | None = None, log_lines: int = 200):
+    def __init__(
+        self,
+        python_executable: str,
+        args: Sequence[str] = DEFAULT_ARGS,
+        env: dict | None = None,
+        cwd: str | None = None,
+        log: Callable[[str], None] | None = None,
+        log_lines: int = 200,
+    ):
         self._log = log if log is not None else _to_stderr
         self.log_tail: collections.deque[str] = collections.deque(maxlen=log_lines)
         self.stray: collections.deque[dict] = collections.deque(maxlen=100)  # messages of no pending job
@@ -143,8 +152,16 @@ class WorkerClient:
         if sys.platform == "win32":
             kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
         self.command = [python_executable, *args]
-        self._proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, env=env, cwd=cwd, bufsize=-1, **kwargs)
+        self._proc = subprocess.Popen(
+            self.command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=cwd,
+            bufsize=-1,
+            **kwargs,
+        )
         self._stderr_thread = threading.Thread(target=self._read_stderr, name="sam3d-client-log", daemon=True)
         self._stdout_thread = threading.Thread(target=self._read_stdout, name="sam3d-client-reader", daemon=True)
         self._stderr_thread.start()
@@ -202,8 +219,16 @@ class WorkerClient:
 
     def segment(self, photo: str, out: str, points=(), box=None, previous: str | None = None) -> Job:
         """A mask from clicks [[x, y, 1|0], ...] and/or a box [x0, y0, x1, y1] (photo pixels), written to `out`."""
-        return self.submit({"type": "segment", "photo": photo, "out": out, "points": [list(p) for p in points],
-                            "box": None if box is None else list(box), "previous": previous})
+        return self.submit(
+            {
+                "type": "segment",
+                "photo": photo,
+                "out": out,
+                "points": [list(p) for p in points],
+                "box": None if box is None else list(box),
+                "previous": previous,
+            }
+        )
 
     def segment_all(self, photo: str, out_dir: str, max_objects: int | None = None) -> Job:
         """Every object the segmenter finds, as mask PNGs in `out_dir`."""
@@ -256,8 +281,9 @@ class WorkerClient:
             except P.ProtocolError as e:
                 text = line.decode("utf-8", "replace").rstrip("\n")
                 self.protocol_errors.append(text)
-                self._log(f"sam3d client: ignored a worker line that is not a protocol message ({e.message}): "
-                          f"{text[:200]}")
+                self._log(
+                    f"sam3d client: ignored a worker line that is not a protocol message ({e.message}): {text[:200]}"
+                )
                 continue
             job = self._jobs.get(msg.get("id")) if msg.get("id") is not None else None
             if job is None:
@@ -274,8 +300,11 @@ class WorkerClient:
             rc = None
         self._stderr_thread.join(2)
         how = f"with code {rc}" if rc is None or rc >= 0 else f"killed by signal {-rc}"
-        self._dead_reason = (f"the worker stopped ({how})" if self._closing
-                             else f"the sam3d worker (pid {self._proc.pid}) exited unexpectedly ({how})")
+        self._dead_reason = (
+            f"the worker stopped ({how})"
+            if self._closing
+            else f"the sam3d worker (pid {self._proc.pid}) exited unexpectedly ({how})"
+        )
         with self._lock:
             pending = list(self._jobs.values())
             self._jobs.clear()
@@ -293,8 +322,12 @@ class WorkerClient:
     def _death_error(self, job_id: str) -> dict:
         reason = self._dead_reason or "the sam3d worker is not running"
         tail = list(self.log_tail)[-20:]
-        return P.error(job_id, "internal", f"{reason} while this request was pending. {RESTART_HINT}.",
-                       {"returncode": self._proc.poll(), "log_tail": tail, "command": self.command})
+        return P.error(
+            job_id,
+            "internal",
+            f"{reason} while this request was pending. {RESTART_HINT}.",
+            {"returncode": self._proc.poll(), "log_tail": tail, "command": self.command},
+        )
 
     def _read_stderr(self) -> None:
         for raw in self._proc.stderr:

@@ -82,8 +82,11 @@ def encode(msg: dict) -> bytes:
 def _parse(line: bytes | str) -> dict:
     if isinstance(line, (bytes, bytearray)):
         if len(line) > MAX_LINE_BYTES:
-            raise ProtocolError("bad_request", f"message of {len(line)} bytes is longer than the limit of "
-                                f"{MAX_LINE_BYTES}; send file paths, not pixel data")
+            raise ProtocolError(
+                "bad_request",
+                f"message of {len(line)} bytes is longer than the limit of "
+                f"{MAX_LINE_BYTES}; send file paths, not pixel data",
+            )
         try:
             line = bytes(line).decode("utf-8")
         except UnicodeDecodeError as e:
@@ -91,11 +94,14 @@ def _parse(line: bytes | str) -> dict:
     try:
         msg = json.loads(line, parse_constant=_reject_constant)
     except ValueError as e:
-        raise ProtocolError("bad_request", f"message is not valid JSON ({e}); send one JSON object per line",
-                            {"line": line[:200]}) from None
+        raise ProtocolError(
+            "bad_request", f"message is not valid JSON ({e}); send one JSON object per line", {"line": line[:200]}
+        ) from None
     if not isinstance(msg, dict):
-        raise ProtocolError("bad_request", f"message is a JSON {type(msg).__name__}, expected an object "
-                            '{"v": 1, "id": ..., "type": ...}')
+        raise ProtocolError(
+            "bad_request",
+            f'message is a JSON {type(msg).__name__}, expected an object {{"v": 1, "id": ..., "type": ...}}',
+        )
     return msg
 
 
@@ -106,14 +112,14 @@ def _reject_constant(name: str):
 def _check_envelope(msg: dict, types: tuple[str, ...], what: str, id_required: bool) -> dict:
     v = msg.get("v")
     if "v" not in msg or isinstance(v, bool) or not isinstance(v, int):
-        raise ProtocolError("bad_request", f'{what} has no integer "v" (protocol version); add "v": '
-                            f"{PROTOCOL_VERSION}")
+        raise ProtocolError("bad_request", f'{what} has no integer "v" (protocol version); add "v": {PROTOCOL_VERSION}')
     if v != PROTOCOL_VERSION:
         raise ProtocolError(
             "version_mismatch",
             f"{what} uses protocol version {v} but this side speaks version {PROTOCOL_VERSION}; "
             f"update the addon or app and sam3d so that both are the same release",
-            {"expected": PROTOCOL_VERSION, "got": v})
+            {"expected": PROTOCOL_VERSION, "got": v},
+        )
     mid = msg.get("id")
     if id_required and (not isinstance(mid, str) or not mid):
         raise ProtocolError("bad_request", f'{what} needs a non-empty string "id", got {mid!r}')
@@ -121,8 +127,11 @@ def _check_envelope(msg: dict, types: tuple[str, ...], what: str, id_required: b
         raise ProtocolError("bad_request", f'{what} has a non-string "id" {mid!r}')
     mtype = msg.get("type")
     if mtype not in types:
-        raise ProtocolError("bad_request", f"unknown {what} type {mtype!r}; expected one of {list(types)}",
-                            {"type": mtype if isinstance(mtype, str) else None})
+        raise ProtocolError(
+            "bad_request",
+            f"unknown {what} type {mtype!r}; expected one of {list(types)}",
+            {"type": mtype if isinstance(mtype, str) else None},
+        )
     return msg
 
 
@@ -161,8 +170,7 @@ def decode_response(line: bytes | str) -> dict:
 def _field(msg: dict, name: str, kinds: tuple[type, ...], required: bool, what: str):
     if name not in msg or msg[name] is None:
         if required:
-            raise ProtocolError("bad_request", f'{msg["type"]} request needs "{name}" ({what})',
-                                {"field": name})
+            raise ProtocolError("bad_request", f'{msg["type"]} request needs "{name}" ({what})', {"field": name})
         return None
     value = msg[name]
     if isinstance(value, bool) and bool not in kinds:
@@ -170,8 +178,9 @@ def _field(msg: dict, name: str, kinds: tuple[type, ...], required: bool, what: 
     else:
         ok = isinstance(value, kinds)
     if not ok:
-        raise ProtocolError("bad_request", f'{msg["type"]} request: "{name}" is {value!r}, expected {what}',
-                            {"field": name})
+        raise ProtocolError(
+            "bad_request", f'{msg["type"]} request: "{name}" is {value!r}, expected {what}', {"field": name}
+        )
     return value
 
 
@@ -179,20 +188,21 @@ def _check_reconstruct(msg: dict) -> None:
     for name in ("photo", "mask", "out"):
         path = _field(msg, name, (str,), True, "a file path string" if name != "out" else "a folder path string")
         if not path:
-            raise ProtocolError("bad_request", f'reconstruct request: "{name}" is empty; give a path',
-                                {"field": name})
+            raise ProtocolError("bad_request", f'reconstruct request: "{name}" is empty; give a path', {"field": name})
     _field(msg, "seed", (int,), False, "an integer or null")
     steps = _field(msg, "steps", (int,), False, "an integer >= 1 or null (the model's default)")
     if steps is not None and not 1 <= steps <= 1000:
-        raise ProtocolError("bad_request", f'reconstruct request: "steps" is {steps}, expected 1..1000 or null',
-                            {"field": "steps"})
+        raise ProtocolError(
+            "bad_request", f'reconstruct request: "steps" is {steps}, expected 1..1000 or null', {"field": "steps"}
+        )
     _field(msg, "fast", (bool,), False, "true or false")
     _field(msg, "stage2", (bool,), False, "true or false (false: stage 1 only, voxels)")
     _field(msg, "name", (str,), False, "an object name string")
     vram = _field(msg, "vram", (str,), False, '"auto", "low", "medium" or "high"')
     if vram is not None and vram not in VRAM_PRESETS:
-        raise ProtocolError("bad_request", f'reconstruct request: "vram" is {vram!r}, expected one of {VRAM_PRESETS}',
-                            {"field": "vram"})
+        raise ProtocolError(
+            "bad_request", f'reconstruct request: "vram" is {vram!r}, expected one of {VRAM_PRESETS}', {"field": "vram"}
+        )
     _bounded(msg, "texture_size", 64, 8192, "texture size in pixels")
     _bounded(msg, "faces", 100, 2_000_000, "target face count")
 
@@ -200,8 +210,9 @@ def _check_reconstruct(msg: dict) -> None:
 def _bounded(msg: dict, name: str, lo: int, hi: int, what: str) -> None:
     value = _field(msg, name, (int,), False, f"an integer {lo}..{hi} or null ({what})")
     if value is not None and not lo <= value <= hi:
-        raise ProtocolError("bad_request", f'{msg["type"]} request: "{name}" is {value}, expected {lo}..{hi} ({what})',
-                            {"field": name})
+        raise ProtocolError(
+            "bad_request", f'{msg["type"]} request: "{name}" is {value}, expected {lo}..{hi} ({what})', {"field": name}
+        )
 
 
 def _path(msg: dict, name: str, what: str) -> None:
@@ -219,13 +230,22 @@ def _check_segment(msg: dict) -> None:
     _path(msg, "out", "the mask PNG path to write")
     points = _field(msg, "points", (list,), False, "a list of [x, y, label] (label 1 include, 0 exclude)") or []
     for p in points:
-        if (not isinstance(p, list) or len(p) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                              for v in p) or p[2] not in (0, 1)):
-            raise ProtocolError("bad_request", f"segment request: point {p!r} is not [x, y, label] with label 1 "
-                                "(include) or 0 (exclude), in photo pixels", {"field": "points"})
+        if (
+            not isinstance(p, list)
+            or len(p) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
+            or p[2] not in (0, 1)
+        ):
+            raise ProtocolError(
+                "bad_request",
+                f"segment request: point {p!r} is not [x, y, label] with label 1 "
+                "(include) or 0 (exclude), in photo pixels",
+                {"field": "points"},
+            )
     box = _field(msg, "box", (list,), False, "[x0, y0, x1, y1] in photo pixels, or null")
-    if box is not None and (len(box) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                     for v in box)):
+    if box is not None and (
+        len(box) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+    ):
         raise ProtocolError("bad_request", f"segment request: box {box!r} is not [x0, y0, x1, y1]", {"field": "box"})
     if not points and box is None:
         raise ProtocolError("bad_request", "segment request needs at least one point or a box", {"field": "points"})
@@ -257,8 +277,13 @@ def _check_error(msg: dict) -> None:
         raise ProtocolError("bad_request", "error message 'details' must be an object")
 
 
-_REQUEST_CHECKS = {"reconstruct": _check_reconstruct, "cancel": _check_cancel, "open_photo": _check_open_photo,
-                   "segment": _check_segment, "segment_all": _check_segment_all}
+_REQUEST_CHECKS = {
+    "reconstruct": _check_reconstruct,
+    "cancel": _check_cancel,
+    "open_photo": _check_open_photo,
+    "segment": _check_segment,
+    "segment_all": _check_segment_all,
+}
 _RESPONSE_CHECKS = {"progress": _check_progress, "error": _check_error}
 
 

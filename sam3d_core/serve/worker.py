@@ -21,17 +21,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from sam3d_core.pipeline.errors import is_out_of_memory
 from sam3d_core.serve import protocol as P
 
 log = logging.getLogger("sam3d.serve")
 
 SCENE_JSON = "scene.json"
-CAPABILITIES = ["reconstruct", "cancel", "status", "shutdown", "open_photo", "segment", "segment_all", "stage2",
-                "texture_bake"]
+CAPABILITIES = [
+    "reconstruct",
+    "cancel",
+    "status",
+    "shutdown",
+    "open_photo",
+    "segment",
+    "segment_all",
+    "stage2",
+    "texture_bake",
+]
 
 
 def load_mask_file(path: str, ctx):
-    from sam3d_core.imageio import load_mask
+    from sam3d_core.inputs.imageio import load_mask
 
     return load_mask(Path(path).expanduser(), ctx.photo)
 
@@ -75,39 +85,43 @@ class LoadedModel:
     error: P.ProtocolError | None = None
 
 
-def load_model(model: str | None, device: str | None, low_vram: bool = False,
-               max_voxels: int | None = None) -> LoadedModel:
+def load_model(
+    model: str | None, device: str | None, low_vram: bool = False, max_voxels: int | None = None
+) -> LoadedModel:
     """The best model available (`Pipeline.load`); a failure becomes a structured error."""
-    from sam3d_core.convert import CheckpointError
-    from sam3d_core.pipeline import Pipeline
+    from sam3d_core.pipeline.reconstruct import Pipeline
+    from sam3d_core.weights.store import CheckpointError
 
     try:
         pipe, which = Pipeline.load(model, device, low_vram=low_vram, max_voxels=max_voxels)
     except (CheckpointError, FileNotFoundError) as e:
-        err = P.ProtocolError("missing_weights", f"could not load model {model!r}: {e}. Import the official "
-                              "weights with `sam3d weights import FOLDER`, or start the worker with --model tiny",
-                              {"model": model})
+        err = P.ProtocolError(
+            "missing_weights",
+            f"could not load model {model!r}: {e}. Import the official "
+            "weights with `sam3d weights import FOLDER`, or start the worker with --model tiny",
+            {"model": model},
+        )
         return LoadedModel(None, f"no model ({e})", err)
     except Exception as e:  # a bad --device, a broken install: report it to every request
         log.exception("loading the model failed")
-        if _is_oom(e):
-            err = P.ProtocolError("out_of_memory", f"the GPU ran out of memory loading model {model or 'default'!r}: "
-                                  "close other programs using the GPU and restart the worker, or start it with "
-                                  "--low-vram or --device cpu (slow)", {"model": model, "device": device})
+        if is_out_of_memory(e):
+            err = P.ProtocolError(
+                "out_of_memory",
+                f"the GPU ran out of memory loading model {model or 'default'!r}: "
+                "close other programs using the GPU and restart the worker, or start it with "
+                "--low-vram or --device cpu (slow)",
+                {"model": model, "device": device},
+            )
             return LoadedModel(None, f"no model ({e})", err)
-        err = P.ProtocolError("internal", f"could not load model {model or 'default'!r} on device "
-                              f"{device or 'default'!r}: {type(e).__name__}: {e}. Check the worker log and the "
-                              "--model / --device options, then restart the worker", {"model": model,
-                                                                                      "device": device})
+        err = P.ProtocolError(
+            "internal",
+            f"could not load model {model or 'default'!r} on device "
+            f"{device or 'default'!r}: {type(e).__name__}: {e}. Check the worker log and the "
+            "--model / --device options, then restart the worker",
+            {"model": model, "device": device},
+        )
         return LoadedModel(None, f"no model ({e})", err)
     return LoadedModel(pipe, which)
-
-
-def _is_oom(e: BaseException) -> bool:
-    import torch
-
-    return isinstance(e, torch.cuda.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
 def _bad_input(e) -> BadInput:
@@ -174,9 +188,16 @@ class Worker:
             self.send(e.to_message(req["id"]))
         except Exception as e:  # a bug in a handler must not stop the reader thread
             log.exception("request %s failed", req["id"])
-            self.send(P.error(req["id"], "internal", f"unexpected error handling {req['type']}: "
-                              f"{type(e).__name__}: {e}. The worker is still running; please report this "
-                              "with the worker log", {"exception": type(e).__name__}))
+            self.send(
+                P.error(
+                    req["id"],
+                    "internal",
+                    f"unexpected error handling {req['type']}: "
+                    f"{type(e).__name__}: {e}. The worker is still running; please report this "
+                    "with the worker log",
+                    {"exception": type(e).__name__},
+                )
+            )
 
     def _model_info(self) -> dict:
         pipe = self.model.pipe
@@ -187,34 +208,57 @@ class Worker:
             "dtype": str(pipe.stage1.dtype).removeprefix("torch.") if pipe is not None else None,
             "low_vram": bool(pipe.low_vram) if pipe is not None else None,
             "ready": pipe is not None,
-            "model_error": None if self.model.error is None else {
-                "code": self.model.error.code, "message": self.model.error.message},
+            "model_error": None
+            if self.model.error is None
+            else {"code": self.model.error.code, "message": self.model.error.message},
         }
 
     def _on_hello(self, req: dict) -> None:
-        from sam3d_core import __version__
+        from sam3d_core.version import __version__
 
-        self.send(P.response("hello", req["id"], protocol=P.PROTOCOL_VERSION, worker=f"sam3d {__version__}",
-                             pid=os.getpid(), capabilities=CAPABILITIES,
-                             **self._model_info()))
+        self.send(
+            P.response(
+                "hello",
+                req["id"],
+                protocol=P.PROTOCOL_VERSION,
+                worker=f"sam3d {__version__}",
+                pid=os.getpid(),
+                capabilities=CAPABILITIES,
+                **self._model_info(),
+            )
+        )
 
     def _on_status(self, req: dict) -> None:
         with self._cv:
             running = self._running
-            run = None if running is None else {"id": running.id, "stage": running.stage, "step": running.step,
-                                                "total": running.total}
+            run = (
+                None
+                if running is None
+                else {"id": running.id, "stage": running.stage, "step": running.step, "total": running.total}
+            )
             queued = [j.id for j in self._queue]
         state = "stopping" if self._stop.is_set() else ("busy" if run or queued else "idle")
-        self.send(P.response("status", req["id"], state=state, running=run, queued=queued,
-                             jobs_done=self.jobs_done, **self._model_info()))
+        self.send(
+            P.response(
+                "status",
+                req["id"],
+                state=state,
+                running=run,
+                queued=queued,
+                jobs_done=self.jobs_done,
+                **self._model_info(),
+            )
+        )
 
     def _on_reconstruct(self, req: dict) -> None:
         if self.model.error is not None:
             raise self.model.error
         with self._cv:
             if req["id"] in self._ids:
-                raise P.ProtocolError("bad_request", f"a job with id {req['id']!r} is already queued or running; "
-                                      "use a new id for every request")
+                raise P.ProtocolError(
+                    "bad_request",
+                    f"a job with id {req['id']!r} is already queued or running; use a new id for every request",
+                )
             self._ids.add(req["id"])
             self._queue.append(Job(req["id"], req))
             self._cv.notify_all()
@@ -288,24 +332,37 @@ class Worker:
             log.info("job %s: bad input: %s", job.id, e)
             return P.error(job.id, "bad_input", str(e), e.details)
         except Exception as e:
-            if _is_oom(e):
+            if is_out_of_memory(e):
                 _free_gpu_memory()
                 log.warning("job %s: out of memory during %s", job.id, job.stage)
-                return P.error(job.id, "out_of_memory", (
-                    f"the GPU ran out of memory during {job.stage}, also after a retry in low-VRAM mode (one stage "
-                    "on the GPU at a time): close other programs using the GPU (another Blender render, a browser "
-                    "with hardware acceleration) and retry, or lower texture_size and faces"),
-                    {"stage": job.stage, "device": self._model_info()["device"]})
+                return P.error(
+                    job.id,
+                    "out_of_memory",
+                    (
+                        f"the GPU ran out of memory during {job.stage}, also after a retry in low-VRAM mode (one stage "
+                        "on the GPU at a time): close other programs using the GPU (another Blender render, a browser "
+                        "with hardware acceleration) and retry, or lower texture_size and faces"
+                    ),
+                    {"stage": job.stage, "device": self._model_info()["device"]},
+                )
             log.exception("job %s failed", job.id)
-            return P.error(job.id, "internal", (
-                f"unexpected error during {job.stage}: {type(e).__name__}: {e}. The worker is still running; "
-                "please report this with the worker log"),
-                {"stage": job.stage, "exception": type(e).__name__,
-                 "traceback": traceback.format_exc().splitlines()[-8:]})
+            return P.error(
+                job.id,
+                "internal",
+                (
+                    f"unexpected error during {job.stage}: {type(e).__name__}: {e}. The worker is still running; "
+                    "please report this with the worker log"
+                ),
+                {
+                    "stage": job.stage,
+                    "exception": type(e).__name__,
+                    "traceback": traceback.format_exc().splitlines()[-8:],
+                },
+            )
 
     def _photo(self, path: str, fov: float | None = None):
         """The photo's context (checked image, intrinsics, point map), cached by path, mtime and fov."""
-        from sam3d_core.imageio import InputError
+        from sam3d_core.inputs.imageio import InputError
 
         p = Path(path).expanduser()
         if not p.is_absolute():
@@ -313,8 +370,12 @@ class Worker:
         try:
             key = (str(p), p.stat().st_mtime_ns, fov)
         except OSError:
-            raise BadInput(f"photo file {str(p)!r} does not exist; check the path (send absolute paths: the "
-                           f"worker's working folder is {os.getcwd()!r})", field="photo", path=str(p)) from None
+            raise BadInput(
+                f"photo file {str(p)!r} does not exist; check the path (send absolute paths: the "
+                f"worker's working folder is {os.getcwd()!r})",
+                field="photo",
+                path=str(p),
+            ) from None
         with self._photo_lock:
             ctx = self._photos.get(key)
         if ctx is None:
@@ -329,7 +390,7 @@ class Worker:
         return ctx
 
     def _reconstruct(self, job: Job) -> dict:
-        from sam3d_core.imageio import InputError
+        from sam3d_core.inputs.imageio import InputError
 
         pipe = self.model.pipe
         req = job.request
@@ -344,19 +405,25 @@ class Worker:
         seed = 42 if req.get("seed") is None else req["seed"]
         fast = bool(req.get("fast", False))
         if fast and not pipe.stage1.cfg.flow.is_shortcut_model:
-            raise BadInput(f"fast (shortcut) mode needs a shortcut model; {self.model.description} is not one. "
-                           "Send fast: false", field="fast")
+            raise BadInput(
+                f"fast (shortcut) mode needs a shortcut model; {self.model.description} is not one. Send fast: false",
+                field="fast",
+            )
         name = req.get("name") or "object_0"
         if not name.replace("_", "").replace("-", "").isalnum():
-            raise BadInput(f"name {name!r}: use letters, digits, '_' and '-' only (it names the output files)",
-                           field="name")
+            raise BadInput(
+                f"name {name!r}: use letters, digits, '_' and '-' only (it names the output files)", field="name"
+            )
         # 1. inputs: the photo (cached per photo) and the mask, checked
         stage("preprocess")
         ctx = self._photo(req["photo"], req.get("fov"))
         mask_path = Path(req["mask"]).expanduser()
         if not mask_path.is_file():
-            raise BadInput(f"mask file {str(mask_path)!r} does not exist; check the path (send absolute paths)",
-                           field="mask", path=str(mask_path))
+            raise BadInput(
+                f"mask file {str(mask_path)!r} does not exist; check the path (send absolute paths)",
+                field="mask",
+                path=str(mask_path),
+            )
         try:
             mask = pipe.load_mask(ctx, mask_path)
         except InputError as e:
@@ -364,16 +431,29 @@ class Worker:
         outdir = Path(req["out"]).expanduser().resolve()
         existing = next(p for p in (outdir, *outdir.parents) if p.exists())  # nothing is created before export
         if not existing.is_dir() or not os.access(existing, os.W_OK):
-            raise BadInput(f"cannot write the output folder {str(outdir)!r} ({str(existing)!r} is not a writable "
-                           "folder); choose a writable folder", field="out", path=str(outdir))
+            raise BadInput(
+                f"cannot write the output folder {str(outdir)!r} ({str(existing)!r} is not a writable "
+                "folder); choose a writable folder",
+                field="out",
+                path=str(outdir),
+            )
         vram = req.get("vram") or "auto"
         if vram != "auto":  # stays in effect for later jobs until another preset is sent
             pipe.set_low_vram(vram == "low")
         # 2.-6. stage 1, stage 2, mesh clean-up, bake, placement (progress events per stage and step)
         try:
-            results = pipe.reconstruct(ctx, [mask], names=[name], seed=seed, steps=req.get("steps"), fast=fast,
-                                       texture_size=req.get("texture_size") or 1024, faces=req.get("faces") or 20000,
-                                       stage2=req.get("stage2", True) is not False, progress=stage)
+            results = pipe.reconstruct(
+                ctx,
+                [mask],
+                names=[name],
+                seed=seed,
+                steps=req.get("steps"),
+                fast=fast,
+                texture_size=req.get("texture_size") or 1024,
+                faces=req.get("faces") or 20000,
+                stage2=req.get("stage2", True) is not False,
+                progress=stage,
+            )
         except InputError as e:
             raise _bad_input(e) from None
         # 7. files: NAME.glb, NAME.ply, NAME_mask.png, scene.glb, scene.json
@@ -381,21 +461,36 @@ class Worker:
         try:
             scene = pipe.export(ctx, results, outdir)
         except OSError as e:
-            raise BadInput(f"could not write to the output folder {str(outdir)!r} ({e}); choose a writable folder",
-                           field="out", path=str(outdir)) from None
+            raise BadInput(
+                f"could not write to the output folder {str(outdir)!r} ({e}); choose a writable folder",
+                field="out",
+                path=str(outdir),
+            ) from None
         obj = scene["objects"][0]
         files = {k: str(outdir / obj[k]) for k in ("mesh_glb", "gaussians_ply", "glb", "mask") if k in obj}
         if job.cancel.is_set():
             log.info("job %s: cancel arrived during export; the result is kept", job.id)
-        return P.response("result", job.id, **files, scene=str(outdir / SCENE_JSON),
-                          scene_glb=str(outdir / scene["scene_glb"]) if "scene_glb" in scene else None,
-                          num_voxels=obj["num_voxels"], pose=obj["pose"], mask_iou=obj["mask_iou"],
-                          blender={"object_matrix_world": obj["blender_matrix_world"],
-                                   "camera": scene["blender_camera"]},
-                          camera={"K": scene["K"], "width": scene["width"], "height": scene["height"],
-                                  "intrinsics_source": scene["intrinsics_source"]},
-                          settings=obj["settings"], timings=obj["timings"], model=self.model.description,
-                          weights=pipe.weights)
+        return P.response(
+            "result",
+            job.id,
+            **files,
+            scene=str(outdir / SCENE_JSON),
+            scene_glb=str(outdir / scene["scene_glb"]) if "scene_glb" in scene else None,
+            num_voxels=obj["num_voxels"],
+            pose=obj["pose"],
+            mask_iou=obj["mask_iou"],
+            blender={"object_matrix_world": obj["blender_matrix_world"], "camera": scene["blender_camera"]},
+            camera={
+                "K": scene["K"],
+                "width": scene["width"],
+                "height": scene["height"],
+                "intrinsics_source": scene["intrinsics_source"],
+            },
+            settings=obj["settings"],
+            timings=obj["timings"],
+            model=self.model.description,
+            weights=pipe.weights,
+        )
 
     # -- interactive lane: open_photo, segment, segment_all (answered while a reconstruct job runs) -----------
     def _on_open_photo(self, req: dict) -> None:
@@ -427,16 +522,24 @@ class Worker:
             except BadInput as e:
                 msg = P.error(req["id"], "bad_input", str(e), e.details)
             except Exception as e:
-                if _is_oom(e):
+                if is_out_of_memory(e):
                     _free_gpu_memory()
-                    msg = P.error(req["id"], "out_of_memory", "the GPU ran out of memory while segmenting: close "
-                                  "other programs using the GPU and retry", {"stage": req["type"]})
+                    msg = P.error(
+                        req["id"],
+                        "out_of_memory",
+                        "the GPU ran out of memory while segmenting: close other programs using the GPU and retry",
+                        {"stage": req["type"]},
+                    )
                 else:
                     log.exception("request %s failed", req["id"])
-                    msg = P.error(req["id"], "internal", f"unexpected error during {req['type']}: "
-                                  f"{type(e).__name__}: {e}. The worker is still running; please report this "
-                                  "with the worker log", {"exception": type(e).__name__,
-                                                          "traceback": traceback.format_exc().splitlines()[-8:]})
+                    msg = P.error(
+                        req["id"],
+                        "internal",
+                        f"unexpected error during {req['type']}: "
+                        f"{type(e).__name__}: {e}. The worker is still running; please report this "
+                        "with the worker log",
+                        {"exception": type(e).__name__, "traceback": traceback.format_exc().splitlines()[-8:]},
+                    )
             self.send(msg)
 
     def _segmenter(self):
@@ -453,13 +556,21 @@ class Worker:
     def _do_open_photo(self, req: dict) -> dict:
         ctx = self._photo(req["photo"], req.get("fov"))
         rec = ctx.camera_record()
-        return P.response("photo", req["id"], photo=str(ctx.photo.path), width=ctx.width, height=ctx.height,
-                          K=rec["K"], intrinsics_source=rec["intrinsics_source"],
-                          blender_camera=rec["blender_camera"], notes=list(ctx.photo.notes),
-                          segmenter=self._segment_info())
+        return P.response(
+            "photo",
+            req["id"],
+            photo=str(ctx.photo.path),
+            width=ctx.width,
+            height=ctx.height,
+            K=rec["K"],
+            intrinsics_source=rec["intrinsics_source"],
+            blender_camera=rec["blender_camera"],
+            notes=list(ctx.photo.notes),
+            segmenter=self._segment_info(),
+        )
 
     def _do_segment(self, req: dict) -> dict:
-        from sam3d_core.imageio import InputError
+        from sam3d_core.inputs.imageio import InputError
 
         ctx = self._photo(req["photo"])
         seg = self._segmenter()
@@ -480,11 +591,18 @@ class Worker:
             out.parent.mkdir(parents=True, exist_ok=True)
             seg.save_mask(mask, out)
         except OSError as e:
-            raise BadInput(f"could not write the mask to {str(out)!r} ({e}); choose a writable path",
-                           field="out", path=str(out)) from None
-        return P.response("result", req["id"], mask=str(out.resolve()), area=int(mask.sum()),
-                          score=None if score is None else float(score), segmenter=backend,
-                          seconds=round(time.perf_counter() - t0, 4))
+            raise BadInput(
+                f"could not write the mask to {str(out)!r} ({e}); choose a writable path", field="out", path=str(out)
+            ) from None
+        return P.response(
+            "result",
+            req["id"],
+            mask=str(out.resolve()),
+            area=int(mask.sum()),
+            score=None if score is None else float(score),
+            segmenter=backend,
+            seconds=round(time.perf_counter() - t0, 4),
+        )
 
     def _do_segment_all(self, req: dict) -> dict:
         ctx = self._photo(req["photo"])
@@ -499,10 +617,16 @@ class Worker:
                 seg.save_mask(m, out / f"mask_{i}.png")
                 paths.append(str((out / f"mask_{i}.png").resolve()))
         except OSError as e:
-            raise BadInput(f"could not write masks to {str(out)!r} ({e}); choose a writable folder",
-                           field="out_dir", path=str(out)) from None
-        return P.response("result", req["id"], masks=paths, areas=[int(m.sum()) for m in masks],
-                          segmenter=self._segment_info()["name"])
+            raise BadInput(
+                f"could not write masks to {str(out)!r} ({e}); choose a writable folder", field="out_dir", path=str(out)
+            ) from None
+        return P.response(
+            "result",
+            req["id"],
+            masks=paths,
+            areas=[int(m.sum()) for m in masks],
+            segmenter=self._segment_info()["name"],
+        )
 
     # -- main thread ---------------------------------------------------------------------------
     def serve(self, stdin: BinaryIO, stop_timeout: float = 60.0) -> int:
@@ -519,8 +643,17 @@ class Worker:
         if jobs.is_alive():
             log.warning("the running job did not stop within %.0f s; exiting anyway", stop_timeout)
         if self._shutdown_id is not None:
-            self.send(P.response("status", self._shutdown_id, state="stopped", running=None, queued=[],
-                                 jobs_done=self.jobs_done, **self._model_info()))
+            self.send(
+                P.response(
+                    "status",
+                    self._shutdown_id,
+                    state="stopped",
+                    running=None,
+                    queued=[],
+                    jobs_done=self.jobs_done,
+                    **self._model_info(),
+                )
+            )
         log.info("worker stopped")
         return 0
 
@@ -535,15 +668,25 @@ def _free_gpu_memory() -> None:
         pass
 
 
-def main(model: str | None = None, device: str | None = None, stdin: BinaryIO | None = None,
-         low_vram: bool = False, max_voxels: int | None = None) -> int:
+def main(
+    model: str | None = None,
+    device: str | None = None,
+    stdin: BinaryIO | None = None,
+    low_vram: bool = False,
+    max_voxels: int | None = None,
+) -> int:
     """Run the worker on this process's stdin/stdout until `shutdown` or stdin EOF. Returns the exit code."""
     out = protect_stdout()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="sam3d serve: %(message)s", force=True)
     t0 = time.perf_counter()
     loaded = load_model(model, device, low_vram=low_vram, max_voxels=max_voxels)
-    log.info("model: %s (%.1f s); protocol v%d on stdin/stdout, pid %d", loaded.description,
-             time.perf_counter() - t0, P.PROTOCOL_VERSION, os.getpid())
+    log.info(
+        "model: %s (%.1f s); protocol v%d on stdin/stdout, pid %d",
+        loaded.description,
+        time.perf_counter() - t0,
+        P.PROTOCOL_VERSION,
+        os.getpid(),
+    )
     worker = Worker(loaded, out)
     code = worker.serve(stdin if stdin is not None else sys.stdin.buffer)
     out.flush()

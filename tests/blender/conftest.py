@@ -70,8 +70,9 @@ def addon(addon_zip):
     import addon_utils
 
     if MODULE not in sys.modules:
-        result = bpy.ops.extensions.package_install_files(filepath=str(addon_zip), repo="user_default",
-                                                         enable_on_install=True)
+        result = bpy.ops.extensions.package_install_files(
+            filepath=str(addon_zip), repo="user_default", enable_on_install=True
+        )
         assert result == {"FINISHED"}, result
     addon_utils.enable("io_scene_gltf2", default_set=True)
     mod = sys.modules[MODULE]
@@ -84,8 +85,22 @@ def prefs(addon):
     import bpy
 
     p = bpy.context.preferences.addons[MODULE].preferences
-    saved = {k: getattr(p, k) for k in ("python", "model", "device", "steps", "seed", "output_dir",
-                                        "preference_log", "weights_dir", "textured", "texture_size", "faces")}
+    saved = {
+        k: getattr(p, k)
+        for k in (
+            "python",
+            "model",
+            "device",
+            "steps",
+            "seed",
+            "output_dir",
+            "preference_log",
+            "weights_dir",
+            "textured",
+            "texture_size",
+            "faces",
+        )
+    }
     yield p
     for k, v in saved.items():
         setattr(p, k, v)
@@ -96,8 +111,15 @@ def clean_scene(addon, tmp_path):
     """An empty scene (no objects, collections, cameras, images) with fresh SAM 3D properties."""
     import bpy
 
-    for coll in (bpy.data.objects, bpy.data.collections, bpy.data.meshes, bpy.data.cameras, bpy.data.materials,
-                 bpy.data.images, bpy.data.lights):
+    for coll in (
+        bpy.data.objects,
+        bpy.data.collections,
+        bpy.data.meshes,
+        bpy.data.cameras,
+        bpy.data.materials,
+        bpy.data.images,
+        bpy.data.lights,
+    ):
         for block in list(coll):
             coll.remove(block)
     scene = bpy.context.scene

@@ -31,18 +31,31 @@ def write_glb(path, vertices, faces, uvs=None, png: bytes | None = None) -> None
         blob = _pad(blob + data, b"\0")
         return len(views) - 1
 
-    accessors.append({"bufferView": add(v.tobytes(), 34962), "componentType": 5126, "count": len(v),
-                      "type": "VEC3", "min": v.min(0).tolist(), "max": v.max(0).tolist()})
-    accessors.append({"bufferView": add(f.tobytes(), 34963), "componentType": 5125, "count": f.size,
-                      "type": "SCALAR"})
+    accessors.append(
+        {
+            "bufferView": add(v.tobytes(), 34962),
+            "componentType": 5126,
+            "count": len(v),
+            "type": "VEC3",
+            "min": v.min(0).tolist(),
+            "max": v.max(0).tolist(),
+        }
+    )
+    accessors.append({"bufferView": add(f.tobytes(), 34963), "componentType": 5125, "count": f.size, "type": "SCALAR"})
     attributes = {"POSITION": 0}
-    gltf = {"asset": {"version": "2.0"}, "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0}],
-            "meshes": [{"primitives": [{"attributes": attributes, "indices": 1, "material": 0}]}],
-            "materials": [{"pbrMetallicRoughness": {"baseColorFactor": [0.8, 0.5, 0.2, 1.0]}}]}
+    gltf = {
+        "asset": {"version": "2.0"},
+        "scene": 0,
+        "scenes": [{"nodes": [0]}],
+        "nodes": [{"mesh": 0}],
+        "meshes": [{"primitives": [{"attributes": attributes, "indices": 1, "material": 0}]}],
+        "materials": [{"pbrMetallicRoughness": {"baseColorFactor": [0.8, 0.5, 0.2, 1.0]}}],
+    }
     if uvs is not None:
         uv = np.asarray(uvs, np.float32).reshape(-1, 2)
-        accessors.append({"bufferView": add(uv.tobytes(), 34962), "componentType": 5126, "count": len(uv),
-                          "type": "VEC2"})
+        accessors.append(
+            {"bufferView": add(uv.tobytes(), 34962), "componentType": 5126, "count": len(uv), "type": "VEC2"}
+        )
         attributes["TEXCOORD_0"] = 2
     if png is not None:
         gltf["images"] = [{"bufferView": add(png, None), "mimeType": "image/png"}]
@@ -74,9 +87,9 @@ def read_glb_positions(path) -> np.ndarray:
     if magic != 0x46546C67:
         raise ValueError(f"{path} is not a GLB")
     jlen, _ = struct.unpack_from("<II", data, 12)
-    gltf = json.loads(data[20:20 + jlen])
+    gltf = json.loads(data[20 : 20 + jlen])
     blen, _ = struct.unpack_from("<II", data, 20 + jlen)
-    blob = data[28 + jlen:28 + jlen + blen]
+    blob = data[28 + jlen : 28 + jlen + blen]
 
     def positions(acc_index):
         acc = gltf["accessors"][acc_index]
@@ -94,9 +107,13 @@ def read_glb_positions(path) -> np.ndarray:
             t = np.diag([*node["scale"], 1.0]) @ t
         if "rotation" in node:
             x, y, z, w = node["rotation"]
-            r = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                          [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                          [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+            r = np.array(
+                [
+                    [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                    [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                    [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+                ]
+            )
             rot = np.eye(4)
             rot[:3, :3] = r
             t = rot @ t

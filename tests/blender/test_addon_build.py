@@ -28,8 +28,11 @@ def test_blender_validates_the_zip(addon_zip):
 def test_validation_catches_a_bad_manifest(tmp_path):
     bad = tmp_path / "blender_manifest.toml"
     text = (ROOT / "blender_manifest.toml").read_text()
-    bad.write_text(text.replace('tagline = "', 'tagline = "A tagline that ends with a full stop.', 1)
-                   .replace(' 3D objects"', ' 3D objects."', 1))
+    bad.write_text(
+        text.replace('tagline = "', 'tagline = "A tagline that ends with a full stop.', 1).replace(
+            ' 3D objects"', ' 3D objects."', 1
+        )
+    )
     out = build.build_zip(tmp_path / "bad.zip", manifest=bad)
     ok, report = build.validate(out)
     assert not ok and "tagline" in report

@@ -55,9 +55,15 @@ def test_region_photo_mapping_round_trip():
 def test_old_scene_json_gets_a_default_camera_and_identity_matrix(tmp_path):
     (tmp_path / "object_0_voxels.glb").write_bytes(b"")
     K = intrinsics_from_fov(600, 400)
-    (tmp_path / "scene.json").write_text(json.dumps({
-        "intrinsics": K, "image_size": [400, 600],
-        "objects": [{"glb": "object_0_voxels.glb", "settings": {"seed": 3}, "rotation_wxyz": [1, 0, 0, 0]}]}))
+    (tmp_path / "scene.json").write_text(
+        json.dumps(
+            {
+                "intrinsics": K,
+                "image_size": [400, 600],
+                "objects": [{"glb": "object_0_voxels.glb", "settings": {"seed": 3}, "rotation_wxyz": [1, 0, 0, 0]}],
+            }
+        )
+    )
     spec = load_scene(str(tmp_path / "scene.json"), photo="/p.png", mask="/m.png")
     assert (spec.width, spec.height, spec.photo) == (600, 400, "/p.png")
     obj = spec.objects[0]
@@ -69,11 +75,30 @@ def test_old_scene_json_gets_a_default_camera_and_identity_matrix(tmp_path):
 def test_v1_scene_json_uses_mesh_glb_and_its_matrix(tmp_path):
     cam = blender_camera_from_K(intrinsics_from_fov(64, 48, 50.0), 64, 48)
     m = [[2.0, 0, 0, 0.5], [0, 2.0, 0, 3.0], [0, 0, 2.0, 0], [0, 0, 0, 1]]
-    (tmp_path / "scene.json").write_text(json.dumps({
-        "version": 1, "photo": "photo.png", "width": 64, "height": 48, "K": intrinsics_from_fov(64, 48, 50.0),
-        "intrinsics_source": "exif", "blender_camera": cam,
-        "objects": [{"name": "cup", "mask": "m.png", "mesh_glb": "cup.glb", "glb": "v.glb",
-                     "blender_matrix_world": m, "mask_iou": 0.8, "settings": {"seed": 1}}]}))
+    (tmp_path / "scene.json").write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "photo": "photo.png",
+                "width": 64,
+                "height": 48,
+                "K": intrinsics_from_fov(64, 48, 50.0),
+                "intrinsics_source": "exif",
+                "blender_camera": cam,
+                "objects": [
+                    {
+                        "name": "cup",
+                        "mask": "m.png",
+                        "mesh_glb": "cup.glb",
+                        "glb": "v.glb",
+                        "blender_matrix_world": m,
+                        "mask_iou": 0.8,
+                        "settings": {"seed": 1},
+                    }
+                ],
+            }
+        )
+    )
     spec = load_scene(str(tmp_path / "scene.json"))
     assert spec.photo == str(tmp_path / "photo.png") and spec.intrinsics_source == "exif"
     obj = spec.objects[0]
@@ -93,8 +118,13 @@ def test_scene_json_errors_name_the_problem(tmp_path):
 def test_result_entry_prefers_the_textured_mesh():
     cam = blender_camera_from_K(intrinsics_from_fov(64, 48), 64, 48)
     m = [[1, 0, 0, 0], [0, 1, 0, 2], [0, 0, 1, 0], [0, 0, 0, 1]]
-    res = {"type": "result", "glb": "/v.glb", "mesh_glb": "/m.glb", "settings": {"seed": 5, "weights": "sha"},
-           "blender": {"object_matrix_world": m, "camera": cam}}
+    res = {
+        "type": "result",
+        "glb": "/v.glb",
+        "mesh_glb": "/m.glb",
+        "settings": {"seed": 5, "weights": "sha"},
+        "blender": {"object_matrix_world": m, "camera": cam},
+    }
     e = entry_from_result(res, "cup", "/mask.png")
     assert (e.mesh_path, e.textured, e.seed, e.camera["resolution_x"]) == ("/m.glb", True, 5, 64)
     assert e.matrix_world[1][3] == 2.0
@@ -151,10 +181,18 @@ def test_setup_report_lists_gpu_weights_and_worker(tmp_path):
     (folder / "manifest.json").write_text(json.dumps({"files": {"a": {"bytes": 3_000_000_000}}}))
     models = setup.imported_models(str(tmp_path))
     assert models[0]["name"] == "official" and models[0]["bytes"] == 3_000_000_000
-    probe = setup.parse_probe('noise\n{"python": "3.11", "sam3d": "0.1.0", "torch": "2.5", "cuda": true, '
-                              '"gpu": "H100", "gpu_memory_gb": 80, "gpu_free_gb": 70}\n')
-    hello = {"worker": "sam3d 0.1.0", "protocol": 1, "device": "cuda", "dtype": "bfloat16", "model": "official",
-             "capabilities": ["reconstruct"]}
+    probe = setup.parse_probe(
+        'noise\n{"python": "3.11", "sam3d": "0.1.0", "torch": "2.5", "cuda": true, '
+        '"gpu": "H100", "gpu_memory_gb": 80, "gpu_free_gb": 70}\n'
+    )
+    hello = {
+        "worker": "sam3d 0.1.0",
+        "protocol": 1,
+        "device": "cuda",
+        "dtype": "bfloat16",
+        "model": "official",
+        "capabilities": ["reconstruct"],
+    }
     text = "\n".join(setup.setup_report("/py", probe, hello, models, str(tmp_path)))
     assert "GPU: H100, 80 GB (70 GB free)" in text and "official (3.0 GB)" in text and "sam3d 0.1.0" in text
     empty = "\n".join(setup.setup_report("", {}, None, [], ""))

@@ -114,8 +114,9 @@ def test_reconstruct_places_the_object_where_the_worker_put_it(flow, worker_pref
     K = json.loads(props.K)
     glb = _gltf_camera_space(obj)
     front = glb[glb[:, 2] < -0.05]
-    expected = np.stack([K[0][2] + K[0][0] * front[:, 0] / -front[:, 2],
-                         K[1][2] - K[1][1] * front[:, 1] / -front[:, 2]], 1)
+    expected = np.stack(
+        [K[0][2] + K[0][0] * front[:, 0] / -front[:, 2], K[1][2] - K[1][1] * front[:, 1] / -front[:, 2]], 1
+    )
     meshes = [o for o in (obj, *obj.children_recursive) if o.type == "MESH"]
     world = [o.matrix_world @ Vector(v.co) for o in meshes for v in o.data.vertices]
     got = _projected(scene, props.camera, world)

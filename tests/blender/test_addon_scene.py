@@ -59,8 +59,14 @@ def test_placed_card_silhouette_covers_the_mask(addon, camera, clean_scene, tmp_
     verts, faces, _ = card_in_camera_space(K, box, depth=2.0)
     write_glb(tmp_path / "card.glb", verts, faces)
     col = addon.scene.photo_collection(bpy.context, str(PHOTO))
-    entry = ObjectEntry("card", str(tmp_path / "card.glb"), [list(r) for r in IDENTITY], False, mask=str(MASK),
-                        settings={"seed": 7, "weights": "sha256:abc"})
+    entry = ObjectEntry(
+        "card",
+        str(tmp_path / "card.glb"),
+        [list(r) for r in IDENTITY],
+        False,
+        mask=str(MASK),
+        settings={"seed": 7, "weights": "sha256:abc"},
+    )
     obj = addon.scene.apply_entry(bpy.context, entry, col, photo=str(PHOTO))
     assert obj.users_collection[0] == col and obj.name == "card"
     assert obj["sam3d_seed"] == 7 and obj["sam3d_weights"] == "sha256:abc" and obj["sam3d_mask"] == str(MASK)
@@ -82,8 +88,9 @@ def test_matrix_world_is_applied_to_the_imported_local_frame(addon, clean_scene,
     write_glb(tmp_path / "tri.glb", verts, [[0, 1, 2]])
     M = Matrix.Translation((0.1, 2.0, -0.3)) @ Matrix.Rotation(0.7, 4, "Z") @ Matrix.Scale(1.5, 4)
     col = addon.scene.photo_collection(bpy.context, str(PHOTO))
-    obj = addon.scene.apply_entry(bpy.context, ObjectEntry("tri", str(tmp_path / "tri.glb"),
-                                                           [list(r) for r in M], True), col)
+    obj = addon.scene.apply_entry(
+        bpy.context, ObjectEntry("tri", str(tmp_path / "tri.glb"), [list(r) for r in M], True), col
+    )
     world = sorted(tuple(round(c, 5) for c in obj.matrix_world @ v.co) for v in obj.data.vertices)
     expected = sorted(tuple(round(c, 5) for c in M @ gltf_to_blender(p)) for p in verts)
     assert world == expected
@@ -95,8 +102,9 @@ def test_textured_mesh_keeps_its_image_texture(addon, clean_scene, tmp_path):
     verts, faces, uvs = card_in_camera_space(K, (100, 100, 200, 200), depth=1.0)
     write_glb(tmp_path / "tex.glb", verts, faces, uvs=uvs, png=MASK.read_bytes())
     col = addon.scene.photo_collection(bpy.context, str(PHOTO))
-    obj = addon.scene.apply_entry(bpy.context, ObjectEntry("tex", str(tmp_path / "tex.glb"),
-                                                           [list(r) for r in IDENTITY], True), col)
+    obj = addon.scene.apply_entry(
+        bpy.context, ObjectEntry("tex", str(tmp_path / "tex.glb"), [list(r) for r in IDENTITY], True), col
+    )
     report = addon.scene.material_report([obj])
     assert report == {"materials": 1, "image_textures": 1}
 

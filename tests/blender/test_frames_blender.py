@@ -1,7 +1,7 @@
 """Frames checked inside Blender (the `bpy` wheel): a y-up GLB imported by Blender's glTF importer, placed with
 `blender_object_matrix` and seen through `blender_camera`, must cover the mask the PyTorch3D pose projects.
 
-Runs only where `bpy` imports (its own venv); imports `sam3d_core.frames` alone (numpy, no torch). The photo
+Runs only where `bpy` imports (its own venv); imports `sam3d_core.geometry.frames` alone (numpy, no torch). The photo
 is 160x100 with fx != fy and an off-centre principal point, so lens, shift and pixel aspect are all exercised.
 """
 
@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
 from bpy_extras.object_utils import world_to_camera_view  # noqa: E402
 from mathutils import Matrix, Vector  # noqa: E402
 
-from sam3d_core import frames  # noqa: E402
+from sam3d_core.geometry import frames  # noqa: E402
 
 W, H = 160, 100
 K = np.array([[150.0, 0.0, 91.3], [0.0, 128.0, 42.6], [0.0, 0.0, 1.0]])  # fx != fy, cx != W/2, cy != H/2

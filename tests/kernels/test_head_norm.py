@@ -49,6 +49,6 @@ def test_triton_matches_reference_on_gpu(dtype, rows):
         ref = head_rms_norm_reference(part, gamma)
         assert fast.shape == part.shape and fast.dtype == dtype and fast.is_contiguous()
         # both compute in float32 and round once: equal up to the summation order (one unit in the last place)
-        ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+        ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
         assert ((fast.float() - ref.float()).abs() <= ulp * ref.float().abs().clamp_min(1e-3)).all()
         assert (fast == ref).float().mean() > 0.99

@@ -161,8 +161,10 @@ def test_degenerate_and_non_finite_triangles_are_skipped():
 
 
 def test_empty_inputs():
-    for pos, faces in [(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long)),
-                       (torch.rand(4, 3), torch.zeros(0, 3, dtype=torch.int32))]:
+    for pos, faces in [
+        (torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long)),
+        (torch.rand(4, 3), torch.zeros(0, 3, dtype=torch.int32)),
+    ]:
         raster = rasterize(pos, faces, 5, 3)
         assert raster.face_id.shape == (5, 3) and (raster.face_id == -1).all()
         assert raster.bary.shape == (5, 3, 3) and (raster.bary == 0).all()

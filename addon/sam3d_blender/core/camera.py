@@ -1,7 +1,7 @@
 """A Blender camera that sees what the photo's camera saw. Stdlib only.
 
 Frames. Pixels: x right, y down, origin at the top-left corner of the top-left pixel; K is the OpenCV-style
-3x3 matrix in those pixels (pixel centres at +0.5, as sam3d_core.camera uses). The worker's objects come
+3x3 matrix in those pixels (pixel centres at +0.5, as sam3d_core.inputs.camera uses). The worker's objects come
 in glTF's camera space (camera at the origin looking down -z, y up); Blender's glTF importer turns y-up
 into z-up, (x, y, z) -> (x, -z, y), so in Blender the photo's camera sits at the origin looking along +Y
 with +Z up. A Blender camera looks down its local -Z with local +Y up: a 90 degree turn about X.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-DEFAULT_FOV_DEG = 60.0  # the worker's fallback horizontal field of view (sam3d_core.camera.DEFAULT_FOV_DEG)
+DEFAULT_FOV_DEG = 60.0  # the worker's fallback horizontal field of view (sam3d_core.inputs.camera.DEFAULT_FOV_DEG)
 SENSOR_WIDTH_MM = 36.0  # full-frame width; any value works, the lens follows from it
 
 # Camera at the origin looking along +Y, +Z up: a rotation of +90 degrees about X (4x4, rows).
@@ -26,8 +26,18 @@ CAMERA_MATRIX_WORLD = (
     (0.0, 0.0, 0.0, 1.0),
 )
 
-CAMERA_KEYS = ("matrix_world", "lens_mm", "sensor_width_mm", "sensor_fit", "shift_x", "shift_y",
-               "resolution_x", "resolution_y", "pixel_aspect_x", "pixel_aspect_y")
+CAMERA_KEYS = (
+    "matrix_world",
+    "lens_mm",
+    "sensor_width_mm",
+    "sensor_fit",
+    "shift_x",
+    "shift_y",
+    "resolution_x",
+    "resolution_y",
+    "pixel_aspect_x",
+    "pixel_aspect_y",
+)
 
 
 def intrinsics_from_fov(width: int, height: int, fov_x_deg: float = DEFAULT_FOV_DEG) -> list[list[float]]:
@@ -38,14 +48,15 @@ def intrinsics_from_fov(width: int, height: int, fov_x_deg: float = DEFAULT_FOV_
     return [[fx, 0.0, width / 2.0], [0.0, fx, height / 2.0], [0.0, 0.0, 1.0]]
 
 
-def blender_camera_from_K(K: Sequence[Sequence[float]], width: int, height: int,
-                          sensor_width_mm: float = SENSOR_WIDTH_MM) -> dict:
+def blender_camera_from_K(
+    K: Sequence[Sequence[float]], width: int, height: int, sensor_width_mm: float = SENSOR_WIDTH_MM
+) -> dict:
     """Blender camera settings that reproduce the pinhole camera K for a width x height photo.
 
     Horizontal sensor fit: the sensor width spans the image width, so lens = fx * sensor / width, and
     shifts are in units of the image width (Blender's rule for a horizontal fit). Non-square pixels
     (fx != fy) become a pixel aspect ratio, the smaller side set to 1. Same values as the worker's
-    `sam3d_core.frames.blender_camera`, which the add-on cannot import (no numpy/torch in Blender).
+    `sam3d_core.geometry.frames.blender_camera`, which the add-on cannot import (no numpy/torch in Blender).
     """
     if width < 1 or height < 1:
         raise ValueError(f"photo size {width}x{height}: expected a positive width and height")
@@ -77,8 +88,10 @@ def check_camera(cam: dict) -> dict:
     """Check a blender_camera dict (from the worker or a scene.json); raises ValueError naming what is wrong."""
     missing = [k for k in CAMERA_KEYS if k not in cam]
     if missing:
-        raise ValueError(f"camera settings lack {missing}; expected the keys {list(CAMERA_KEYS)} "
-                         "(docs/protocol.md, open_photo). Update the worker and the add-on to the same release")
+        raise ValueError(
+            f"camera settings lack {missing}; expected the keys {list(CAMERA_KEYS)} "
+            "(docs/protocol.md, open_photo). Update the worker and the add-on to the same release"
+        )
     m = cam["matrix_world"]
     if len(m) != 4 or any(len(r) != 4 for r in m):
         raise ValueError(f"camera matrix_world must be 4x4 rows, got {m!r}")

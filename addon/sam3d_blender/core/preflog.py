@@ -27,15 +27,30 @@ def candidate(seed: int | None, settings: dict, mesh: str | None) -> dict:
     return {"seed": seed, "settings": dict(settings), "mesh": mesh}
 
 
-def make_record(kind: str, photo: str, mask: str | None, chosen: dict | None, rejected: Sequence[dict],
-                weights: str = "", model: str = "") -> dict:
+def make_record(
+    kind: str,
+    photo: str,
+    mask: str | None,
+    chosen: dict | None,
+    rejected: Sequence[dict],
+    weights: str = "",
+    model: str = "",
+) -> dict:
     if kind not in KINDS:
         raise ValueError(f"preference record kind {kind!r}: expected one of {KINDS}")
     if chosen is None and not rejected:
         raise ValueError("a preference record needs a chosen candidate or at least one rejected one")
-    return {"version": LOG_VERSION, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "kind": kind,
-            "photo": photo, "mask": mask, "weights": weights, "model": model, "chosen": chosen,
-            "rejected": list(rejected)}
+    return {
+        "version": LOG_VERSION,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "kind": kind,
+        "photo": photo,
+        "mask": mask,
+        "weights": weights,
+        "model": model,
+        "chosen": chosen,
+        "rejected": list(rejected),
+    }
 
 
 def append(path: str, record: dict) -> None:

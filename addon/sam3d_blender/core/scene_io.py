@@ -81,14 +81,25 @@ def entry_from_result(result: dict, name: str, mask: str | None = None) -> Objec
     elif result.get("glb"):
         path, matrix, textured = result["glb"], _matrix(None, ""), False
     else:
-        raise ValueError("the worker's result names no mesh_glb and no glb to import; update the worker "
-                         f"(result keys: {sorted(result)})")
+        raise ValueError(
+            "the worker's result names no mesh_glb and no glb to import; update the worker "
+            f"(result keys: {sorted(result)})"
+        )
     camera = blender.get("camera")
     settings = dict(result.get("settings") or {})
-    return ObjectEntry(name=name, mesh_path=path, matrix_world=matrix, textured=textured, mask=mask,
-                       gaussians_ply=result.get("gaussians_ply"), mask_iou=result.get("mask_iou"),
-                       settings=settings, pose=result.get("pose"), camera=check_camera(camera) if camera else None,
-                       weights=str(result.get("weights") or settings.get("weights") or ""))
+    return ObjectEntry(
+        name=name,
+        mesh_path=path,
+        matrix_world=matrix,
+        textured=textured,
+        mask=mask,
+        gaussians_ply=result.get("gaussians_ply"),
+        mask_iou=result.get("mask_iou"),
+        settings=settings,
+        pose=result.get("pose"),
+        camera=check_camera(camera) if camera else None,
+        weights=str(result.get("weights") or settings.get("weights") or ""),
+    )
 
 
 def load_scene(path: str, photo: str | None = None, mask: str | None = None) -> SceneSpec:
@@ -110,8 +121,10 @@ def load_scene(path: str, photo: str | None = None, mask: str | None = None) -> 
         height, width = (int(v) for v in data["image_size"])
         K, source, camera = data["intrinsics"], "default_fov", None
     else:
-        raise ValueError(f"{path}: unknown scene.json layout (version {data.get('version')!r}); expected version 1 "
-                         "or the stage-1 file with 'intrinsics' and 'image_size'. Re-run `sam3d demo`")
+        raise ValueError(
+            f"{path}: unknown scene.json layout (version {data.get('version')!r}); expected version 1 "
+            "or the stage-1 file with 'intrinsics' and 'image_size'. Re-run `sam3d demo`"
+        )
     camera = camera or blender_camera_from_K(K, width, height)
     photo_path = _resolve(data.get("photo"), base) or photo
     objects = []
@@ -125,15 +138,32 @@ def load_scene(path: str, photo: str | None = None, mask: str | None = None) -> 
         else:
             raise ValueError(f"{path}: object {i} ({name}) names no mesh_glb and no glb")
         pose = obj.get("pose") or {k: obj[k] for k in ("rotation_wxyz", "translation", "scale") if k in obj} or None
-        objects.append(ObjectEntry(
-            name=name, mesh_path=path_, matrix_world=matrix, textured=textured,
-            mask=_resolve(obj.get("mask"), base) or (mask if len(data["objects"]) == 1 else None),
-            gaussians_ply=_resolve(obj.get("gaussians_ply"), base), mask_iou=obj.get("mask_iou"),
-            settings=dict(obj.get("settings") or {}), pose=pose, camera=camera))
+        objects.append(
+            ObjectEntry(
+                name=name,
+                mesh_path=path_,
+                matrix_world=matrix,
+                textured=textured,
+                mask=_resolve(obj.get("mask"), base) or (mask if len(data["objects"]) == 1 else None),
+                gaussians_ply=_resolve(obj.get("gaussians_ply"), base),
+                mask_iou=obj.get("mask_iou"),
+                settings=dict(obj.get("settings") or {}),
+                pose=pose,
+                camera=camera,
+            )
+        )
     weights = data.get("weights") or ""
     weights = weights if isinstance(weights, str) else json.dumps(weights)
     for obj in objects:
         obj.weights = obj.weights or str(obj.settings.get("weights") or weights)
-    return SceneSpec(photo=photo_path, width=width, height=height, K=[list(map(float, r)) for r in K],
-                     intrinsics_source=source, camera=camera, objects=objects, model=str(data.get("model", "")),
-                     weights=weights)
+    return SceneSpec(
+        photo=photo_path,
+        width=width,
+        height=height,
+        K=[list(map(float, r)) for r in K],
+        intrinsics_source=source,
+        camera=camera,
+        objects=objects,
+        model=str(data.get("model", "")),
+        weights=weights,
+    )

@@ -19,7 +19,7 @@ SERVE_ARGS = ("-m", "sam3d_core.cli", "serve")
 
 # Run with the worker's Python for "Check setup": `sam3d doctor --json` prints one JSON line (versions, GPU,
 # memory). The probe itself lives in the library, so nothing here imports the worker's packages.
-PROBE_ARGS = ("-m", "sam3d_core.doctor", "--json")
+PROBE_ARGS = ("-m", "sam3d_core.cli.doctor", "--json")
 
 
 @dataclass(frozen=True)
@@ -116,34 +116,46 @@ def parse_probe(stdout: str) -> dict:
     return {}
 
 
-def setup_report(python: str, probe: dict, hello: dict | None, models: Sequence[dict], weights_dir: str,
-                 error: str = "") -> list[str]:
+def setup_report(
+    python: str, probe: dict, hello: dict | None, models: Sequence[dict], weights_dir: str, error: str = ""
+) -> list[str]:
     """Readable lines for "Check setup": interpreter, GPU and memory, weights found, worker version, model."""
     lines = [f"Worker Python: {python or 'not found'}"]
     if not python:
         lines.append("  Set it in the preferences, or set $SAM3D_PYTHON, or install sam3d (pip install sam3d)")
     if probe:
-        lines.append(f"  Python {probe.get('python', '?')}, sam3d {probe.get('sam3d', 'NOT importable')}, "
-                     f"torch {probe.get('torch', 'NOT importable')}")
+        lines.append(
+            f"  Python {probe.get('python', '?')}, sam3d {probe.get('sam3d', 'NOT importable')}, "
+            f"torch {probe.get('torch', 'NOT importable')}"
+        )
         for key in ("sam3d_error", "torch_error"):
             if probe.get(key):
                 lines.append(f"  {key.split('_')[0]} import failed: {probe[key]}")
         if probe.get("cuda"):
-            lines.append(f"GPU: {probe.get('gpu')}, {probe.get('gpu_memory_gb')} GB "
-                         f"({probe.get('gpu_free_gb')} GB free)")
+            lines.append(
+                f"GPU: {probe.get('gpu')}, {probe.get('gpu_memory_gb')} GB ({probe.get('gpu_free_gb')} GB free)"
+            )
         elif "torch" in probe:
             lines.append("GPU: none visible to torch; the worker runs on the CPU (slow, tiny model only)")
     where = weights_dir or "the default sam3d data folder"
     if models:
-        lines.append(f"Weights in {where}: " + ", ".join(
-            f"{m['name']} ({m['bytes'] / 1e9:.1f} GB)" if m["bytes"] >= 0 else f"{m['name']} (manifest unreadable)"
-            for m in models))
+        lines.append(
+            f"Weights in {where}: "
+            + ", ".join(
+                f"{m['name']} ({m['bytes'] / 1e9:.1f} GB)" if m["bytes"] >= 0 else f"{m['name']} (manifest unreadable)"
+                for m in models
+            )
+        )
     else:
-        lines.append(f"Weights: none imported in {where}; import them with `sam3d weights import FOLDER` "
-                     "(until then the worker uses a tiny random-weight model)")
+        lines.append(
+            f"Weights: none imported in {where}; import them with `sam3d weights import FOLDER` "
+            "(until then the worker uses a tiny random-weight model)"
+        )
     if hello:
-        lines.append(f"Worker: {hello.get('worker', '?')}, protocol {hello.get('protocol')}, "
-                     f"device {hello.get('device')}, {hello.get('dtype')}")
+        lines.append(
+            f"Worker: {hello.get('worker', '?')}, protocol {hello.get('protocol')}, "
+            f"device {hello.get('device')}, {hello.get('dtype')}"
+        )
         lines.append(f"Model: {hello.get('model')}")
         if hello.get("model_error"):
             lines.append(f"  Model error: {hello['model_error'].get('message')}")

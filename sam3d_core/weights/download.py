@@ -15,7 +15,6 @@ segment-anything checkpoints; their sha256 is computed, printed and recorded by 
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import errno
 import hashlib
@@ -24,8 +23,6 @@ import json
 import os
 import re
 import shutil
-import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -41,15 +38,25 @@ HF_SUBFOLDER = "checkpoints"
 # of the mesh decoder and the encoders, which the pipeline does not use.
 OFFICIAL_FILES = (
     "pipeline.yaml",
-    "ss_generator.yaml", "ss_generator.ckpt", "ss_decoder.yaml", "ss_decoder.ckpt",
-    "slat_generator.yaml", "slat_generator.ckpt", "slat_decoder_gs.yaml", "slat_decoder_gs.ckpt",
-    "slat_decoder_mesh.yaml", "slat_decoder_mesh.ckpt",
+    "ss_generator.yaml",
+    "ss_generator.ckpt",
+    "ss_decoder.yaml",
+    "ss_decoder.ckpt",
+    "slat_generator.yaml",
+    "slat_generator.ckpt",
+    "slat_decoder_gs.yaml",
+    "slat_decoder_gs.ckpt",
+    "slat_decoder_mesh.yaml",
+    "slat_decoder_mesh.ckpt",
 )
 OFFICIAL_APPROX_BYTES = 11.6e9  # from the published listing (6.3 + 4.6 GB generators, 0.65 GB decoders)
 SAM_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 # file name and approximate size (third-party listings); Meta publishes no checksum for these files
-SAM_FILES = {"vit_b": ("sam_vit_b_01ec64.pth", 375e6), "vit_l": ("sam_vit_l_0b3195.pth", 1.25e9),
-             "vit_h": ("sam_vit_h_4b8939.pth", 2.56e9)}
+SAM_FILES = {
+    "vit_b": ("sam_vit_b_01ec64.pth", 375e6),
+    "vit_l": ("sam_vit_l_0b3195.pth", 1.25e9),
+    "vit_h": ("sam_vit_h_4b8939.pth", 2.56e9),
+}
 CHOICES = ("official", "sam-vit_b", "sam-vit_l", "sam-vit_h")
 CHUNK = 1 << 20
 USER_AGENT = "sam3d-download/1 (urllib)"
@@ -89,8 +96,16 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def _request(url: str, token: str | None, *, method: str = "GET", headers: dict | None = None,
-             timeout: float = 60.0, follow: bool = True, hints: dict | None = None):
+def _request(
+    url: str,
+    token: str | None,
+    *,
+    method: str = "GET",
+    headers: dict | None = None,
+    timeout: float = 60.0,
+    follow: bool = True,
+    hints: dict | None = None,
+):
     req = urllib.request.Request(url, method=method, headers={"User-Agent": USER_AGENT, **(headers or {})})
     if token:
         req.add_unredirected_header("Authorization", f"Bearer {token}")  # not forwarded to a redirect target
@@ -107,30 +122,48 @@ def _request(url: str, token: str | None, *, method: str = "GET", headers: dict 
 
 def _http_error(e: urllib.error.HTTPError, url: str, token: str | None, hints: dict) -> DownloadError:
     if e.code in (401, 403):
-        sent = ("a token was sent but refused: check that it has read access and that your access request was "
-                "approved" if token else "no token was sent")
-        return DownloadError(f"access denied (HTTP {e.code}) for {url}: {sent}. {hints.get('auth', '')}".strip(),
-                             "auth", url)
+        sent = (
+            "a token was sent but refused: check that it has read access and that your access request was approved"
+            if token
+            else "no token was sent"
+        )
+        return DownloadError(
+            f"access denied (HTTP {e.code}) for {url}: {sent}. {hints.get('auth', '')}".strip(), "auth", url
+        )
     if e.code == 404:
-        return DownloadError(f"not found (HTTP 404): {url}; check the name and --revision. "
-                             f"{hints.get('not_found', '')}".strip(), "not_found", url)
+        return DownloadError(
+            f"not found (HTTP 404): {url}; check the name and --revision. {hints.get('not_found', '')}".strip(),
+            "not_found",
+            url,
+        )
     if e.code == 429 or e.code >= 500:
-        return DownloadError(f"the server answered HTTP {e.code} ({e.reason}) for {url}; try again later (a partial "
-                             "download is kept and resumes)", "http", url)
+        return DownloadError(
+            f"the server answered HTTP {e.code} ({e.reason}) for {url}; try again later (a partial "
+            "download is kept and resumes)",
+            "http",
+            url,
+        )
     return DownloadError(f"HTTP {e.code} ({e.reason}) for {url}", "http", url)
 
 
 def _offline_error(url: str, reason: object, hints: dict) -> DownloadError:
     host = urllib.parse.urlsplit(url).netloc
-    return DownloadError(f"cannot reach {host} ({reason}): this machine looks offline, or a firewall blocks it. "
-                         f"{hints.get('offline', '')}".strip(), "offline", url)
+    return DownloadError(
+        f"cannot reach {host} ({reason}): this machine looks offline, or a firewall blocks it. "
+        f"{hints.get('offline', '')}".strip(),
+        "offline",
+        url,
+    )
 
 
 def _disk_full(folder: Path, need: int, url: str | None = None) -> DownloadError:
     free = shutil.disk_usage(folder).free
-    return DownloadError(f"not enough disk space in {folder}: {need / 1e9:.2f} GB more needed, {free / 1e9:.2f} GB "
-                         "free; free some space or pass another --dest (a partial download is kept and resumes)",
-                         "disk_full", url)
+    return DownloadError(
+        f"not enough disk space in {folder}: {need / 1e9:.2f} GB more needed, {free / 1e9:.2f} GB "
+        "free; free some space or pass another --dest (a partial download is kept and resumes)",
+        "disk_full",
+        url,
+    )
 
 
 def _check_space(folder: Path, need: int, url: str | None = None) -> None:
@@ -147,9 +180,17 @@ def _hash_file(path: Path) -> tuple[Any, int]:
     return h, n
 
 
-def fetch(url: str, dest: str | Path, *, token: str | None = None, sha256: str | None = None,
-          size: int | None = None, progress: Progress | None = None, timeout: float = 60.0,
-          hints: dict | None = None) -> Fetched:
+def fetch(
+    url: str,
+    dest: str | Path,
+    *,
+    token: str | None = None,
+    sha256: str | None = None,
+    size: int | None = None,
+    progress: Progress | None = None,
+    timeout: float = 60.0,
+    hints: dict | None = None,
+) -> Fetched:
     """Download `url` to `dest`, resuming `dest.part`, hashing while streaming; check sha256 and size if known.
 
     An existing `dest` is kept when it matches the known size and sha256, else downloaded again.
@@ -168,40 +209,51 @@ def fetch(url: str, dest: str | Path, *, token: str | None = None, sha256: str |
         part.unlink()
         h, have, resumed_from = hashlib.sha256(), 0, 0
     if size is None or have < size:
-        resp = _request(url, token, headers={"Range": f"bytes={have}-"} if have else None, timeout=timeout,
-                        hints=hints)
+        resp = _request(url, token, headers={"Range": f"bytes={have}-"} if have else None, timeout=timeout, hints=hints)
         with resp:
             if have and resp.status != 206:  # the server ignored the range: start over
                 h, have, resumed_from = hashlib.sha256(), 0, 0
             length = resp.headers.get("Content-Length")
             total = have + int(length) if length is not None else size
             if size is not None and total is not None and total != size:
-                raise DownloadError(f"{url}: the server sends {total} bytes but {size} were announced; try again "
-                                    "later", "http", url)
+                raise DownloadError(
+                    f"{url}: the server sends {total} bytes but {size} were announced; try again later", "http", url
+                )
             _check_space(dest.parent, (total or 0) - have, url)
             have = _stream(resp, part, h, have, total, dest.name, progress, url)
         if total is not None and have != total:
-            raise DownloadError(f"{dest.name}: the connection closed after {have} of {total} bytes; run the same "
-                                "command again to resume", "interrupted", url)
+            raise DownloadError(
+                f"{dest.name}: the connection closed after {have} of {total} bytes; run the same "
+                "command again to resume",
+                "interrupted",
+                url,
+            )
     digest = h.hexdigest()
     if sha256 is not None and digest != sha256:
         part.unlink()
-        raise DownloadError(f"{dest.name}: sha256 {digest} differs from the published {sha256}; the corrupt "
-                            "download was deleted, run the command again", "hash", url)
+        raise DownloadError(
+            f"{dest.name}: sha256 {digest} differs from the published {sha256}; the corrupt "
+            "download was deleted, run the command again",
+            "hash",
+            url,
+        )
     os.replace(part, dest)
     return Fetched(dest, have, digest, resumed_from, False)
 
 
-def _stream(resp, part: Path, h, have: int, total: int | None, name: str, progress: Progress | None,
-            url: str) -> int:
+def _stream(resp, part: Path, h, have: int, total: int | None, name: str, progress: Progress | None, url: str) -> int:
     """Append the response body to `part`, updating the hash; returns the bytes now in `part`."""
     with open(part, "ab" if have else "wb") as f:
         while True:
             try:
                 block = resp.read(CHUNK)
             except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
-                raise DownloadError(f"{name}: the download broke off after {have} bytes ({type(e).__name__}); run "
-                                    "the same command again to resume", "interrupted", url) from None
+                raise DownloadError(
+                    f"{name}: the download broke off after {have} bytes ({type(e).__name__}); run "
+                    "the same command again to resume",
+                    "interrupted",
+                    url,
+                ) from None
             if not block:
                 return have
             try:
@@ -228,9 +280,9 @@ def _hf_hints(endpoint: str) -> dict:
     page = f"{endpoint.rstrip('/')}/{HF_REPO}"
     return {
         "auth": f"The repository is gated: accept the licence on the model page ({page}) while logged in, create a "
-                f"read token ({endpoint.rstrip('/')}/settings/tokens), then pass --token or set HF_TOKEN.",
+        f"read token ({endpoint.rstrip('/')}/settings/tokens), then pass --token or set HF_TOKEN.",
         "offline": "Only this command needs the network. Without it: download the checkpoints/ folder of "
-                   f"{page} on another machine, copy it here and run `sam3d weights import FOLDER`.",
+        f"{page} on another machine, copy it here and run `sam3d weights import FOLDER`.",
         "not_found": f"The files are expected under {HF_SUBFOLDER}/ of {HF_REPO}.",
     }
 
@@ -242,13 +294,21 @@ def _head(url: str, token: str | None, timeout: float, hints: dict) -> Remote:
         hd = resp.headers
         etag = (hd.get("X-Linked-Etag") or "").removeprefix("W/").strip('"')
         size = hd.get("X-Linked-Size") or (hd.get("Content-Length") if resp.getcode() == 200 else None)
-        return Remote(int(size) if size else None, etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None,
-                      hd.get("X-Repo-Commit"))
+        return Remote(
+            int(size) if size else None, etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None, hd.get("X-Repo-Commit")
+        )
 
 
-def download_official(dest: str | Path, token: str | None = None, revision: str | None = None,
-                      endpoint: str = HF_ENDPOINT, *, files: tuple[str, ...] | None = None,
-                      progress: Progress | None = None, timeout: float = 60.0) -> Path:
+def download_official(
+    dest: str | Path,
+    token: str | None = None,
+    revision: str | None = None,
+    endpoint: str = HF_ENDPOINT,
+    *,
+    files: tuple[str, ...] | None = None,
+    progress: Progress | None = None,
+    timeout: float = 60.0,
+) -> Path:
     """Download the official checkpoints (gated HF repo facebook/sam-3d-objects, folder checkpoints/) into `dest`.
 
     token: argument, else $HF_TOKEN. Every file is looked up first (access, size, sha256, commit), so a
@@ -275,11 +335,25 @@ def download_official(dest: str | Path, token: str | None = None, revision: str 
     record = {}
     for name in files:
         r = remote[name]
-        got = fetch(url(name, commit or rev), dest / name, token=token, sha256=r.sha256, size=r.size,
-                    progress=progress, timeout=timeout, hints=hints)
+        got = fetch(
+            url(name, commit or rev),
+            dest / name,
+            token=token,
+            sha256=r.sha256,
+            size=r.size,
+            progress=progress,
+            timeout=timeout,
+            hints=hints,
+        )
         record[name] = {"sha256": got.sha256, "bytes": got.bytes, "sha256_published": r.sha256 is not None}
-    manifest = {"repo": HF_REPO, "revision": rev, "commit": commit, "endpoint": endpoint, "files": record,
-                "downloaded_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    manifest = {
+        "repo": HF_REPO,
+        "revision": rev,
+        "commit": commit,
+        "endpoint": endpoint,
+        "files": record,
+        "downloaded_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     (dest / "download.json").write_text(json.dumps(manifest, indent=2))
     return dest
 
@@ -296,8 +370,14 @@ def _size_on_disk(folder: Path, name: str, size: int | None) -> int:
 # segment-anything checkpoints
 
 
-def download_sam(kind: str, dest: str | Path, *, base_url: str = SAM_BASE_URL, progress: Progress | None = None,
-                 timeout: float = 60.0) -> Fetched:
+def download_sam(
+    kind: str,
+    dest: str | Path,
+    *,
+    base_url: str = SAM_BASE_URL,
+    progress: Progress | None = None,
+    timeout: float = 60.0,
+) -> Fetched:
     """Download a segment-anything checkpoint (vit_b, vit_l or vit_h) into the folder `dest`.
 
     No published checksum exists: the sha256 is computed while downloading and returned (and recorded
@@ -307,82 +387,8 @@ def download_sam(kind: str, dest: str | Path, *, base_url: str = SAM_BASE_URL, p
         raise ValueError(f"kind={kind!r}: expected one of {sorted(SAM_FILES)}")
     name = SAM_FILES[kind][0]
     url = base_url.rstrip("/") + "/" + name
-    hints = {"offline": f"Only this command needs the network. Without it: download {url} on another machine, "
-                        f"copy it here and run `sam3d weights import-sam {name}`."}
+    hints = {
+        "offline": f"Only this command needs the network. Without it: download {url} on another machine, "
+        f"copy it here and run `sam3d weights import-sam {name}`."
+    }
     return fetch(url, Path(dest).expanduser() / name, progress=progress, timeout=timeout, hints=hints)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_download_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `download` to a subparsers object (the main CLI puts it under `sam3d weights`)."""
-    d = subparsers.add_parser("download", help="download weights from the internet (opt-in; the only command "
-                                               "that uses the network)")
-    d.add_argument("what", choices=CHOICES, help="official: SAM 3D Objects (gated, about 11.6 GB); "
-                                                  "sam-vit_*: segment-anything checkpoints")
-    d.add_argument("--dest", type=Path, default=None, help="folder (default: <data dir>/downloads/<what>)")
-    d.add_argument("--token", default=None, help="Hugging Face read token (default: $HF_TOKEN)")
-    d.add_argument("--revision", default=None, help="Hugging Face branch, tag or commit (default: main)")
-    d.add_argument("--endpoint", default=None, help="Hugging Face endpoint or mirror (default: $HF_ENDPOINT, else "
-                                                    f"{HF_ENDPOINT})")
-    d.add_argument("--yes", action="store_true", help="do not ask before downloading")
-    d.set_defaults(func=cmd_download)
-    return d
-
-
-def _confirm(question: str) -> bool:
-    if not sys.stdin or not sys.stdin.isatty():
-        raise DownloadError(f"{question} -- no terminal to ask: pass --yes to confirm", "declined")
-    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
-
-
-def _printer() -> Progress:
-    last = [0.0]
-
-    def show(name: str, done: int, total: int | None) -> None:
-        now = time.monotonic()
-        if now - last[0] < 0.5 and done != total:
-            return
-        last[0] = now
-        of = f" / {total / 1e9:.2f} GB ({100 * done / total:.0f}%)" if total else ""
-        print(f"\r{name}: {done / 1e9:.2f} GB{of}   ", end="" if done != total else "\n", file=sys.stderr, flush=True)
-
-    return show
-
-
-def cmd_download(args: argparse.Namespace) -> int:
-    dest = args.dest
-    if dest is None:
-        from sam3d_core.hub import data_dir  # lazily: hub imports torch
-
-        dest = data_dir() / "downloads" / args.what
-    try:
-        if args.what == "official":
-            endpoint = args.endpoint or os.environ.get("HF_ENDPOINT") or HF_ENDPOINT
-            question = (f"Download about {OFFICIAL_APPROX_BYTES / 1e9:.1f} GB ({len(OFFICIAL_FILES)} files) from "
-                        f"{endpoint}/{HF_REPO} into {dest}?")
-            if not args.yes and not _confirm(question):
-                print("nothing downloaded")
-                return 1
-            folder = download_official(dest, args.token, args.revision, endpoint, progress=_printer())
-            print(f"downloaded into {folder}; next: sam3d weights import {folder}")
-        else:
-            kind = args.what.removeprefix("sam-")
-            name, approx = SAM_FILES[kind]
-            question = f"Download {name} (about {approx / 1e9:.2f} GB) from {SAM_BASE_URL} into {dest}?"
-            if not args.yes and not _confirm(question):
-                print("nothing downloaded")
-                return 1
-            got = download_sam(kind, dest, progress=_printer())
-            print(f"{'already there' if got.skipped else 'downloaded'}: {got.path} ({got.bytes} bytes, sha256 "
-                  f"{got.sha256}); next: sam3d weights import-sam {got.path}")
-    except DownloadError as e:
-        print(f"sam3d: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; the partial file is kept: run the same command again to resume", file=sys.stderr)
-        return 130
-    return 0
-

@@ -14,24 +14,21 @@ The sha256 of every weight file is checked when it is loaded.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
-import os
 import shutil
-import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from sam3d_core import __version__
 from sam3d_core.config import Stage1Config, Stage2Config, load_json, save_json
-from sam3d_core.convert import (
+from sam3d_core.models.stages import Stage1Model, Stage2Model
+from sam3d_core.version import __version__
+from sam3d_core.weights.convert import (
     STAGE1_COMPONENTS,
     STAGE2_COMPONENTS,
     WHERE_TO_GET,
@@ -42,52 +39,7 @@ from sam3d_core.convert import (
     stage1_config_from_official,
     stage2_config_from_official,
 )
-
-MANIFEST_FORMAT = 1
-
-
-def data_dir() -> Path:
-    """The user data folder: $SAM3D_HOME, else the platform's per-user data location."""
-    if os.environ.get("SAM3D_HOME"):
-        return Path(os.environ["SAM3D_HOME"]).expanduser()
-    if sys.platform == "win32":
-        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "sam3d"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Application Support" / "sam3d"
-    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "sam3d"
-
-
-def models_dir() -> Path:
-    return data_dir() / "models"
-
-
-@contextlib.contextmanager
-def staged_folder(root: Path, name: str, overwrite: bool) -> Iterator[Path]:
-    """A temporary folder in `root` that replaces `root/name` only if the block completes.
-
-    Nothing the user already had is touched on failure: the previous folder stays until the new one is whole.
-    """
-    dest = root / name
-    if dest.exists() and not overwrite:
-        raise CheckpointError(f"{dest} already exists; pass --overwrite to replace it or choose another --name")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    try:
-        yield tmp
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+from sam3d_core.weights.store import MANIFEST_FORMAT, models_dir, sha256_file, staged_folder, verify_folder
 
 
 @dataclass(frozen=True)
@@ -102,8 +54,6 @@ class ImportReport:
 
 def expected_stage1_shapes(cfg: Stage1Config) -> dict[str, tuple[int, ...]]:
     """Every tensor our Stage1Model holds in its state dict, built on the meta device (no memory)."""
-    from sam3d_core.stage1 import Stage1Model
-
     with torch.device("meta"):
         model = Stage1Model(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -111,14 +61,9 @@ def expected_stage1_shapes(cfg: Stage1Config) -> dict[str, tuple[int, ...]]:
 
 def expected_stage2_shapes(cfg: Stage2Config) -> dict[str, tuple[int, ...]]:
     """Every tensor of the stage-2 networks under our prefixes, built on the meta device."""
-    from sam3d_core.models.condition import ConditionEmbedder
-    from sam3d_core.models.slat_flow import SLatFlowModel
-    from sam3d_core.models.slat_vae import SLatGaussianDecoder, SLatMeshDecoder
-
     with torch.device("meta"):
-        parts = {"condition_embedder": ConditionEmbedder(cfg.condition), "generator": SLatFlowModel(cfg.flow),
-                 "decoder_gs": SLatGaussianDecoder(cfg.gaussian), "decoder_mesh": SLatMeshDecoder(cfg.mesh)}
-    return {f"{p}.{k}": tuple(v.shape) for p, m in parts.items() for k, v in m.state_dict().items()}
+        model = Stage2Model(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _check_keys(got: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], src: Path) -> None:
@@ -149,15 +94,26 @@ class _Stage:
 
 
 STAGES = (
-    _Stage("stage1", "ss_generator.yaml", STAGE1_COMPONENTS, stage1_config_from_official,
-           lambda cfg: expected_stage1_shapes(cfg)),
-    _Stage("stage2", "slat_generator.yaml", STAGE2_COMPONENTS, stage2_config_from_official,
-           lambda cfg: expected_stage2_shapes(cfg)),
+    _Stage(
+        "stage1",
+        "ss_generator.yaml",
+        STAGE1_COMPONENTS,
+        stage1_config_from_official,
+        lambda cfg: expected_stage1_shapes(cfg),
+    ),
+    _Stage(
+        "stage2",
+        "slat_generator.yaml",
+        STAGE2_COMPONENTS,
+        stage2_config_from_official,
+        lambda cfg: expected_stage2_shapes(cfg),
+    ),
 )
 
 
-def import_official(src: str | Path, name: str = "official", root: Path | None = None,
-                    overwrite: bool = False) -> ImportReport:
+def import_official(
+    src: str | Path, name: str = "official", root: Path | None = None, overwrite: bool = False
+) -> ImportReport:
     """Convert an official checkpoint folder (YAML + .ckpt) into a verified model folder of ours.
 
     Every stage whose generator YAML is in the folder is imported (stage 1: ss_*, stage 2: slat_*).
@@ -226,29 +182,21 @@ def verify(model_dir: str | Path) -> list[str]:
     return verify_folder(resolve_model_dir(model_dir))
 
 
-def verify_folder(folder: Path) -> list[str]:
-    """Problems of a folder with a manifest.json (empty = intact): files missing, truncated or changed."""
-    manifest = json.loads((folder / "manifest.json").read_text())
-    problems = []
-    for fname, rec in manifest["files"].items():
-        path = folder / fname
-        if not path.is_file():
-            problems.append(f"{fname}: missing")
-        elif path.stat().st_size != rec["bytes"]:
-            problems.append(f"{fname}: {path.stat().st_size} bytes, expected {rec['bytes']} (truncated?)")
-        elif sha256_file(path) != rec["sha256"]:
-            problems.append(f"{fname}: sha256 differs from the one recorded at import (modified or corrupt)")
-    return problems
-
-
 def list_models() -> list[dict]:
     root = models_dir()
     out = []
     for m in sorted(root.glob("*/manifest.json")) if root.is_dir() else []:
         data = json.loads(m.read_text())
         size = sum(r["bytes"] for r in data["files"].values())
-        out.append({"name": m.parent.name, "folder": str(m.parent), "bytes": size,
-                    "imported_at": data.get("imported_at"), "source": data.get("source")})
+        out.append(
+            {
+                "name": m.parent.name,
+                "folder": str(m.parent),
+                "bytes": size,
+                "imported_at": data.get("imported_at"),
+                "source": data.get("source"),
+            }
+        )
     return out
 
 
@@ -261,13 +209,18 @@ def remove(name: str) -> Path:
 def _load_stage_state(model_dir: str | Path, stage: str, cls: type, components, check_hashes: bool):
     folder = resolve_model_dir(model_dir)
     if not (folder / f"{stage}.json").is_file():
-        raise CheckpointError(f"{folder} has no {stage} weights (its official folder lacked them); "
-                              f"re-import a folder that has them: {WHERE_TO_GET}")
+        raise CheckpointError(
+            f"{folder} has no {stage} weights (its official folder lacked them); "
+            f"re-import a folder that has them: {WHERE_TO_GET}"
+        )
     if check_hashes:
         problems = verify_folder(folder)
         if problems:
-            raise CheckpointError(f"{folder} failed its integrity check: " + "; ".join(problems)
-                                  + ". Re-import the official folder with `sam3d weights import`.")
+            raise CheckpointError(
+                f"{folder} failed its integrity check: "
+                + "; ".join(problems)
+                + ". Re-import the official folder with `sam3d weights import`."
+            )
     manifest = json.loads((folder / "manifest.json").read_text())
     cfg = load_json(cls, folder / f"{stage}.json")
     state: dict[str, torch.Tensor] = {}

@@ -13,17 +13,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sam3d_core.geometry import frames
+
 if TYPE_CHECKING:
-    from sam3d_core.imageio import Photo
+    from sam3d_core.inputs.imageio import Photo
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FOV_DEG = 60.0  # horizontal field of view assumed when a photo carries no focal length
 FULL_FRAME_DIAGONAL_MM = 43.27  # 36 x 24 mm film: the 35 mm equivalent focal length is defined on its diagonal
 EXIF_FOV_RANGE_DEG = (10.0, 150.0)  # EXIF intrinsics giving a field of view outside this are ignored
-
-P3D_TO_GLTF = np.diag([-1.0, 1.0, -1.0])  # row or column convention alike: it is its own inverse
-P3D_TO_OPENCV = np.diag([-1.0, -1.0, 1.0])
 
 
 def intrinsics_from_fov(width: int, height: int, fov_x_deg: float = DEFAULT_FOV_DEG) -> np.ndarray:
@@ -43,7 +42,7 @@ def pointmap_from_depth(depth: np.ndarray, K: np.ndarray) -> np.ndarray:
     v, u = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
     x = (u - K[0, 2]) / K[0, 0] * depth
     y = (v - K[1, 2]) / K[1, 1] * depth
-    pts = np.stack([x, y, depth], axis=-1) @ P3D_TO_OPENCV  # OpenCV -> PyTorch3D (a diagonal flip)
+    pts = np.stack([x, y, depth], axis=-1) @ frames.P3D_TO_OPENCV  # OpenCV -> PyTorch3D (a diagonal flip)
     bad = ~np.isfinite(depth) | (depth <= 0)
     pts[bad] = np.inf
     return pts.astype(np.float32)
@@ -85,46 +84,64 @@ def intrinsics_from_exif(photo: Photo) -> tuple[np.ndarray | None, str]:
         fx, fy = f_mm * per_mm[0] * photo.scale, f_mm * per_mm[1] * photo.scale
         how = f"EXIF focal length {f_mm:g} mm with {per_mm[0]:g} x {per_mm[1]:g} sensor pixels per mm"
     elif f_mm:
-        return None, (f"EXIF focal length {f_mm:g} mm but no sensor size (neither a 35 mm equivalent nor a "
-                      "focal-plane resolution), so it cannot be converted to pixels")
+        return None, (
+            f"EXIF focal length {f_mm:g} mm but no sensor size (neither a 35 mm equivalent nor a "
+            "focal-plane resolution), so it cannot be converted to pixels"
+        )
     else:
         return None, "no focal length in the photo's EXIF"
     K = _K(fx, fy, w, h)
     fov_x, fov_y = fov_deg(K, w, h)
     lo, hi = EXIF_FOV_RANGE_DEG
     if not (lo <= fov_x <= hi and lo <= fov_y <= hi):
-        return None, (f"{how} gives a {fov_x:.1f} x {fov_y:.1f} degree field of view, outside {lo:g}..{hi:g} "
-                      "degrees; the EXIF data is probably wrong for this image and is ignored")
+        return None, (
+            f"{how} gives a {fov_x:.1f} x {fov_y:.1f} degree field of view, outside {lo:g}..{hi:g} "
+            "degrees; the EXIF data is probably wrong for this image and is ignored"
+        )
     return K, f"{how}: {fov_x:.1f} degree horizontal field of view"
 
 
 def _check_user_K(K: np.ndarray, width: int, height: int) -> np.ndarray:
-    from sam3d_core.imageio import InputError
+    from sam3d_core.inputs.imageio import InputError
 
     K = np.asarray(K, dtype=np.float64)
     if K.shape != (3, 3) or not np.isfinite(K).all():
-        raise InputError(f"K has shape {list(K.shape)}{'' if np.isfinite(K).all() else ' and non-finite values'}; "
-                         "expected a finite 3x3 matrix [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] in pixels", "K",
-                         {"shape": list(K.shape)})
+        raise InputError(
+            f"K has shape {list(K.shape)}{'' if np.isfinite(K).all() else ' and non-finite values'}; "
+            "expected a finite 3x3 matrix [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] in pixels",
+            "K",
+            {"shape": list(K.shape)},
+        )
     if K[0, 0] <= 0 or K[1, 1] <= 0 or not np.allclose(K[2], [0.0, 0.0, 1.0]):
-        raise InputError(f"K = {K.tolist()} is not a pinhole intrinsics matrix; expected fx, fy > 0 and a last row "
-                         "[0, 0, 1] (OpenCV convention, pixels)", "K", {"K": K.tolist()})
+        raise InputError(
+            f"K = {K.tolist()} is not a pinhole intrinsics matrix; expected fx, fy > 0 and a last row "
+            "[0, 0, 1] (OpenCV convention, pixels)",
+            "K",
+            {"K": K.tolist()},
+        )
     if not (0 <= K[0, 2] <= width and 0 <= K[1, 2] <= height):
-        raise InputError(f"K's principal point ({K[0, 2]:g}, {K[1, 2]:g}) lies outside the {width}x{height} photo; "
-                         "K must be in pixels of this photo as displayed (is it for another resolution?)", "K",
-                         {"K": K.tolist(), "photo_size": [width, height]})
+        raise InputError(
+            f"K's principal point ({K[0, 2]:g}, {K[1, 2]:g}) lies outside the {width}x{height} photo; "
+            "K must be in pixels of this photo as displayed (is it for another resolution?)",
+            "K",
+            {"K": K.tolist(), "photo_size": [width, height]},
+        )
     return K
 
 
-def resolve_intrinsics(photo: Photo | tuple[int, int], K: np.ndarray | None = None, fov: float | None = None,
-                       notes: list[str] | None = None) -> tuple[np.ndarray, str]:
+def resolve_intrinsics(
+    photo: Photo | tuple[int, int],
+    K: np.ndarray | None = None,
+    fov: float | None = None,
+    notes: list[str] | None = None,
+) -> tuple[np.ndarray, str]:
     """The intrinsics to use and their source: "user" (K, else fov: horizontal degrees), "exif", "default_fov".
 
     photo: a Photo (EXIF used) or (width, height). A user K is in pixels of the photo as displayed at its
     source size (source_width x source_height) and is scaled with the photo when it was downscaled.
     How EXIF was used or why not goes to `notes` when given, else to the log.
     """
-    from sam3d_core.imageio import InputError, Photo
+    from sam3d_core.inputs.imageio import InputError, Photo
 
     is_photo = isinstance(photo, Photo)
     w, h = (photo.width, photo.height) if is_photo else (int(photo[0]), int(photo[1]))

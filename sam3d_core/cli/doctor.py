@@ -1,5 +1,5 @@
 """`sam3d doctor`: what this Python environment offers the worker (versions, GPU, memory), as text or one
-JSON line. Blender's "Check setup" runs it with the worker's interpreter (`python -m sam3d_core.doctor
+JSON line. Blender's "Check setup" runs it with the worker's interpreter (`python -m sam3d_core.cli.doctor
 --json`), so the add-on never embeds code that imports torch."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 def probe() -> dict:
     """Python, sam3d and torch versions, and the first CUDA GPU with its total and free memory (GiB)."""
-    from sam3d_core import __version__
+    from sam3d_core.version import __version__
 
     info: dict = {"python": sys.version.split()[0], "executable": sys.executable, "sam3d": __version__}
     try:
@@ -46,6 +46,6 @@ def add_doctor_parser(subparsers) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m sam3d_core.doctor", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m sam3d_core.cli.doctor", description=__doc__)
     parser.add_argument("--json", action="store_true")
     sys.exit(cmd_doctor(parser.parse_args()))

@@ -30,13 +30,17 @@ from pathlib import Path
 
 import numpy as np
 
-from sam3d_core import frames
+from sam3d_core.geometry import frames
 
 MOGE_COMMIT = "a8c37341bc0325ca99b9d57981cc3bb2bd3e255b"  # the MoGe commit the official pipeline pins
-MOGE_INSTALL_HINT = (f"pip install 'moge @ git+https://github.com/microsoft/MoGe.git@{MOGE_COMMIT}' "
-                     "(MoGe v1, the version the official pipeline uses)")
-MOGE_WHERE_TO_GET = ("download model.pt of Ruicheng/moge-vitl (huggingface.co/Ruicheng/moge-vitl), then run "
-                     "`sam3d weights import-depth model.pt --name moge-vitl`")
+MOGE_INSTALL_HINT = (
+    f"pip install 'moge @ git+https://github.com/microsoft/MoGe.git@{MOGE_COMMIT}' "
+    "(MoGe v1, the version the official pipeline uses)"
+)
+MOGE_WHERE_TO_GET = (
+    "download model.pt of Ruicheng/moge-vitl (huggingface.co/Ruicheng/moge-vitl), then run "
+    "`sam3d weights import-depth model.pt --name moge-vitl`"
+)
 MOGE_DEFAULT_WEIGHTS = "moge-vitl"
 MOGE_PREFIXES = ("backbone.", "head.")  # MoGe v1: DINOv2 encoder + convolutional head (+ image_mean/std buffers)
 
@@ -138,8 +142,10 @@ def load_depth_model(name: str | None = "auto", device: str | None = None) -> tu
         model = get_depth_model(name, device)
         ok, why = model.available()
         if not ok:
-            raise DepthModelError(f"depth model {name!r} is not usable: {why}; or pass depth_model='none' "
-                                  "(CLI: --depth-model none) for a plane at unit distance")
+            raise DepthModelError(
+                f"depth model {name!r} is not usable: {why}; or pass depth_model='none' "
+                "(CLI: --depth-model none) for a plane at unit distance"
+            )
         return model, f"{name} ({why})"
     reasons = []
     for n in list(_FACTORIES):
@@ -157,14 +163,18 @@ def run_depth_model(model: DepthModel, rgb: np.ndarray) -> DepthResult:
     res = model.predict(rgb)
     pm = np.asarray(res.pointmap_p3d, dtype=np.float32)
     if pm.shape != (h, w, 3):
-        raise RuntimeError(f"depth model {model.name!r} returned a point map of shape {pm.shape} for a {w}x{h} "
-                           f"photo; an adapter must return [{h}, {w}, 3] (resize its output to the photo)")
+        raise RuntimeError(
+            f"depth model {model.name!r} returned a point map of shape {pm.shape} for a {w}x{h} "
+            f"photo; an adapter must return [{h}, {w}, 3] (resize its output to the photo)"
+        )
     K = None
     if res.K is not None:
         K = np.asarray(res.K, dtype=np.float64)
         if K.shape != (3, 3) or not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
-            raise RuntimeError(f"depth model {model.name!r} returned K = {K.tolist()}; an adapter must return "
-                               "None or a finite 3x3 pixel intrinsics matrix with fx, fy > 0")
+            raise RuntimeError(
+                f"depth model {model.name!r} returned K = {K.tolist()}; an adapter must return "
+                "None or a finite 3x3 pixel intrinsics matrix with fx, fy > 0"
+            )
     return DepthResult(pm, K, res.source or model.name)
 
 
@@ -214,13 +224,13 @@ def moge_to_pytorch3d(points: np.ndarray, intrinsics: np.ndarray) -> tuple[np.nd
 
 
 def depth_dir() -> Path:
-    from sam3d_core.hub import data_dir
+    from sam3d_core.weights.store import data_dir
 
     return data_dir() / "depth"
 
 
 def _refuse(path: Path, why: str) -> Exception:
-    from sam3d_core.convert import CheckpointError
+    from sam3d_core.weights.store import CheckpointError
 
     return CheckpointError(f"{path}: {why}; {MOGE_WHERE_TO_GET}")
 
@@ -237,8 +247,11 @@ def _find_checkpoint(src: Path) -> tuple[Path, Path | None]:
             return _find_checkpoint(src / name)
     found = sorted(p for ext in ("*.pt", "*.pth", "*.safetensors") for p in src.glob(ext))
     if len(found) != 1:
-        raise _refuse(src, f"expected one model.pt (or .pth / .safetensors + config.json) in the folder, "
-                           f"found {[p.name for p in found] or 'none'}")
+        raise _refuse(
+            src,
+            f"expected one model.pt (or .pth / .safetensors + config.json) in the folder, "
+            f"found {[p.name for p in found] or 'none'}",
+        )
     return _find_checkpoint(found[0])
 
 
@@ -254,23 +267,32 @@ def _read_moge(path: Path, config_path: Path | None) -> tuple[dict, dict]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused a global: code, or a class it does not know
-        raise _refuse(path, "holds pickled objects other than tensors and plain values and was refused (loading "
-                            "it could run code)") from e
+        raise _refuse(
+            path,
+            "holds pickled objects other than tensors and plain values and was refused (loading it could run code)",
+        ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, SafetensorError) as e:
-        raise _refuse(path, f"cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:200]}); truncated or "
-                            "corrupt download?") from e
+        raise _refuse(
+            path, f"cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:200]}); truncated or corrupt download?"
+        ) from e
     if isinstance(obj, dict) and "model" in obj and "model_config" in obj:  # MoGe's own model.pt layout
         config, state = obj["model_config"], obj["model"]
     elif config_path is not None:
         config, state = json.loads(config_path.read_text()), obj
     else:
-        raise _refuse(path, "is neither MoGe's model.pt ({'model': ..., 'model_config': ...}) nor a state dict "
-                            "with a config.json beside it")
+        raise _refuse(
+            path,
+            "is neither MoGe's model.pt ({'model': ..., 'model_config': ...}) nor a state dict "
+            "with a config.json beside it",
+        )
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise _refuse(path, "its 'model' entry is not a state dict (a dict of tensors)")
     if not isinstance(config, dict) or not isinstance(config.get("encoder"), str):
-        raise _refuse(path, "its model_config has no encoder name: not a MoGe v1 checkpoint (MoGe-2 checkpoints "
-                            "are not supported: the official pipeline uses MoGe v1)")
+        raise _refuse(
+            path,
+            "its model_config has no encoder name: not a MoGe v1 checkpoint (MoGe-2 checkpoints "
+            "are not supported: the official pipeline uses MoGe v1)",
+        )
     if not any(k.startswith("backbone.") for k in state) or not any(k.startswith("head.") for k in state):
         raise _refuse(path, f"no {MOGE_PREFIXES} tensors (e.g. {next(iter(state))!r}): not a MoGe v1 state dict")
     try:
@@ -280,13 +302,14 @@ def _read_moge(path: Path, config_path: Path | None) -> tuple[dict, dict]:
     return config, state
 
 
-def import_depth_weights(src: str | Path, name: str = MOGE_DEFAULT_WEIGHTS, *, overwrite: bool = False,
-                         root: Path | None = None) -> Path:
+def import_depth_weights(
+    src: str | Path, name: str = MOGE_DEFAULT_WEIGHTS, *, overwrite: bool = False, root: Path | None = None
+) -> Path:
     """Convert MoGe v1 weights (model.pt, a folder holding it, or .safetensors + config.json) into
     `<root>/<name>/` (root: `depth_dir()`), recording the sha256 of the source and of every file written."""
     from safetensors.torch import save_file
 
-    from sam3d_core.hub import sha256_file, staged_folder
+    from sam3d_core.weights.store import sha256_file, staged_folder
 
     src = Path(src).expanduser()
     path, config_path = _find_checkpoint(src)
@@ -297,7 +320,10 @@ def import_depth_weights(src: str | Path, name: str = MOGE_DEFAULT_WEIGHTS, *, o
         save_file({k: v.contiguous() for k, v in state.items()}, str(weights), metadata={"format": "pt"})
         cfg.write_text(json.dumps(config, indent=2))
         manifest = {
-            "kind": "moge", "version": "v1", "encoder": config["encoder"], "source": str(path.resolve()),
+            "kind": "moge",
+            "version": "v1",
+            "encoder": config["encoder"],
+            "source": str(path.resolve()),
             "source_file": {"name": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size},
             "files": {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in (weights, cfg)},
             "imported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -312,8 +338,15 @@ def list_depth_weights(root: Path | None = None) -> list[dict]:
     out = []
     for m in sorted(root.glob("*/manifest.json")) if root.is_dir() else []:
         data = json.loads(m.read_text())
-        out.append({"name": m.parent.name, "kind": data.get("kind", "?"), "folder": str(m.parent),
-                    "bytes": sum(r["bytes"] for r in data["files"].values()), "source": data["source_file"]["name"]})
+        out.append(
+            {
+                "name": m.parent.name,
+                "kind": data.get("kind", "?"),
+                "folder": str(m.parent),
+                "bytes": sum(r["bytes"] for r in data["files"].values()),
+                "source": data["source_file"]["name"],
+            }
+        )
     return out
 
 
@@ -321,8 +354,7 @@ def load_depth_state(name: str | Path, root: Path | None = None) -> tuple[dict, 
     """(model_config, state dict, sha256 of model.safetensors) of imported weights, after checking hashes."""
     from safetensors.torch import load_file
 
-    from sam3d_core.convert import CheckpointError
-    from sam3d_core.hub import verify_folder
+    from sam3d_core.weights.store import CheckpointError, verify_folder
 
     p = Path(name).expanduser()
     folder = p if (p / "manifest.json").is_file() else (depth_dir() if root is None else Path(root)) / str(name)
@@ -330,9 +362,12 @@ def load_depth_state(name: str | Path, root: Path | None = None) -> tuple[dict, 
         raise CheckpointError(f"no imported depth weights {str(name)!r} in {folder.parent}; {MOGE_WHERE_TO_GET}")
     problems = verify_folder(folder)
     if problems:
-        raise CheckpointError(f"{folder} failed its integrity check: " + "; ".join(problems)
-                              + f". Re-import it with `sam3d weights import-depth FILE --name {folder.name} "
-                              "--overwrite`.")
+        raise CheckpointError(
+            f"{folder} failed its integrity check: "
+            + "; ".join(problems)
+            + f". Re-import it with `sam3d weights import-depth FILE --name {folder.name} "
+            "--overwrite`."
+        )
     manifest = json.loads((folder / "manifest.json").read_text())
     config = json.loads((folder / "config.json").read_text())
     return config, load_file(str(folder / "model.safetensors")), manifest["files"]["model.safetensors"]["sha256"]
@@ -368,7 +403,7 @@ class MoGeAdapter(DepthModel):
     def _load(self):
         import torch
 
-        from sam3d_core.convert import CheckpointError
+        from sam3d_core.weights.store import CheckpointError
 
         try:
             from moge.model.v1 import MoGeModel
@@ -378,9 +413,11 @@ class MoGeAdapter(DepthModel):
         net = MoGeModel(**config)  # builds its DINOv2 with pretrained=False: nothing is downloaded
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise CheckpointError(f"MoGe weights {self.weights!r} do not fit MoGeModel({config.get('encoder')}): "
-                                  f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                                  f"(e.g. {unexpected[:3]}); another MoGe version? {MOGE_INSTALL_HINT}")
+            raise CheckpointError(
+                f"MoGe weights {self.weights!r} do not fit MoGeModel({config.get('encoder')}): "
+                f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                f"(e.g. {unexpected[:3]}); another MoGe version? {MOGE_INSTALL_HINT}"
+            )
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._net = net.eval().to(device)
 
@@ -404,27 +441,3 @@ class MoGeAdapter(DepthModel):
 
 
 register_depth_model("moge", lambda device: MoGeAdapter(device=device))
-
-
-# -------------------------------------------------------------------------------------------------
-# CLI: `sam3d weights import-depth`
-# -------------------------------------------------------------------------------------------------
-
-
-def cmd_import_depth(args) -> int:
-    dest = import_depth_weights(args.file, name=args.name, overwrite=args.overwrite)
-    manifest = json.loads((dest / "manifest.json").read_text())
-    print(f"imported {args.file} into {dest} (source sha256 {manifest['source_file']['sha256']}; the files' "
-          "sha256 is checked on every load)")
-    return 0
-
-
-def add_depth_parser(weights_subparsers):
-    """Add `weights import-depth FILE_OR_DIR [--name moge-vitl] [--overwrite]` to the `weights` subparsers."""
-    s = weights_subparsers.add_parser("import-depth", help="import MoGe v1 depth-model weights (model.pt of "
-                                      "Ruicheng/moge-vitl, or a folder holding it) for metric point maps")
-    s.add_argument("file", help="model.pt, a folder holding it, or model.safetensors with config.json beside it")
-    s.add_argument("--name", default=MOGE_DEFAULT_WEIGHTS, help=f"default {MOGE_DEFAULT_WEIGHTS}")
-    s.add_argument("--overwrite", action="store_true")
-    s.set_defaults(func=cmd_import_depth)
-    return s

@@ -1,6 +1,6 @@
 """Stage 1: photo + mask (+ point map) -> coarse shape (64^3 voxels) and layout (pose in the camera frame).
 
-`Stage1Model` holds the three networks under the names our weight files use; `Stage1Pipeline` loads
+`Stage1Pipeline` (over `models.stages.Stage1Model`) loads
 once and runs any number of objects as a numbered recipe. Expensive conditioning (`encode`) is split
 from the cheap-per-call sampling so callers can reuse condition tokens (re-rolls, best-of-N).
 """
@@ -12,78 +12,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from sam3d_core.config import Stage1Config
-from sam3d_core.layout import Pose, decode_pose
-from sam3d_core.models.condition import ConditionEmbedder
-from sam3d_core.models.layers import LayerNorm32, MultiHeadRMSNorm
-from sam3d_core.models.ss_flow import SSFlowModel
+from sam3d_core.geometry.layout import Pose, decode_pose
 from sam3d_core.models.ss_vae import (
-    SSDecoder,
     cap_voxels,
     occupied_voxels,
     prune_interior,
     shape_latent_to_grid,
 )
-from sam3d_core.preprocess import preprocess_stage1
-from sam3d_core.sampling import FlowGraphs, sample_stage1, stage1_noise
+from sam3d_core.models.stages import Stage1Model, cast_for_inference, init_random_weights
+from sam3d_core.pipeline.preprocess import preprocess_stage1
+from sam3d_core.pipeline.sampling import FlowGraphs, sample_stage1, stage1_noise
 
 Progress = Callable[[int, int], None]
-
-
-class Stage1Model(nn.Module):
-    """The stage-1 networks. State-dict prefixes: condition_embedder., generator., decoder."""
-
-    def __init__(self, cfg: Stage1Config):
-        super().__init__()
-        cfg.check()
-        self.cfg = cfg
-        self.condition_embedder = ConditionEmbedder(cfg.condition)
-        self.generator = SSFlowModel(cfg.flow)
-        self.decoder = SSDecoder(cfg.decoder)
-
-
-def init_random_weights(model: nn.Module, seed: int = 0, std: float = 0.5) -> nn.Module:
-    """Deterministic random weights for tests and the no-weights demo (not a trained model).
-
-    Matrices get N(0, std^2 / fan_in), norm gains 1 + N(0, 0.1^2), everything else N(0, 0.05^2), so that
-    every path (including the official zero-initialised modulation and output layers) carries signal.
-    """
-    params = sorted(model.named_parameters())
-    device = params[0][1].device if params else torch.device("cpu")
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in params:
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32, device=device)
-            if p.ndim >= 2:
-                fan_in = int(np.prod(p.shape[1:]))
-                value = noise * (std / fan_in**0.5)
-            elif name.endswith(("norm1.weight", "norm2.weight", "norm.weight", ".gamma", "0.weight")) and p.ndim == 1:
-                value = 1.0 + 0.1 * noise
-            else:
-                value = 0.05 * noise
-            p.copy_(value.to(p.dtype))
-    return model
-
-
-def cast_for_inference(model: Stage1Model, dtype: torch.dtype) -> Stage1Model:
-    """Cast the networks to `dtype`, keeping in float32 what the official fp16 mode keeps there.
-
-    The heavy matrices (DINO, the MoT blocks, the decoder convolutions) take `dtype`; the flow model's
-    latent projections, position embeddings, time embedders and every norm gain stay float32, like the
-    official `use_fp16` "torso" conversion. The norms compute in float32 either way.
-    """
-    model.to(dtype)
-    if dtype == torch.float32:
-        return model
-    gen = model.generator
-    keep = [gen.latent_mapping, gen.t_embedder, getattr(gen, "d_embedder", None)]
-    keep += [m for m in model.modules() if isinstance(m, (LayerNorm32, MultiHeadRMSNorm))]
-    for m in keep:
-        if m is not None:
-            m.float()
-    return model
 
 
 @dataclass
@@ -103,9 +45,15 @@ class Stage1Output:
 class Stage1Pipeline:
     """Loads stage 1 once; `__call__` reconstructs one object's coarse shape and layout."""
 
-    def __init__(self, model: Stage1Model, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, weights_id: str = "unknown", compile: bool = False,
-                 cuda_graphs: bool | None = None):
+    def __init__(
+        self,
+        model: Stage1Model,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        weights_id: str = "unknown",
+        compile: bool = False,
+        cuda_graphs: bool | None = None,
+    ):
         self.model = cast_for_inference(model.to(device=device), dtype).eval().requires_grad_(False)
         # CUDA graphs remove the launch overhead that dominates batch-1 sampling (same kernels, same result).
         self.cuda_graphs = torch.device(device).type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -119,10 +67,16 @@ class Stage1Pipeline:
         self.weights_id = weights_id
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str, device: str | None = None, dtype: torch.dtype | None = None,
-                        check_hashes: bool = True, compile: bool = False) -> Stage1Pipeline:
+    def from_pretrained(
+        cls,
+        name_or_dir: str,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        check_hashes: bool = True,
+        compile: bool = False,
+    ) -> Stage1Pipeline:
         """Load an imported model (see `sam3d weights import`) with its hashes checked."""
-        from sam3d_core.hub import load_stage1_state
+        from sam3d_core.weights.hub import load_stage1_state
 
         cfg, state, digest = load_stage1_state(name_or_dir, check_hashes=check_hashes)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -133,12 +87,13 @@ class Stage1Pipeline:
         return cls(model, device, dtype, weights_id=f"sha256:{digest}", compile=compile)
 
     @classmethod
-    def best_available(cls, model: str | None = None, device: str | None = None,
-                       compile: bool = False) -> tuple[Stage1Pipeline, str]:
+    def best_available(
+        cls, model: str | None = None, device: str | None = None, compile: bool = False
+    ) -> tuple[Stage1Pipeline, str]:
         """The best model there is, and a sentence saying which: `model` if named ('tiny' for the random
         test model), else the imported 'official' weights when a GPU is present, else the tiny model."""
-        from sam3d_core import hub
         from sam3d_core.registry import stage1_preset
+        from sam3d_core.weights import hub
 
         names = [m["name"] for m in hub.list_models()]
         if model is None and "official" in names and torch.cuda.is_available():
@@ -150,8 +105,14 @@ class Stage1Pipeline:
         return pipe, f"tiny random-weight model ({why}; output shapes are meaningless)"
 
     @classmethod
-    def from_random(cls, cfg: Stage1Config, seed: int = 0, device: str = "cpu",
-                    dtype: torch.dtype = torch.float32, compile: bool = False) -> Stage1Pipeline:
+    def from_random(
+        cls,
+        cfg: Stage1Config,
+        seed: int = 0,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        compile: bool = False,
+    ) -> Stage1Pipeline:
         """A random-weight pipeline (tests, and the demo when no weights are installed)."""
         with torch.device(device):
             model = init_random_weights(Stage1Model(cfg), seed)
@@ -169,8 +130,11 @@ class Stage1Pipeline:
         shared: a dict kept per photo (e.g. `PhotoContext.shared`); the full-image RGB tokens, which do not
         depend on the object's mask, are computed for the first object and reused for the others."""
         emb = self.model.condition_embedder
-        views = {k: inputs[k].to(self.dtype) for k in
-                 ("image", "rgb_image", "mask", "rgb_image_mask", "pointmap", "rgb_pointmap") if k in inputs}
+        views = {
+            k: inputs[k].to(self.dtype)
+            for k in ("image", "rgb_image", "mask", "rgb_image_mask", "pointmap", "rgb_pointmap")
+            if k in inputs
+        }
         if shared is None:
             return emb(**views)
         key = ("stage1", id(self.model), self.dtype, tuple(views["rgb_image"].shape))
@@ -187,9 +151,17 @@ class Stage1Pipeline:
         return self._graphs
 
     @torch.no_grad()
-    def sample(self, inputs: dict, cond: torch.Tensor, *, seed: int | None = None, steps: int | None = None,
-               cfg_strength: float | None = None, shortcut: bool = False,
-               progress: Progress | None = None) -> Stage1Output:
+    def sample(
+        self,
+        inputs: dict,
+        cond: torch.Tensor,
+        *,
+        seed: int | None = None,
+        steps: int | None = None,
+        cfg_strength: float | None = None,
+        shortcut: bool = False,
+        progress: Progress | None = None,
+    ) -> Stage1Output:
         """Steps 3-6 of `__call__`: noise, flow sampling, occupancy decoding, pose decoding."""
         cfg = self.cfg
         # 3. Noise: one draw per latent in sorted-name order, like the official pipeline.
@@ -197,9 +169,17 @@ class Stage1Pipeline:
         gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**31))
         noise = stage1_noise(1, cfg.flow, gen, self.device)
         # 4. Flow sampling (25-step CFG 7 by default; the shortcut mode is few-step without CFG).
-        latents = sample_stage1(self.model.generator, cond, noise, cfg.sampler, shortcut=shortcut,
-                                steps=steps, cfg_strength=cfg_strength, progress=progress,
-                                graphs=self._flow_graphs(cond))
+        latents = sample_stage1(
+            self.model.generator,
+            cond,
+            noise,
+            cfg.sampler,
+            shortcut=shortcut,
+            steps=steps,
+            cfg_strength=cfg_strength,
+            progress=progress,
+            graphs=self._flow_graphs(cond),
+        )
         # 5. Occupancy: 16^3 x 8 latent -> 64^3 logits -> surface voxels, capped.
         grid = shape_latent_to_grid(latents["shape"].to(self.dtype))
         logits = self.model.decoder(grid)
@@ -207,24 +187,41 @@ class Stage1Pipeline:
         coords = prune_interior(coords_original)
         coords, factor = cap_voxels(coords, cfg.max_voxels, generator=gen)
         # 6. Layout: pose latents -> rotation, translation, scale in the PyTorch3D camera frame.
-        pose = decode_pose({k: v.float() for k, v in latents.items()},
-                           inputs["pointmap_scale"].float(), inputs["pointmap_shift"].float(), factor)
+        pose = decode_pose(
+            {k: v.float() for k, v in latents.items()},
+            inputs["pointmap_scale"].float(),
+            inputs["pointmap_shift"].float(),
+            factor,
+        )
         settings = {
-            "seed": seed, "steps": steps or (cfg.sampler.shortcut_steps if shortcut else cfg.sampler.steps),
+            "seed": seed,
+            "steps": steps or (cfg.sampler.shortcut_steps if shortcut else cfg.sampler.steps),
             "cfg_strength": 0.0 if shortcut else (cfg.sampler.cfg_strength if cfg_strength is None else cfg_strength),
-            "mode": "shortcut" if shortcut else "flow", "weights": self.weights_id,
+            "mode": "shortcut" if shortcut else "flow",
+            "weights": self.weights_id,
             "dtype": str(self.dtype).removeprefix("torch."),
         }
-        return Stage1Output(latents, coords, coords_original, factor, pose,
-                            inputs["pointmap_scale"], inputs["pointmap_shift"], settings)
+        return Stage1Output(
+            latents, coords, coords_original, factor, pose, inputs["pointmap_scale"], inputs["pointmap_shift"], settings
+        )
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray, pointmap: np.ndarray | torch.Tensor, *,
-                 seed: int | None = None, steps: int | None = None, cfg_strength: float | None = None,
-                 shortcut: bool = False, progress: Progress | None = None) -> Stage1Output:
+    def __call__(
+        self,
+        image: np.ndarray,
+        mask: np.ndarray,
+        pointmap: np.ndarray | torch.Tensor,
+        *,
+        seed: int | None = None,
+        steps: int | None = None,
+        cfg_strength: float | None = None,
+        shortcut: bool = False,
+        progress: Progress | None = None,
+    ) -> Stage1Output:
         # 1. Check and preprocess (crop around the mask, pad, resize, point-map normalisation).
         inputs = self.prepare(image, mask, pointmap)
         # 2. Condition tokens from the cropped and full views.
         cond = self.encode(inputs)
         # 3.-6. Sample, decode occupancy and pose.
-        return self.sample(inputs, cond, seed=seed, steps=steps, cfg_strength=cfg_strength,
-                           shortcut=shortcut, progress=progress)
+        return self.sample(
+            inputs, cond, seed=seed, steps=steps, cfg_strength=cfg_strength, shortcut=shortcut, progress=progress
+        )

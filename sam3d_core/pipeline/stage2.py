@@ -1,6 +1,6 @@
 """Stage 2: photo + mask + stage-1 voxels -> structured latent (SLAT) -> 3D Gaussians and a textured mesh.
 
-`Stage2Model` holds the four networks under the names our weight files use; `Stage2Pipeline` loads once
+`Stage2Pipeline` (over `models.stages.Stage2Model`) loads once
 and runs any number of objects as a numbered recipe, with the expensive conditioning (`encode`) split
 from the per-call sampling and decoding. Everything stage 2 returns lies in the object's local frame
 ([-0.5, 0.5]^3, z up), as in the official code; placing it in the scene with the stage-1 pose is a
@@ -14,32 +14,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from sam3d_core.config import Stage2Config
-from sam3d_core.flexicubes import MeshResult, extract_mesh
-from sam3d_core.gaussians import Gaussians
-from sam3d_core.models.condition import ConditionEmbedder
-from sam3d_core.models.slat_flow import SLatFlowModel
-from sam3d_core.models.slat_vae import SLatGaussianDecoder, SLatMeshDecoder
-from sam3d_core.preprocess import preprocess_stage2
-from sam3d_core.sampling import denormalize_slat, sample_stage2, stage2_noise
-from sam3d_core.stage1 import init_random_weights
+from sam3d_core.geometry.flexicubes import MeshResult, extract_mesh
+from sam3d_core.geometry.gaussians import Gaussians
+from sam3d_core.models.stages import Stage2Model, init_random_weights
+from sam3d_core.pipeline.preprocess import preprocess_stage2
+from sam3d_core.pipeline.sampling import denormalize_slat, sample_stage2, stage2_noise
 
 Progress = Callable[[int, int], None]
 DECODERS = ("gaussian", "mesh")
-
-
-class Stage2Model(nn.Module):
-    """The stage-2 networks. State-dict prefixes: condition_embedder., generator., decoder_gs., decoder_mesh."""
-
-    def __init__(self, cfg: Stage2Config):
-        super().__init__()
-        self.cfg = cfg
-        self.condition_embedder = ConditionEmbedder(cfg.condition)
-        self.generator = SLatFlowModel(cfg.flow)
-        self.decoder_gs = SLatGaussianDecoder(cfg.gaussian)
-        self.decoder_mesh = SLatMeshDecoder(cfg.mesh)
 
 
 @dataclass
@@ -106,11 +90,12 @@ class Stage2Pipeline:
         self.weights_id = weights_id
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str, device: str | None = None, check_hashes: bool = True,
-                        dtype: torch.dtype | None = None) -> Stage2Pipeline:
+    def from_pretrained(
+        cls, name_or_dir: str, device: str | None = None, check_hashes: bool = True, dtype: torch.dtype | None = None
+    ) -> Stage2Pipeline:
         """Load the stage-2 weights of an imported model (see `sam3d weights import`), hashes checked.
         dtype: default bfloat16 on CUDA, float32 on the CPU."""
-        from sam3d_core.hub import load_stage2_state
+        from sam3d_core.weights.hub import load_stage2_state
 
         cfg, state, digest = load_stage2_state(name_or_dir, check_hashes=check_hashes)
         with torch.device("meta"):
@@ -141,8 +126,7 @@ class Stage2Pipeline:
         shared: a dict kept per photo (e.g. `PhotoContext.shared`); the full-image RGB tokens, which do not
         depend on the object's mask, are computed for the first object and reused for the others."""
         emb = self.model.condition_embedder
-        views = {k: inputs[k].to(self.dtype) for k in
-                 ("image", "rgb_image", "mask", "rgb_image_mask") if k in inputs}
+        views = {k: inputs[k].to(self.dtype) for k in ("image", "rgb_image", "mask", "rgb_image_mask") if k in inputs}
         if shared is None:
             return emb(**views)
         key = ("stage2", id(self.model), self.dtype, tuple(views["rgb_image"].shape))

@@ -31,21 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sam3d_core import frames
-from sam3d_core.imageio import InputError, Photo, load_mask, load_photo
+from sam3d_core.geometry import frames
+from sam3d_core.inputs.imageio import InputError, Photo, load_mask, load_photo
+from sam3d_core.pipeline.errors import EmptyMeshError, GPUOutOfMemory, is_out_of_memory
 
 # progress(stage, step, total): stage names as in docs/protocol.md
 Progress = Callable[[str, int, int], None]
 TINY_MAX_VOXELS = 2000
-STAGES = ("preprocess", "stage1", "stage2", "decode", "postprocess", "bake", "export")
-
-
-class Cancelled(Exception):
-    """Raised from a progress callback to stop the job at its next check."""
-
-
-class GPUOutOfMemory(RuntimeError):
-    """CUDA ran out of memory even in low-VRAM mode."""
 
 
 @dataclass
@@ -58,6 +50,7 @@ class PhotoContext:
     pointmap: np.ndarray  # [H, W, 3] PyTorch3D camera frame
     pointmap_source: str  # "user", "depth", "fallback plane"
     shared: dict = field(default_factory=dict, repr=False)  # per-photo tensors reused by every object
+
     @property
     def width(self) -> int:
         return self.photo.width
@@ -68,8 +61,11 @@ class PhotoContext:
 
     def camera_record(self) -> dict:
         return {
-            "width": self.width, "height": self.height, "K": np.asarray(self.K).tolist(),
-            "intrinsics_source": self.intrinsics_source, "pointmap_source": self.pointmap_source,
+            "width": self.width,
+            "height": self.height,
+            "K": np.asarray(self.K).tolist(),
+            "intrinsics_source": self.intrinsics_source,
+            "pointmap_source": self.pointmap_source,
             "blender_camera": frames.blender_camera(self.K, self.width, self.height),
             "gltf_camera": frames.gltf_camera(self.K, self.width, self.height),
         }
@@ -99,10 +95,6 @@ def _device_default() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
 class Pipeline:
     """Stage 1 + stage 2 + post-processing, loaded once, for any number of photos and objects."""
 
@@ -121,18 +113,26 @@ class Pipeline:
     # ---------------------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, model: str | None = None, device: str | None = None, *, low_vram: bool = False,
-             compile: bool = False, stage2: bool = True, max_voxels: int | None = None) -> tuple[Pipeline, str]:
+    def load(
+        cls,
+        model: str | None = None,
+        device: str | None = None,
+        *,
+        low_vram: bool = False,
+        compile: bool = False,
+        stage2: bool = True,
+        max_voxels: int | None = None,
+    ) -> tuple[Pipeline, str]:
         """The best model there is, and a sentence saying which.
 
         `model`: an imported model name (`sam3d weights import`), 'tiny' (random weights, tests), or None:
         the imported 'official' model when it is there and a GPU is present, else the tiny model.
         `max_voxels`: cap on stage-1 voxels (default: the model's, 42000 officially; 2000 for the tiny model).
         """
-        from sam3d_core import hub
+        from sam3d_core.pipeline.stage1 import Stage1Pipeline
+        from sam3d_core.pipeline.stage2 import Stage2Pipeline
         from sam3d_core.registry import stage1_preset, stage2_preset
-        from sam3d_core.stage1 import Stage1Pipeline
-        from sam3d_core.stage2 import Stage2Pipeline
+        from sam3d_core.weights import hub
 
         device = device or _device_default()
         names = [m["name"] for m in hub.list_models()]
@@ -144,8 +144,13 @@ class Pipeline:
                 s1.cfg = replace(s1.cfg, max_voxels=max_voxels)
             s2 = Stage2Pipeline.from_pretrained(model, device=device) if stage2 else None
             return cls(s1, s2, description=f"imported model {model!r}", low_vram=low_vram), f"imported model {model!r}"
-        why = ("asked for" if model == "tiny" else "no imported weights" if not names
-               else "no GPU for the official model (use --model official)")
+        why = (
+            "asked for"
+            if model == "tiny"
+            else "no imported weights"
+            if not names
+            else "no GPU for the official model (use --model official)"
+        )
         which = f"tiny random-weight model ({why}; shapes are meaningless)"
         # The random model's occupancy is noise: cap its voxels so that stage 2 stays quick on a CPU.
         tiny1 = replace(stage1_preset("tiny"), max_voxels=max_voxels or TINY_MAX_VOXELS)
@@ -191,13 +196,20 @@ class Pipeline:
     # Photo
     # ---------------------------------------------------------------------------------------------
 
-    def open_photo(self, photo: str | Path | Photo, *, K: np.ndarray | None = None, fov_deg: float | None = None,
-                   depth: np.ndarray | None = None, pointmap: np.ndarray | None = None,
-                   depth_model: str | None = "auto") -> PhotoContext:
+    def open_photo(
+        self,
+        photo: str | Path | Photo,
+        *,
+        K: np.ndarray | None = None,
+        fov_deg: float | None = None,
+        depth: np.ndarray | None = None,
+        pointmap: np.ndarray | None = None,
+        depth_model: str | None = "auto",
+    ) -> PhotoContext:
         """Check the photo and fix its camera once.
 
         Point map, the first that applies: `pointmap` ("user"); `depth` back-projected with K ("depth"); a
-        depth model's (`sam3d_core.depth`; source: the model's, e.g. "moge (...)"); else a plane at unit
+        depth model's (`sam3d_core.inputs.depth`; source: the model's, e.g. "moge (...)"); else a plane at unit
         distance ("fallback plane": layout in relative units). `depth_model`: "auto" (the first available
         adapter; none installed = the plane, cheaply), None or "none" (never), or a registered name (that
         adapter; InputError when it is unknown or unusable).
@@ -205,8 +217,8 @@ class Pipeline:
         ("exif"); the depth model's K when its point map is used ("depth_model"); a 60 degree horizontal
         field of view ("default_fov").
         """
-        from sam3d_core.camera import pointmap_from_depth, resolve_intrinsics
-        from sam3d_core.depth import DepthModelError, load_depth_model, run_depth_model
+        from sam3d_core.inputs.camera import pointmap_from_depth, resolve_intrinsics
+        from sam3d_core.inputs.depth import DepthModelError, load_depth_model, run_depth_model
 
         ph = photo if isinstance(photo, Photo) else load_photo(photo)
         K, source = resolve_intrinsics(ph, K=K, fov=fov_deg)
@@ -214,20 +226,28 @@ class Pipeline:
         named = depth_model not in (None, "none", "auto")
         if named and (pointmap is not None or depth is not None):
             given = "point map" if pointmap is not None else "depth map"
-            raise InputError(f"depth_model={depth_model!r} was asked for but a {given} was given too; pass one of "
-                             "them (depth_model='none' or 'auto' uses the given one)", field="depth_model")
+            raise InputError(
+                f"depth_model={depth_model!r} was asked for but a {given} was given too; pass one of "
+                "them (depth_model='none' or 'auto' uses the given one)",
+                field="depth_model",
+            )
         if pointmap is not None:
             pm = np.asarray(pointmap, dtype=np.float32)
             if pm.shape != (h, w, 3):
-                raise InputError(f"point map has shape {pm.shape} but the photo is {w}x{h}; expected [{h}, {w}, 3] "
-                                 "in the PyTorch3D camera frame (x left, y up, z forward)", field="pointmap")
+                raise InputError(
+                    f"point map has shape {pm.shape} but the photo is {w}x{h}; expected [{h}, {w}, 3] "
+                    "in the PyTorch3D camera frame (x left, y up, z forward)",
+                    field="pointmap",
+                )
             pm_source = "user"
         elif depth is not None:
             d = np.asarray(depth, dtype=np.float32)
             if d.shape != (h, w):
-                raise InputError(f"depth map is {d.shape[1] if d.ndim > 1 else '?'}x{d.shape[0]} but the photo is "
-                                 f"{w}x{h}; give a depth map of the photo's size (metres along the view axis)",
-                                 field="depth")
+                raise InputError(
+                    f"depth map is {d.shape[1] if d.ndim > 1 else '?'}x{d.shape[0]} but the photo is "
+                    f"{w}x{h}; give a depth map of the photo's size (metres along the view axis)",
+                    field="depth",
+                )
             pm, pm_source = pointmap_from_depth(d, K), "depth"
         else:
             try:
@@ -250,10 +270,21 @@ class Pipeline:
     # Objects
     # ---------------------------------------------------------------------------------------------
 
-    def reconstruct(self, ctx: PhotoContext, masks: Sequence, *, names: Sequence[str] | None = None,
-                    seed: int = 42, steps: int | None = None, fast: bool = False, texture_size: int = 1024,
-                    faces: int = 20000, stage2: bool = True, progress: Progress | None = None,
-                    on_object: Callable[[ObjectResult], None] | None = None) -> list[ObjectResult]:
+    def reconstruct(
+        self,
+        ctx: PhotoContext,
+        masks: Sequence,
+        *,
+        names: Sequence[str] | None = None,
+        seed: int = 42,
+        steps: int | None = None,
+        fast: bool = False,
+        texture_size: int = 1024,
+        faces: int = 20000,
+        stage2: bool = True,
+        progress: Progress | None = None,
+        on_object: Callable[[ObjectResult], None] | None = None,
+    ) -> list[ObjectResult]:
         """Reconstruct every mask of one photo (object i gets seed + i). `on_object` sees each object as it
         finishes, so a cancel or an error later keeps what finished."""
         masks = [self.load_mask(ctx, m) for m in masks]  # every mask checked: size, empty, tiny, inverted
@@ -282,8 +313,16 @@ class Pipeline:
         pending = None  # the previous object's finish, running on the pool
         try:
             for i, (mask, name) in enumerate(zip(masks, names, strict=True)):
-                kwargs = dict(name=name, seed=seed + i, steps=steps, fast=fast, texture_size=texture_size,
-                              faces=faces, stage2=stage2, progress=progress)
+                kwargs = dict(
+                    name=name,
+                    seed=seed + i,
+                    steps=steps,
+                    fast=fast,
+                    texture_size=texture_size,
+                    faces=faces,
+                    stage2=stage2,
+                    progress=progress,
+                )
                 finish = self._gpu_steps_with_retry(ctx, mask, kwargs)
                 if pool is not None and not self.low_vram:
                     job = pool.submit(finish)
@@ -313,7 +352,7 @@ class Pipeline:
         try:
             return self._gpu_steps(ctx, mask, **kwargs)
         except Exception as e:
-            if not _is_oom(e) or self.low_vram or self.device.type != "cuda":
+            if not is_out_of_memory(e) or self.low_vram or self.device.type != "cuda":
                 raise
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -328,23 +367,28 @@ class Pipeline:
 
             return marked
         except Exception as e2:
-            if _is_oom(e2):
+            if is_out_of_memory(e2):
                 raise GPUOutOfMemory(
                     "CUDA ran out of memory even in low-VRAM mode (one stage on the GPU at a time, bf16). "
                     "Close other programs that use the GPU, lower --texture-size and --faces, or run on "
-                    "the CPU with --device cpu (slow)") from e2
+                    "the CPU with --device cpu (slow)"
+                ) from e2
             raise
 
-    def reconstruct_one(self, ctx: PhotoContext, mask: np.ndarray, *, name: str = "object_0", seed: int = 42,
-                        steps: int | None = None, fast: bool = False, texture_size: int = 1024,
-                        faces: int = 20000, stage2: bool = True, progress: Progress | None = None) -> ObjectResult:
-        """One object, steps 1-6."""
-        return self._gpu_steps(ctx, mask, name=name, seed=seed, steps=steps, fast=fast, texture_size=texture_size,
-                               faces=faces, stage2=stage2, progress=progress)()
-
-    def _gpu_steps(self, ctx: PhotoContext, mask: np.ndarray, *, name: str, seed: int, steps: int | None,
-                   fast: bool, texture_size: int, faces: int, stage2: bool,
-                   progress: Progress | None) -> Callable[[Progress | None], ObjectResult]:
+    def _gpu_steps(
+        self,
+        ctx: PhotoContext,
+        mask: np.ndarray,
+        *,
+        name: str,
+        seed: int,
+        steps: int | None,
+        fast: bool,
+        texture_size: int,
+        faces: int,
+        stage2: bool,
+        progress: Progress | None,
+    ) -> Callable[[Progress | None], ObjectResult]:
         """Steps 1-3 (the GPU stages) now; returns `finish(progress=None)`, steps 4-6 (mostly CPU), which may
         run on another thread while the next object's GPU stages run."""
         report = progress or (lambda stage, step, total: None)
@@ -361,8 +405,11 @@ class Pipeline:
         report("preprocess", 0, 1)
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != (ctx.height, ctx.width):
-            raise InputError(f"mask is {mask.shape[1]}x{mask.shape[0]} pixels but the photo is "
-                             f"{ctx.width}x{ctx.height}; the mask must have the photo's size", field="mask")
+            raise InputError(
+                f"mask is {mask.shape[1]}x{mask.shape[0]} pixels but the photo is "
+                f"{ctx.width}x{ctx.height}; the mask must have the photo's size",
+                field="mask",
+            )
         rgb = ctx.photo.rgb
         # 2. Stage 1: coarse voxels and the pose in the camera frame.
         with self._on_gpu(self.stage1):
@@ -372,8 +419,9 @@ class Pipeline:
             lap("preprocess")
             sampler = s1.cfg.sampler
             report("stage1", 0, steps or (sampler.shortcut_steps if fast else sampler.steps))
-            out1 = s1.sample(inputs, cond, seed=seed, steps=steps, shortcut=fast,
-                             progress=lambda i, n: report("stage1", i, n))
+            out1 = s1.sample(
+                inputs, cond, seed=seed, steps=steps, shortcut=fast, progress=lambda i, n: report("stage1", i, n)
+            )
             del cond, inputs
         lap("stage1")
         pose = out1.pose
@@ -390,23 +438,62 @@ class Pipeline:
             with self._on_gpu(self.stage2):
                 s2 = self.stage2
                 report("stage2", 0, (None if fast else steps) or s2.cfg.sampler.steps)
-                out2 = s2(rgb, mask, out1.coords, seed=seed, steps=None if fast else steps,
-                          progress=lambda i, n: report("stage2", i, n), shared=ctx.shared)
+                out2 = s2(
+                    rgb,
+                    mask,
+                    out1.coords,
+                    seed=seed,
+                    steps=None if fast else steps,
+                    progress=lambda i, n: report("stage2", i, n),
+                    shared=ctx.shared,
+                )
             settings["stage2"] = dict(out2.settings)
             lap("stage2")
             gaussians = out2.gaussians
             dense = out2.mesh
             if dense is None or len(dense.faces) == 0:
-                raise RuntimeError("stage 2 produced an empty mesh for this object; try another seed or a "
-                                   "tighter mask")
+                raise EmptyMeshError(
+                    "stage 2 produced an empty mesh for this object; try another seed or a tighter mask"
+                )
             del out2
         else:
             dense = None
-        return partial(self._finish_steps, ctx, mask, name, texture_size, faces, dense, gaussians, pose, pose4,
-                       voxels, settings, timings, lap, report)
+        return partial(
+            self._finish_steps,
+            ctx,
+            mask,
+            name,
+            texture_size,
+            faces,
+            dense,
+            gaussians,
+            pose,
+            pose4,
+            voxels,
+            settings,
+            timings,
+            lap,
+            report,
+        )
 
-    def _finish_steps(self, ctx, mask, name, texture_size, faces, dense, gaussians, pose, pose4, voxels, settings,
-                      timings, lap, report, progress: Progress | None = None) -> ObjectResult:
+    def _finish_steps(
+        self,
+        ctx,
+        mask,
+        name,
+        texture_size,
+        faces,
+        dense,
+        gaussians,
+        pose,
+        pose4,
+        voxels,
+        settings,
+        timings,
+        lap,
+        report,
+        progress: Progress | None = None,
+    ) -> ObjectResult:
         report = progress or report
         mesh, clean_report = None, {}
         if dense is not None:
@@ -426,14 +513,28 @@ class Pipeline:
         iou = frames.mask_iou(silhouette, mask)
         lap("placement")
         quat = pose.quaternion[0].double().cpu().tolist()
-        return ObjectResult(name=name, mask=mask, pose_matrix=pose4, rotation_wxyz=quat,
-                            translation=translation.tolist(), scale=scale.tolist(), num_voxels=len(voxels),
-                            mesh=mesh, gaussians=gaussians, mask_iou=iou, settings=settings, timings=timings,
-                            report=clean_report, voxels=voxels)
+        return ObjectResult(
+            name=name,
+            mask=mask,
+            pose_matrix=pose4,
+            rotation_wxyz=quat,
+            translation=translation.tolist(),
+            scale=scale.tolist(),
+            num_voxels=len(voxels),
+            mesh=mesh,
+            gaussians=gaussians,
+            mask_iou=iou,
+            settings=settings,
+            timings=timings,
+            report=clean_report,
+            voxels=voxels,
+        )
 
     def _finish_mesh(self, dense, name: str, texture_size: int, faces: int, report: Progress, lap):
         from sam3d_core.export.bake import VertexColorSource, bake_texture
-        from sam3d_core.export.mesh import TexturedMesh, clean_mesh, unwrap_uv
+        from sam3d_core.export.cleanup import clean_mesh
+        from sam3d_core.export.gltf import TexturedMesh
+        from sam3d_core.export.uv import unwrap_uv
 
         v = dense.vertices.detach().float().cpu().numpy()
         f = dense.faces.detach().cpu().numpy().astype(np.int64)
@@ -449,16 +550,21 @@ class Pipeline:
         # export.mesh returns glTF UVs (v = 0 on the top row), which is what the GLB stores.
         texture = bake_texture(uv.vertices, uv.faces, uv.uvs, source, size=texture_size, convention="gltf", device=gpu)
         lap("bake")
-        mesh = TexturedMesh(vertices=uv.vertices, faces=uv.faces, uvs=uv.uvs, texture=texture, name=name,
-                            metadata={"frame": "model local, stored y-up (x, z, -y)"})
+        mesh = TexturedMesh(
+            vertices=uv.vertices,
+            faces=uv.faces,
+            uvs=uv.uvs,
+            texture=texture,
+            name=name,
+            metadata={"frame": "model local, stored y-up (x, z, -y)"},
+        )
         return mesh, dict(cleaned.report)
 
     # ---------------------------------------------------------------------------------------------
     # Files
     # ---------------------------------------------------------------------------------------------
 
-    def export(self, ctx: PhotoContext, results: Sequence[ObjectResult], out: str | Path,
-               masks: bool = True) -> dict:
+    def export(self, ctx: PhotoContext, results: Sequence[ObjectResult], out: str | Path, masks: bool = True) -> dict:
         """Per object: `NAME.glb` (textured, local frame stored y-up as the official GLBs), `NAME.ply`
         (3DGS Gaussians in the local frame), `NAME_mask.png`; for the photo: `scene.glb` (every object
         placed, the camera at the origin), `scene.json` (poses, intrinsics, cameras, provenance)."""
@@ -478,9 +584,7 @@ class Pipeline:
             else:
                 from sam3d_core.export.voxels import save_voxels_glb
 
-                save_voxels_glb(out / f"{res.name}_voxels.glb", res.voxels, np.asarray(res.pose_matrix[:3, :3].T
-                                / np.asarray(res.scale)[:, None]), np.asarray(res.translation),
-                                np.asarray(res.scale))
+                save_voxels_glb(out / f"{res.name}_voxels.glb", res.voxels, res.pose_matrix)
                 rec["glb"] = f"{res.name}_voxels.glb"
             if res.gaussians is not None:
                 res.gaussians.save_ply(out / f"{res.name}.ply")
@@ -489,16 +593,26 @@ class Pipeline:
                 Image.fromarray(res.mask.astype(np.uint8) * 255).save(out / f"{res.name}_mask.png")
                 rec["mask"] = f"{res.name}_mask.png"
             objects.append(rec)
-        scene = {"version": 1, "photo": str(ctx.photo.path) if ctx.photo.path else None, **ctx.camera_record(),
-                 "frames": "pose: object -> PyTorch3D camera (x left, y up, z forward), column vectors; object "
-                           "files hold the model's local frame stored y-up (x, z, -y); scene.glb: camera at the "
-                           "origin looking down -z; blender_matrix_world: for the object Blender's glTF importer "
-                           "makes from NAME.glb",
-                 "objects": objects, "model": self.description, "weights": self.weights}
+        scene = {
+            "version": 1,
+            "photo": str(ctx.photo.path) if ctx.photo.path else None,
+            **ctx.camera_record(),
+            "frames": "pose: object -> PyTorch3D camera (x left, y up, z forward), column vectors; object "
+            "files hold the model's local frame stored y-up (x, z, -y); scene.glb: camera at the "
+            "origin looking down -z; blender_matrix_world: for the object Blender's glTF importer "
+            "makes from NAME.glb",
+            "objects": objects,
+            "model": self.description,
+            "weights": self.weights,
+        }
         if placed:
             cam = frames.gltf_camera(ctx.K, ctx.width, ctx.height)
-            save_scene_glb(out / "scene.glb", placed, cam["perspective"],
-                           extras={"camera": cam["extras"], "model": self.description, "weights": self.weights})
+            save_scene_glb(
+                out / "scene.glb",
+                placed,
+                cam["perspective"],
+                extras={"camera": cam["extras"], "model": self.description, "weights": self.weights},
+            )
             scene["scene_glb"] = "scene.glb"
         (out / "scene.json").write_text(json.dumps(scene, indent=1))
         return scene
@@ -506,12 +620,20 @@ class Pipeline:
     def object_record(self, res: ObjectResult) -> dict:
         """The JSON record of one object (scene.json and the worker's answers)."""
         return {
-            "name": res.name, "num_voxels": res.num_voxels,
-            "pose": {"rotation_wxyz": res.rotation_wxyz, "translation": res.translation, "scale": res.scale,
-                     "matrix": np.asarray(res.pose_matrix).tolist(), "frame": "pytorch3d_camera"},
+            "name": res.name,
+            "num_voxels": res.num_voxels,
+            "pose": {
+                "rotation_wxyz": res.rotation_wxyz,
+                "translation": res.translation,
+                "scale": res.scale,
+                "matrix": np.asarray(res.pose_matrix).tolist(),
+                "frame": "pytorch3d_camera",
+            },
             "gltf_node_matrix": frames.gltf_node_matrix(res.pose_matrix).tolist(),
             "blender_matrix_world": frames.blender_object_matrix(res.pose_matrix).tolist(),
             "mask_iou": None if res.mask_iou is None else round(float(res.mask_iou), 4),
-            "settings": res.settings, "timings": res.timings, "mesh_report": res.report,
+            "settings": res.settings,
+            "timings": res.timings,
+            "mesh_report": res.report,
             "model": self.description,
         }

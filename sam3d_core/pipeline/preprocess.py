@@ -24,9 +24,7 @@ from sam3d_core.config import PreprocessConfig
 # 1. Point-map normalization
 
 
-def apply_pointmap_normalization(
-    pointmap: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
-) -> torch.Tensor:
+def apply_pointmap_normalization(pointmap: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """(p - shift) / scale per pixel, as the official 4x4 homogeneous transform computes it.
 
     pointmap [3, H, W], scale [3], shift [3] -> [3, H, W]. The official code applies the inverse of
@@ -64,16 +62,12 @@ def pointmap_scale_shift(pointmap: torch.Tensor, mask: torch.Tensor) -> tuple[to
     return scale, shift
 
 
-def normalize_pointmap(
-    pointmap: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def normalize_pointmap(pointmap: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """pointmap [3, H, W] float32, mask [H, W] bool -> (normalized [3, H, W], scale [3], shift [3])."""
     if pointmap.ndim != 3 or pointmap.shape[0] != 3:
         raise ValueError(f"pointmap: got shape {tuple(pointmap.shape)}, expected [3, H, W]")
     if mask.shape != pointmap.shape[1:] or mask.dtype != torch.bool:
-        raise ValueError(
-            f"mask: got {mask.dtype} {tuple(mask.shape)}, expected bool {tuple(pointmap.shape[1:])}"
-        )
+        raise ValueError(f"mask: got {mask.dtype} {tuple(mask.shape)}, expected bool {tuple(pointmap.shape[1:])}")
     scale, shift = pointmap_scale_shift(pointmap, mask)
     return apply_pointmap_normalization(pointmap, scale, shift), scale, shift
 
@@ -152,9 +146,7 @@ def resize_square(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     if tuple(x.shape[-2:]) == (size, size):
         return x  # torchvision's Resize returns its input unchanged here
     if mode == "bilinear":
-        return F.interpolate(
-            x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        )[0]
+        return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
     return F.interpolate(x[None], size=(size, size), mode="nearest")[0]
 
 
@@ -234,9 +226,7 @@ def preprocess_stage1(
     normed, scale, shift = normalize_pointmap(pointmap, mask)
     mask = mask[None].float()  # [1, H, W] in {0, 1}
     # 2. Cropped branch.
-    crop_image, crop_mask, crop_points = crop_around_mask(
-        image, mask, normed, cfg.box_size_factor, cfg.padding_factor
-    )
+    crop_image, crop_mask, crop_points = crop_around_mask(image, mask, normed, cfg.box_size_factor, cfg.padding_factor)
     crop_image, crop_mask, crop_points = _to_size(crop_image, crop_mask, crop_points, size)
     # 3. Full branch (the point map's square pad is 0, not NaN: an official quirk we keep).
     full_image, full_mask, full_points = _to_size(image, mask, normed, size)

@@ -53,9 +53,15 @@ TAG_FOCAL_LENGTH = 0x920A
 TAG_FOCAL_35MM = 0xA405
 TAG_FOCAL_PLANE_X, TAG_FOCAL_PLANE_Y, TAG_FOCAL_PLANE_UNIT = 0xA20E, 0xA20F, 0xA210
 FOCAL_PLANE_UNIT_MM = {2: 25.4, 3: 10.0, 4: 1.0, 5: 0.001}  # EXIF unit code -> mm (2 = inch, the default)
-ORIENTATION_WORDS = {2: "mirrored", 3: "rotated 180 degrees", 4: "flipped upside down",
-                     5: "mirrored and rotated 90 degrees", 6: "rotated 90 degrees",
-                     7: "mirrored and rotated 90 degrees", 8: "rotated 90 degrees"}
+ORIENTATION_WORDS = {
+    2: "mirrored",
+    3: "rotated 180 degrees",
+    4: "flipped upside down",
+    5: "mirrored and rotated 90 degrees",
+    6: "rotated 90 degrees",
+    7: "mirrored and rotated 90 degrees",
+    8: "rotated 90 degrees",
+}
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
 
 
@@ -111,8 +117,9 @@ class Photo:
 # Opening a file
 
 
-def _open_source(source: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO, what: str
-                 ) -> tuple[Path | None, BinaryIO, str]:
+def _open_source(
+    source: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO, what: str
+) -> tuple[Path | None, BinaryIO, str]:
     """(path or None, seekable binary stream, name for messages); missing files, folders and empty files refused."""
     if isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "read"):
         data = bytes(source) if not hasattr(source, "read") else source.read()
@@ -124,16 +131,23 @@ def _open_source(source: str | os.PathLike | bytes | bytearray | memoryview | Bi
     if path.is_dir():
         raise InputError(f"{what} {name} is a folder, not an image file; pass the file itself", what, {"path": name})
     if not path.exists():
-        raise InputError(f"{what} file {name} does not exist; check the path (relative paths are read from "
-                         f"{os.getcwd()})", what, {"path": name})
+        raise InputError(
+            f"{what} file {name} does not exist; check the path (relative paths are read from {os.getcwd()})",
+            what,
+            {"path": name},
+        )
     try:
         if path.stat().st_size == 0:
-            raise InputError(f"{what} file {name} is empty (0 bytes); the copy or download failed, export it again",
-                             what, {"path": name})
+            raise InputError(
+                f"{what} file {name} is empty (0 bytes); the copy or download failed, export it again",
+                what,
+                {"path": name},
+            )
         return path, open(path, "rb"), name
     except PermissionError:
-        raise InputError(f"{what} file {name} cannot be read (permission denied); check its permissions", what,
-                         {"path": name}) from None
+        raise InputError(
+            f"{what} file {name} cannot be read (permission denied); check its permissions", what, {"path": name}
+        ) from None
 
 
 def _allowed_formats() -> list[str]:
@@ -163,25 +177,39 @@ def _not_readable(name: str, what: str, head: bytes) -> InputError:
     kind = _sniff(head)
     details = {"path": name, "detected": kind}
     if kind in ("HEIC/HEIF", "AVIF"):
-        return InputError(f"{what} {name} is a {kind} image, which this Pillow cannot read; convert it to PNG or "
-                          "JPEG (e.g. export from Photos/Preview, or `magick in.heic out.png`)", what, details)
+        return InputError(
+            f"{what} {name} is a {kind} image, which this Pillow cannot read; convert it to PNG or "
+            "JPEG (e.g. export from Photos/Preview, or `magick in.heic out.png`)",
+            what,
+            details,
+        )
     why = f"it looks like {kind}" if kind else "its first bytes match no supported format"
-    return InputError(f"{what} {name} is not an image Pillow can read ({why}); save it as PNG or JPEG "
-                      f"(readable formats: {FORMATS_HINT})", what, details)
+    return InputError(
+        f"{what} {name} is not an image Pillow can read ({why}); save it as PNG or JPEG "
+        f"(readable formats: {FORMATS_HINT})",
+        what,
+        details,
+    )
 
 
 def _corrupt(name: str, what: str, cause: Exception) -> InputError:
-    return InputError(f"{what} {name} is truncated or corrupt ({type(cause).__name__}: {str(cause)[:160]}); copy "
-                      "the original file again, or open it in an image editor and save it as PNG or JPEG", what,
-                      {"path": name})
+    return InputError(
+        f"{what} {name} is truncated or corrupt ({type(cause).__name__}: {str(cause)[:160]}); copy "
+        "the original file again, or open it in an image editor and save it as PNG or JPEG",
+        what,
+        {"path": name},
+    )
 
 
 def _bomb_error(name: str, what: str, pixels: int | None, limit: int) -> InputError:
     size = f"{pixels:,} pixels" if pixels else "more pixels than Pillow allows"
-    return InputError(f"{what} {name} has {size}, above the limit of {limit:,} (a decompression-bomb guard); "
-                      f"downscale it below {limit // 1_000_000} megapixels first (e.g. `magick in.jpg -resize 50% "
-                      "out.jpg`, or export at a smaller size)", what,
-                      {"path": name, "pixels": pixels, "limit": limit})
+    return InputError(
+        f"{what} {name} has {size}, above the limit of {limit:,} (a decompression-bomb guard); "
+        f"downscale it below {limit // 1_000_000} megapixels first (e.g. `magick in.jpg -resize 50% "
+        "out.jpg`, or export at a smaller size)",
+        what,
+        {"path": name, "pixels": pixels, "limit": limit},
+    )
 
 
 def _open(fp: BinaryIO, name: str, what: str, max_pixels: int) -> Image.Image:
@@ -299,16 +327,22 @@ def _to_rgb8(im: Image.Image, what: str, notes: list[str]) -> tuple[np.ndarray, 
         return np.repeat(g[:, :, None], 3, axis=2), None
     icc = _icc_name(im.info["icc_profile"]) if im.info.get("icc_profile") else None
     if mode == "CMYK":
-        notes.append(f"{what}: CMYK converted to RGB without colour management"
-                     + (f" (its colour profile, {icc}, is ignored)" if icc else ""))
+        notes.append(
+            f"{what}: CMYK converted to RGB without colour management"
+            + (f" (its colour profile, {icc}, is ignored)" if icc else "")
+        )
     elif icc and "srgb" not in icc.lower():
         notes.append(f"{what}: its colour profile ({icc}) is ignored; values are used as if sRGB")
     has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in im.info)
     try:
         conv = im.convert("RGBA" if has_alpha else "RGB")
     except ValueError as e:
-        raise InputError(f"{what} has colour mode {mode!r}, which cannot be converted to RGB ({e}); save it as "
-                         "8-bit RGB PNG or JPEG", what, {"mode": mode}) from None
+        raise InputError(
+            f"{what} has colour mode {mode!r}, which cannot be converted to RGB ({e}); save it as "
+            "8-bit RGB PNG or JPEG",
+            what,
+            {"mode": mode},
+        ) from None
     arr = np.asarray(conv)
     if not has_alpha:
         return np.ascontiguousarray(arr), None
@@ -347,8 +381,10 @@ def _read_exif(im: Image.Image, notes: list[str]) -> dict[str, Any]:
     except DECODE_ERRORS:
         notes.append("photo: the EXIF data is unreadable; focal length ignored")
         return {}
-    out: dict[str, Any] = {"focal_35mm": _positive(tags.get(TAG_FOCAL_35MM)),
-                           "focal_mm": _positive(tags.get(TAG_FOCAL_LENGTH))}
+    out: dict[str, Any] = {
+        "focal_35mm": _positive(tags.get(TAG_FOCAL_35MM)),
+        "focal_mm": _positive(tags.get(TAG_FOCAL_LENGTH)),
+    }
     px, py = _positive(tags.get(TAG_FOCAL_PLANE_X)), _positive(tags.get(TAG_FOCAL_PLANE_Y))
     unit_mm = FOCAL_PLANE_UNIT_MM.get(tags.get(TAG_FOCAL_PLANE_UNIT, 2))
     if px and unit_mm:
@@ -360,8 +396,13 @@ def _read_exif(im: Image.Image, notes: list[str]) -> dict[str, Any]:
 # Photos
 
 
-def load_photo(source: str | os.PathLike | bytes | BinaryIO, *, max_pixels: int = MAX_PIXELS,
-               max_side: int = MAX_SIDE, min_side: int = MIN_SIDE) -> Photo:
+def load_photo(
+    source: str | os.PathLike | bytes | BinaryIO,
+    *,
+    max_pixels: int = MAX_PIXELS,
+    max_side: int = MAX_SIDE,
+    min_side: int = MIN_SIDE,
+) -> Photo:
     """A photo file (path, bytes or binary stream) -> Photo, or InputError naming the problem and the fix.
 
     See the module docstring for the rules (limits, modes, orientation, alpha).
@@ -373,9 +414,12 @@ def load_photo(source: str | os.PathLike | bytes | BinaryIO, *, max_pixels: int 
         with im:
             w, h = im.size
             if min(w, h) < min_side:
-                raise InputError(f"photo {name} is {w}x{h} pixels; at least {min_side} pixels on each side are "
-                                 "needed (the model works on 518 x 518 crops); use a larger photo", "photo",
-                                 {"path": name, "width": w, "height": h, "min_side": min_side})
+                raise InputError(
+                    f"photo {name} is {w}x{h} pixels; at least {min_side} pixels on each side are "
+                    "needed (the model works on 518 x 518 crops); use a larger photo",
+                    "photo",
+                    {"path": name, "width": w, "height": h, "min_side": min_side},
+                )
             raw16 = ";16" in _rawmode(im) and im.mode in ("RGB", "RGBA")  # before decoding clears the tiles
             original_mode = f"{im.mode} (16-bit)" if raw16 else im.mode
             frame, orientation = _decode(im, name, "photo", max_pixels, notes)
@@ -387,8 +431,10 @@ def load_photo(source: str | os.PathLike | bytes | BinaryIO, *, max_pixels: int 
         if path is not None:
             fp.close()
     if orientation != 1:
-        notes.append(f"photo: EXIF orientation {orientation} applied ({ORIENTATION_WORDS[orientation]}); "
-                     "draw masks on the photo as displayed")
+        notes.append(
+            f"photo: EXIF orientation {orientation} applied ({ORIENTATION_WORDS[orientation]}); "
+            "draw masks on the photo as displayed"
+        )
     px_per_mm = exif.get("px_per_mm")
     if px_per_mm and orientation >= 5:  # 90-degree turn: the displayed x is the sensor's y
         px_per_mm = (px_per_mm[1], px_per_mm[0])
@@ -398,13 +444,27 @@ def load_photo(source: str | os.PathLike | bytes | BinaryIO, *, max_pixels: int 
         size = (max(1, round(src_w * f)), max(1, round(src_h * f)))
         rgb = _resize(rgb, size, Image.Resampling.LANCZOS)
         alpha = _resize(alpha, size, Image.Resampling.BOX) if alpha is not None else None
-        notes.append(f"photo: {src_w}x{src_h} downscaled to {size[0]}x{size[1]} (longest side limit {max_side}); "
-                     "masks at the original size are downscaled to match")
-    return Photo(rgb=rgb, alpha=alpha, path=path, width=rgb.shape[1], height=rgb.shape[0],
-                 original_mode=original_mode, exif_orientation_applied=orientation != 1,
-                 focal_length_35mm=exif.get("focal_35mm"), focal_length_mm=exif.get("focal_mm"), notes=notes,
-                 format=fmt, exif_orientation=orientation, source_width=src_w, source_height=src_h,
-                 focal_plane_px_per_mm=px_per_mm)
+        notes.append(
+            f"photo: {src_w}x{src_h} downscaled to {size[0]}x{size[1]} (longest side limit {max_side}); "
+            "masks at the original size are downscaled to match"
+        )
+    return Photo(
+        rgb=rgb,
+        alpha=alpha,
+        path=path,
+        width=rgb.shape[1],
+        height=rgb.shape[0],
+        original_mode=original_mode,
+        exif_orientation_applied=orientation != 1,
+        focal_length_35mm=exif.get("focal_35mm"),
+        focal_length_mm=exif.get("focal_mm"),
+        notes=notes,
+        format=fmt,
+        exif_orientation=orientation,
+        source_width=src_w,
+        source_height=src_h,
+        focal_plane_px_per_mm=px_per_mm,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,15 +492,19 @@ def _threshold(a: np.ndarray, notes: list[str]) -> np.ndarray:
         else:
             a = _luma(a[:, :, :3].astype(np.float64)) if a.dtype != bool else a[:, :, :3].any(axis=2)
     if a.ndim != 2:
-        raise InputError(f"mask has shape {list(a.shape)}; expected [H, W] (or [H, W, 1|3|4])", "mask",
-                         {"shape": list(a.shape)})
+        raise InputError(
+            f"mask has shape {list(a.shape)}; expected [H, W] (or [H, W, 1|3|4])", "mask", {"shape": list(a.shape)}
+        )
     if a.dtype == bool:
         return a.copy()
     if np.issubdtype(a.dtype, np.integer):
         hi = int(a.max()) if a.size else 0
         if int(a.min()) < 0 or hi > 65535:
-            raise InputError(f"mask values span [{int(a.min())}, {hi}]; expected 0/1, 0..255 or 0..65535 "
-                             "(white = object)", "mask", {"min": int(a.min()), "max": hi})
+            raise InputError(
+                f"mask values span [{int(a.min())}, {hi}]; expected 0/1, 0..255 or 0..65535 (white = object)",
+                "mask",
+                {"min": int(a.min()), "max": hi},
+            )
         if hi == 1:
             notes.append("mask: 0/1 values read as background/object")
         return a > (0 if hi <= 1 else 127 if hi <= 255 else 32767)
@@ -469,9 +533,14 @@ def _read_mask_file(source: str | os.PathLike | bytes | BinaryIO, notes: list[st
             fp.close()
 
 
-def load_mask(source: str | os.PathLike | bytes | BinaryIO | np.ndarray, photo: Photo | tuple[int, int], *,
-              min_pixels: int = MIN_MASK_PIXELS, max_fraction: float = MAX_MASK_FRACTION,
-              notes: list[str] | None = None) -> np.ndarray:
+def load_mask(
+    source: str | os.PathLike | bytes | BinaryIO | np.ndarray,
+    photo: Photo | tuple[int, int],
+    *,
+    min_pixels: int = MIN_MASK_PIXELS,
+    max_fraction: float = MAX_MASK_FRACTION,
+    notes: list[str] | None = None,
+) -> np.ndarray:
     """A mask file or array -> bool [H, W] in the photo's frame (white / nonzero = object).
 
     `photo`: a Photo or its (width, height). Warnings (object touching the border, several separate
@@ -485,14 +554,26 @@ def load_mask(source: str | os.PathLike | bytes | BinaryIO | np.ndarray, photo: 
     count, total = int(m.sum()), m.size
     details = {"pixels": count, "photo_pixels": total}
     if count == 0:
-        raise InputError("mask is empty (no pixel above the threshold); paint the object white (or opaque) on "
-                         "black (or transparent)", "mask", details)
+        raise InputError(
+            "mask is empty (no pixel above the threshold); paint the object white (or opaque) on "
+            "black (or transparent)",
+            "mask",
+            details,
+        )
     if count < min_pixels:
-        raise InputError(f"mask has only {count} pixels (at least {min_pixels} needed); the object is too small "
-                         "to reconstruct: use a closer photo or a mask that covers the whole object", "mask", details)
+        raise InputError(
+            f"mask has only {count} pixels (at least {min_pixels} needed); the object is too small "
+            "to reconstruct: use a closer photo or a mask that covers the whole object",
+            "mask",
+            details,
+        )
     if count > max_fraction * total:
-        raise InputError(f"mask covers {100 * count / total:.1f}% of the photo; it is probably inverted (background "
-                         "white, object black): invert it so that only the object is white", "mask", details)
+        raise InputError(
+            f"mask covers {100 * count / total:.1f}% of the photo; it is probably inverted (background "
+            "white, object black): invert it so that only the object is white",
+            "mask",
+            details,
+        )
     own += mask_warnings(m)
     if notes is not None:
         notes.extend(own)
@@ -519,17 +600,26 @@ def _match_size(m: np.ndarray, photo: Photo | tuple[int, int], notes: list[str])
                 f"mask is {mw}x{mh} pixels but the photo as displayed is {w}x{h}: the photo's EXIF orientation "
                 f"({photo.exif_orientation}, {ORIENTATION_WORDS[photo.exif_orientation]}) was applied, and the mask "
                 "seems drawn on the unrotated pixels; draw it on the photo as an image viewer shows it, or rotate "
-                "the mask the same way", "mask", {**details, "exif_orientation": photo.exif_orientation})
-    raise InputError(f"mask is {mw}x{mh} pixels but the photo is {w}x{h}; draw the mask on this photo, or resize "
-                     f"it to {w}x{h} with nearest-neighbour interpolation", "mask", details)
+                "the mask the same way",
+                "mask",
+                {**details, "exif_orientation": photo.exif_orientation},
+            )
+    raise InputError(
+        f"mask is {mw}x{mh} pixels but the photo is {w}x{h}; draw the mask on this photo, or resize "
+        f"it to {w}x{h} with nearest-neighbour interpolation",
+        "mask",
+        details,
+    )
 
 
-def mask_from_alpha(photo: Photo, *, min_pixels: int = MIN_MASK_PIXELS, notes: list[str] | None = None
-                    ) -> np.ndarray:
+def mask_from_alpha(photo: Photo, *, min_pixels: int = MIN_MASK_PIXELS, notes: list[str] | None = None) -> np.ndarray:
     """The object mask of a cut-out photo: alpha > 127, checked like `load_mask`."""
     if photo.alpha is None:
-        raise InputError(f"photo {photo.name} has no transparency, so it carries no mask; give a mask file or "
-                         "select the object", "mask", {"path": photo.name})
+        raise InputError(
+            f"photo {photo.name} has no transparency, so it carries no mask; give a mask file or select the object",
+            "mask",
+            {"path": photo.name},
+        )
     return load_mask(photo.alpha, photo, min_pixels=min_pixels, notes=notes)
 
 
@@ -540,16 +630,23 @@ def mask_from_alpha(photo: Photo, *, min_pixels: int = MIN_MASK_PIXELS, notes: l
 def mask_warnings(mask: np.ndarray) -> list[str]:
     """Warnings (not errors) about a bool mask [H, W]: touching the border, several separate parts."""
     out = []
-    edges = [name for name, line in (("top", mask[0]), ("bottom", mask[-1]), ("left", mask[:, 0]),
-                                     ("right", mask[:, -1])) if line.any()]
+    edges = [
+        name
+        for name, line in (("top", mask[0]), ("bottom", mask[-1]), ("left", mask[:, 0]), ("right", mask[:, -1]))
+        if line.any()
+    ]
     if edges:
-        out.append(f"mask touches the photo's {', '.join(edges)} edge: the object is probably cut off, and its "
-                   "hidden part will be guessed")
+        out.append(
+            f"mask touches the photo's {', '.join(edges)} edge: the object is probably cut off, and its "
+            "hidden part will be guessed"
+        )
     sizes = blob_sizes(mask)
     if sizes is not None and len(sizes) > 1:
         shares = ", ".join(f"{100 * s / sum(sizes):.1f}%" for s in sizes[:4])
-        out.append(f"mask has {len(sizes)} separate parts ({shares}{', ...' if len(sizes) > 4 else ''} of it): "
-                   "one mask should hold one object; remove stray specks")
+        out.append(
+            f"mask has {len(sizes)} separate parts ({shares}{', ...' if len(sizes) > 4 else ''} of it): "
+            "one mask should hold one object; remove stray specks"
+        )
     return out
 
 

@@ -2,7 +2,7 @@
 
 Decoded positions live in the object's local frame [-0.5, 0.5]³ (z up). The raw fields are what the decoder
 predicts; the `get_*` properties apply the official activations and biases. `posed` places them with the
-stage-1 pose in the PyTorch3D camera frame (or another frame of `sam3d_core.frames`, e.g. our glTF world).
+stage-1 pose in the PyTorch3D camera frame (or another frame of `sam3d_core.geometry.frames`, e.g. our glTF world).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sam3d_core.frames import CONVENTIONS, FROM_P3D
-from sam3d_core.layout import Pose, matrix_to_quaternion, quaternion_invert, quaternion_multiply
+from sam3d_core.geometry.frames import CONVENTIONS, FROM_P3D
+from sam3d_core.geometry.layout import Pose, matrix_to_quaternion, quaternion_invert, quaternion_multiply
 
 SH_C0 = 0.28209479177387814  # degree-0 spherical harmonic: colour = SH_C0 * dc + 0.5
 
@@ -111,7 +111,7 @@ class Gaussians:
         """The Gaussians placed with a stage-1 pose of ONE object (a batch of one: `pose[i]`).
 
         convention "pytorch3d": the photo's camera frame, as the official `make_scene`; "gltf": our glTF scene
-        world (for a scene PLY next to the scene GLB); "opencv", "blender" likewise (see `sam3d_core.frames`).
+        world (for a scene PLY next to the scene GLB); "opencv", "blender" likewise (see `sam3d_core.geometry.frames`).
         """
         if pose.rotation.shape[0] != 1:
             raise ValueError(f"pose: got a batch of {pose.rotation.shape[0]} poses, expected one; pass pose[i]")

@@ -11,7 +11,7 @@ z forward):
 with p_local in the voxel frame [-0.5, 0.5]^3 (TRELLIS, z-up), see `local_voxel_centers`.
 In closed form (sigma isotropic): scale = mean(exp(x_scale)) * sigma, R = gram_schmidt(6D),
 translation = x_translation * sigma + shift. `encode_pose` is the exact inverse (pose -> latents, for training
-targets); frame conversions of the pose (OpenCV, glTF, Blender) live in `sam3d_core.frames`.
+targets); frame conversions of the pose (OpenCV, glTF, Blender) live in `sam3d_core.geometry.frames`.
 """
 
 from __future__ import annotations
@@ -158,8 +158,7 @@ class Pose:
         p = points[None] if squeeze else points
         if p.ndim != 3 or p.shape[0] != b or p.shape[-1] != 3:
             raise ValueError(
-                f"points: got shape {tuple(points.shape)}, expected [{b}, N, 3]"
-                + (" or [N, 3]" if b == 1 else "")
+                f"points: got shape {tuple(points.shape)}, expected [{b}, N, 3]" + (" or [N, 3]" if b == 1 else "")
             )
         p = p * self.scale[:, None, :].to(p.dtype)
         out = p @ self.rotation.to(p.dtype) + self.translation[:, None, :].to(p.dtype)  # [B, N, 3]
@@ -185,16 +184,13 @@ class Pose:
 
 def _pose_latent(latents: dict[str, torch.Tensor], name: str, channels: int) -> torch.Tensor:
     if name not in latents:
-        raise ValueError(
-            f"latents: no key {name!r} (got {sorted(latents)}); pass the stage-1 sampler's output dict"
-        )
+        raise ValueError(f"latents: no key {name!r} (got {sorted(latents)}); pass the stage-1 sampler's output dict")
     x = latents[name]
     if x.ndim == 3 and x.shape[1] == 1:
         x = x[:, 0]
     if x.ndim != 2 or x.shape[1] != channels:
         raise ValueError(
-            f"latents[{name!r}]: got shape {tuple(latents[name].shape)}, "
-            f"expected [B, 1, {channels}] or [B, {channels}]"
+            f"latents[{name!r}]: got shape {tuple(latents[name].shape)}, expected [B, 1, {channels}] or [B, {channels}]"
         )
     return x.float()  # [B, C]
 

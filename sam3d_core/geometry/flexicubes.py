@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sam3d_core.flexicubes_tables import AMBIGUOUS_CASES, CUBE_EDGES, DMC_EDGE_GROUPS
+from sam3d_core.geometry.flexicubes_tables import AMBIGUOUS_CASES, CUBE_EDGES, DMC_EDGE_GROUPS
 
 __all__ = ["MeshResult", "extract_mesh", "flexicubes"]
 

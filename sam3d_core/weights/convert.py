@@ -31,6 +31,7 @@ from sam3d_core.config import (
     Stage1Config,
     Stage2Config,
 )
+from sam3d_core.weights.store import CheckpointError
 
 HF_REPO = "facebook/sam-3d-objects"
 WHERE_TO_GET = (
@@ -82,10 +83,6 @@ STAGE2_COMPONENTS = (
 )
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file or folder that cannot be used, with what is wrong and how to fix it."""
-
-
 # ---------------------------------------------------------------------------------------------
 # YAML -> config
 
@@ -122,8 +119,10 @@ def dino_config(entry: dict, where: str) -> DinoConfig:
     name = str(entry.get("dino_model", ""))
     arch = name.removeprefix("dinov2_").removesuffix("_reg")
     if arch not in DINO_ARCHS:
-        raise CheckpointError(f"{where}: dino_model {name!r} is not supported; expected one of "
-                              f"{sorted('dinov2_' + a + '_reg' for a in DINO_ARCHS)}")
+        raise CheckpointError(
+            f"{where}: dino_model {name!r} is not supported; expected one of "
+            f"{sorted('dinov2_' + a + '_reg' for a in DINO_ARCHS)}"
+        )
     embed_dim, depth, heads = DINO_ARCHS[arch]
     kwargs = dict(entry.get("backbone_kwargs") or {})
     unknown = set(kwargs) - DINO_OVERRIDABLE
@@ -131,8 +130,10 @@ def dino_config(entry: dict, where: str) -> DinoConfig:
         raise CheckpointError(f"{where}: backbone_kwargs {sorted(unknown)} are not supported")
     size = int(entry.get("input_size", 224))
     if int(kwargs.get("img_size", 518)) != size:
-        raise CheckpointError(f"{where}: DINO img_size {kwargs.get('img_size', 518)} != input_size {size}; "
-                              "position-embedding interpolation is not supported")
+        raise CheckpointError(
+            f"{where}: DINO img_size {kwargs.get('img_size', 518)} != input_size {size}; "
+            "position-embedding interpolation is not supported"
+        )
     return DinoConfig(
         image_size=size,
         embed_dim=int(kwargs.get("embed_dim", embed_dim)),
@@ -210,8 +211,11 @@ def decoder_config(data: dict, where: str) -> SSDecoderConfig:
 def preprocess_config(pipeline: dict, where: str) -> PreprocessConfig:
     pre = _get(pipeline, "ss_preprocessor", where)
     resize = [t for t in _get(pre, "img_transform.transforms", where) if "Resize" in str(t.get("_target_"))]
-    crop = [t for t in _get(pre, "img_mask_pointmap_joint_transform", where)
-            if str(t.get("_target_", "")).endswith("crop_around_mask_with_padding")]
+    crop = [
+        t
+        for t in _get(pre, "img_mask_pointmap_joint_transform", where)
+        if str(t.get("_target_", "")).endswith("crop_around_mask_with_padding")
+    ]
     if len(resize) != 1 or len(crop) != 1:
         raise CheckpointError(f"{where}: ss_preprocessor does not have the official resize + crop")
     return PreprocessConfig(
@@ -266,9 +270,12 @@ def _swin(data: dict, where: str) -> dict:
     if data.get("attn_mode", "swin") != "swin":
         raise CheckpointError(f"{where}: attn_mode {data.get('attn_mode')!r} unsupported (expected 'swin')")
     return dict(
-        resolution=int(data["resolution"]), latent_channels=int(data["latent_channels"]),
-        model_channels=int(data["model_channels"]), num_blocks=int(data["num_blocks"]),
-        num_heads=int(data["num_heads"]), mlp_ratio=float(data.get("mlp_ratio", 4)),
+        resolution=int(data["resolution"]),
+        latent_channels=int(data["latent_channels"]),
+        model_channels=int(data["model_channels"]),
+        num_blocks=int(data["num_blocks"]),
+        num_heads=int(data["num_heads"]),
+        mlp_ratio=float(data.get("mlp_ratio", 4)),
         window_size=int(data.get("window_size", 8)),
     )
 
@@ -286,8 +293,10 @@ def gaussian_decoder_config(data: dict, where: str) -> SLatGaussianDecoderConfig
         scaling_bias=float(rep.get("scaling_bias", 0.004)),
         opacity_bias=float(rep.get("opacity_bias", 0.1)),
         filter_3d=float(rep.get("3d_filter_kernel_size", 0.0009)),
-        lr_xyz=float(lr.get("_xyz", 1.0)), lr_features_dc=float(lr.get("_features_dc", 1.0)),
-        lr_opacity=float(lr.get("_opacity", 1.0)), lr_scaling=float(lr.get("_scaling", 1.0)),
+        lr_xyz=float(lr.get("_xyz", 1.0)),
+        lr_features_dc=float(lr.get("_features_dc", 1.0)),
+        lr_opacity=float(lr.get("_opacity", 1.0)),
+        lr_scaling=float(lr.get("_scaling", 1.0)),
         lr_rotation=float(lr.get("_rotation", 0.1)),
     )
 
@@ -301,8 +310,10 @@ def mesh_decoder_config(data: dict, where: str) -> SLatMeshDecoderConfig:
 def stage2_config_from_official(folder: Path) -> Stage2Config:
     """Read pipeline.yaml, slat_generator.yaml and the Gaussian and mesh decoder YAMLs."""
     pipeline = read_yaml(folder / "pipeline.yaml")
-    paths = {k: folder / str(pipeline.get(f"{k}_config_path", f"{k}.yaml"))
-             for k in ("slat_generator", "slat_decoder_gs", "slat_decoder_mesh")}
+    paths = {
+        k: folder / str(pipeline.get(f"{k}_config_path", f"{k}.yaml"))
+        for k in ("slat_generator", "slat_decoder_gs", "slat_decoder_mesh")
+    }
     gen = read_yaml(paths["slat_generator"])
     w = paths["slat_generator"].name
     _check_target(_get(gen, "module.generator.backbone", w), "FlowMatching", w)
@@ -311,16 +322,19 @@ def stage2_config_from_official(folder: Path) -> Stage2Config:
         raise CheckpointError(f"{w}: expected the stage-2 condition (image + mask DINO with prenorm features)")
     slat_pre = _get(pipeline, "slat_preprocessor", "pipeline.yaml")
     joint = _get(slat_pre, "img_mask_joint_transform", "pipeline.yaml slat_preprocessor")
-    pre = preprocess_config({"ss_preprocessor": {**slat_pre, "img_mask_pointmap_joint_transform": joint}},
-                            "pipeline.yaml (slat_preprocessor)")
+    pre = preprocess_config(
+        {"ss_preprocessor": {**slat_pre, "img_mask_pointmap_joint_transform": joint}},
+        "pipeline.yaml (slat_preprocessor)",
+    )
     cfg = Stage2Config(
         condition=condition,
         flow=slat_flow_config(_get(gen, "module.generator.backbone.reverse_fn.backbone", w), w),
         gaussian=gaussian_decoder_config(read_yaml(paths["slat_decoder_gs"]), paths["slat_decoder_gs"].name),
         mesh=mesh_decoder_config(read_yaml(paths["slat_decoder_mesh"]), paths["slat_decoder_mesh"].name),
         preprocess=pre,
-        sampler=SamplerConfig(rescale_t=float(pipeline.get("slat_rescale_t", 1)),
-                              cfg_strength=float(pipeline.get("slat_cfg_strength", 1))),
+        sampler=SamplerConfig(
+            rescale_t=float(pipeline.get("slat_rescale_t", 1)), cfg_strength=float(pipeline.get("slat_cfg_strength", 1))
+        ),
         slat_mean=tuple(float(x) for x in _get(pipeline, "slat_mean", "pipeline.yaml")),
         slat_std=tuple(float(x) for x in _get(pipeline, "slat_std", "pipeline.yaml")),
     )
@@ -355,8 +369,9 @@ def load_official_checkpoint(path: Path) -> dict:
                 f"{path} contains pickled objects other than tensors (possible code); refusing to load it. "
                 f"Use the official file from {HF_REPO}"
             ) from None
-        raise CheckpointError(f"{path} cannot be read ({text.splitlines()[0]}); it is corrupt or "
-                              f"truncated: re-download it") from None
+        raise CheckpointError(
+            f"{path} cannot be read ({text.splitlines()[0]}); it is corrupt or truncated: re-download it"
+        ) from None
 
 
 def convert_state_dict(raw: dict, component: Component, path: Path) -> dict[str, torch.Tensor]:
@@ -364,8 +379,10 @@ def convert_state_dict(raw: dict, component: Component, path: Path) -> dict[str,
     if component.state_dict_key is not None:
         if not isinstance(raw, dict) or component.state_dict_key not in raw:
             keys = list(raw)[:5] if isinstance(raw, dict) else type(raw).__name__
-            raise CheckpointError(f"{path}: no {component.state_dict_key!r} entry (found {keys}); "
-                                  f"is this the official {component.name}.ckpt?")
+            raise CheckpointError(
+                f"{path}: no {component.state_dict_key!r} entry (found {keys}); "
+                f"is this the official {component.name}.ckpt?"
+            )
         raw = raw[component.state_dict_key]
     out: dict[str, torch.Tensor] = {}
     for key, value in raw.items():
@@ -373,6 +390,6 @@ def convert_state_dict(raw: dict, component: Component, path: Path) -> dict[str,
             if key.startswith(official):
                 if not isinstance(value, torch.Tensor):
                     raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-                out[ours + key[len(official):]] = value
+                out[ours + key[len(official) :]] = value
                 break
     return out

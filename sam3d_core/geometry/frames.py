@@ -16,7 +16,7 @@ rotation). Blender's glTF importer turns that into a camera at the origin rotate
 (looking along +Y), and turns a y-up GLB's vertices back into the model's local z-up coordinates.
 
 Matrices are for column vectors (v_out = M @ v_in); a row-vector caller uses M.T. The stage-1 pose
-(`sam3d_core.layout.Pose`, row vectors p_cam = (p * scale) @ R + t) is the 4x4 `pose_matrix(R, t, scale)`
+(`sam3d_core.geometry.layout.Pose`, row vectors p_cam = (p * scale) @ R + t) is the 4x4 `pose_matrix(R, t, scale)`
 = [[R^T diag(scale), t], [0, 1]], equal to `Pose.as_matrix()`.
 
 Pixels: the pixel in row i, column j has its centre at (u, v) = (j + 0.5, i + 0.5), the image spans

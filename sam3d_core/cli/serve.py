@@ -8,13 +8,20 @@ HELP = "run the worker that Blender and the desktop app talk to (JSON lines on s
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="an imported model name, or 'tiny' (default: 'official' if imported and a GPU is "
-                        "present, else the tiny random-weight model)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="an imported model name, or 'tiny' (default: 'official' if imported and a GPU is "
+        "present, else the tiny random-weight model)",
+    )
     p.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--low-vram", action="store_true", help="one stage on the GPU at a time (whole object <= 8 GB)")
-    p.add_argument("--max-voxels", type=int, default=None,
-                   help="cap on stage-1 voxels (default: the model's; fewer is faster and coarser)")
+    p.add_argument(
+        "--max-voxels",
+        type=int,
+        default=None,
+        help="cap on stage-1 voxels (default: the model's; fewer is faster and coarser)",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

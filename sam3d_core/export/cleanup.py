@@ -1,4 +1,4 @@
-"""Mesh clean-up, decimation and UV unwrapping for stage-2 meshes, and the textured-mesh container.
+"""Mesh clean-up and decimation for stage-2 meshes (UVs: `uv.py`; the textured mesh and GLB files: `gltf.py`).
 
 Everything here stays in the object's local frame ([-0.5, 0.5]^3, z up); the z-up -> y-up turn of the GLB
 files happens only in `sam3d_core/export/gltf.py`. numpy is the only import at module load; scipy,
@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import importlib
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["CleanMesh", "TexturedMesh", "UVMesh", "clean_mesh", "unwrap_uv", "vertex_normals"]
+__all__ = ["CleanMesh", "clean_mesh", "face_area_vectors"]
 
 _MERGE_TOLERANCE = 1e-6  # vertices closer than this fraction of the bounding-box diagonal are merged
 
 
-def _optional(module: str) -> Any:
+def optional_import(module: str) -> Any:
     """Import an `export`-extra dependency, failing with the install hint."""
     try:
         return importlib.import_module(module)
@@ -46,47 +45,11 @@ class CleanMesh:
     report: dict[str, Any]
 
 
-@dataclass
-class UVMesh:
-    """Result of `unwrap_uv`. Vertices are split along chart seams: vertices [V', 3] = input[vmapping],
-    faces [F, 3] (same face order as the input), uvs [V', 2] float32 in [0, 1] (glTF convention, module
-    docstring), vmapping [V'] int64 index of each new vertex in the input (carry colours with it)."""
-
-    vertices: np.ndarray
-    faces: np.ndarray
-    uvs: np.ndarray
-    vmapping: np.ndarray
-
-
-@dataclass
-class TexturedMesh:
-    """One object ready for GLB export, in the local frame (z up; the writers turn it y-up).
-
-    vertices [V, 3] float, faces [F, 3] int, uvs [V, 2] in [0, 1] (glTF convention) or None,
-    texture [H, W, 3|4] uint8 sRGB or None (needs uvs), vertex_colors [V, 3|4] float sRGB in [0, 1] (or
-    uint8) or None (used only without a texture), name (node and mesh name), metadata (JSON-able; written
-    as the node's glTF `extras`).
-    """
-
-    vertices: np.ndarray
-    faces: np.ndarray
-    uvs: np.ndarray | None = None
-    texture: np.ndarray | None = None
-    vertex_colors: np.ndarray | None = None
-    name: str = "object"
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def save_glb(self, path: str | Path) -> Path:
-        from sam3d_core.export.gltf import save_object_glb
-
-        return save_object_glb(path, self)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # small geometry helpers
 
 
-def _face_cross(v: np.ndarray, f: np.ndarray) -> np.ndarray:
+def face_area_vectors(v: np.ndarray, f: np.ndarray) -> np.ndarray:
     """(v1 - v0) x (v2 - v0) per face: [F, 3], length = 2 * area. np.cross's arithmetic, on coordinate rows
     gathered with np.take (several times faster than v[f] on large meshes)."""
     x = np.take(np.ascontiguousarray(v.T), np.ascontiguousarray(f.T), axis=1)  # [3 coords, 3 corners, F]
@@ -97,22 +60,6 @@ def _face_cross(v: np.ndarray, f: np.ndarray) -> np.ndarray:
 def _norm(x: np.ndarray) -> np.ndarray:
     """Row lengths of [N, 3]: np.linalg.norm(x, axis=1) bit for bit, without its slow length-3 reduction."""
     return np.sqrt(x[:, 0] * x[:, 0] + x[:, 1] * x[:, 1] + x[:, 2] * x[:, 2])
-
-
-def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Area-weighted unit vertex normals [V, 3] float32. Vertices at the same position (UV seams) share one
-    normal, so seams do not show in shading; unreferenced vertices get (0, 0, 1)."""
-    v = np.asarray(vertices, dtype=np.float64)
-    f = np.asarray(faces, dtype=np.int64)
-    positions, weld = np.unique(v, axis=0, return_inverse=True)
-    weld = weld.reshape(-1)
-    cross = np.repeat(_face_cross(v, f), 3, axis=0)  # [3F, 3]: each face's area vector for its 3 corners
-    corner = weld[f.reshape(-1)]
-    acc = np.stack([np.bincount(corner, weights=cross[:, k], minlength=len(positions)) for k in range(3)], 1)
-    n = acc[weld]
-    length = np.linalg.norm(n, axis=1, keepdims=True)
-    n = np.where(length > 0, n / np.maximum(length, 1e-30), np.array([0.0, 0.0, 1.0]))
-    return n.astype(np.float32)
 
 
 def _pack_rows(rows: np.ndarray, n: int) -> np.ndarray:
@@ -221,8 +168,8 @@ def _drop_floaters(
     """Drop vertex-connected components whose area is below min_ratio x the largest one's. area [F]: each
     face's (doubled) area. Returns (kept-face mask [F], component label of each kept face [F'] in 0..C'-1,
     components found, components dropped)."""
-    csgraph = _optional("scipy.sparse.csgraph")
-    sparse = _optional("scipy.sparse")
+    csgraph = optional_import("scipy.sparse.csgraph")
+    sparse = optional_import("scipy.sparse")
     edges = f[:, [0, 1, 1, 2]].reshape(-1, 2)
     graph = sparse.coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(len(v), len(v)))
     n_labels, label = csgraph.connected_components(graph, directed=False)
@@ -238,8 +185,8 @@ def _drop_floaters(
 def _flip_parity_bfs(n_faces: int, f1: np.ndarray, f2: np.ndarray, same_direction: np.ndarray) -> np.ndarray:
     """Flip of every face [n_faces] bool from a breadth-first spanning forest of the face graph (pairs f1-f2),
     each patch's lowest face unflipped. Used for non-orientable patches, where no flip satisfies every pair."""
-    csgraph = _optional("scipy.sparse.csgraph")
-    sparse = _optional("scipy.sparse")
+    csgraph = optional_import("scipy.sparse.csgraph")
+    sparse = optional_import("scipy.sparse")
     weight = np.where(same_direction, 2.0, 1.0)
     # face graph + a virtual root (index n_faces) tied to one face per patch, so one BFS spans every patch
     adjacency = sparse.coo_matrix((np.ones(len(f1)), (f1, f2)), shape=(n_faces, n_faces))
@@ -264,10 +211,10 @@ def _flip_parity_bfs(n_faces: int, f1: np.ndarray, f2: np.ndarray, same_directio
 def _orient(v: np.ndarray, f: np.ndarray, cross: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Consistent winding within each edge-connected patch, then each patch turned outward (positive signed
     volume about its centroid). Non-manifold edges (3+ faces) do not connect patches. cross [F, 3]: the faces'
-    `_face_cross`. Returns (faces, flipped [F] bool, open_edge_faces: faces with an edge whose half-edges do
+    `face_area_vectors`. Returns (faces, flipped [F] bool, open_edge_faces: faces with an edge whose half-edges do
     not cancel after orienting, i.e. on the boundary of the oriented surface)."""
-    csgraph = _optional("scipy.sparse.csgraph")
-    sparse = _optional("scipy.sparse")
+    csgraph = optional_import("scipy.sparse.csgraph")
+    sparse = optional_import("scipy.sparse")
     n = len(f)
     half, edge_id, counts, order = _undirected_edges(f, len(v))
     # the two half-edges of every manifold edge: neighbours in the grouped order
@@ -394,7 +341,7 @@ def _orient_and_drop_shells(
     the shells they hold are dropped without being oriented, then the rest is oriented (`_orient` treats
     components independently, so the order does not change the result).
 
-    cross [F, 3], area [F]: `_face_cross` and its length; label [F]: component of each face, 0..C-1.
+    cross [F, 3], area [F]: `face_area_vectors` and its length; label [F]: component of each face, 0..C-1.
     Returns (kept faces in their order, flipped faces among them, components dropped)."""
     n = int(label.max()) + 1
     comp_area = np.bincount(label, weights=area, minlength=n)
@@ -561,20 +508,20 @@ def _decimate(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Quadric decimation to about `target` faces; colours re-sampled from the nearest input vertex (the
     input is dense, so its nearest vertex is within about one input edge of the output vertex)."""
-    simplify = _optional("fast_simplification").simplify
+    simplify = optional_import("fast_simplification").simplify
     v2, f2 = simplify(v.astype(np.float32), f.astype(np.int32), target_count=target)
     f2 = f2.astype(np.int64)
     f2, _, _ = _drop_bad_faces(f2, len(v2))
     c2 = None
     if c is not None:
-        tree = _optional("scipy.spatial").cKDTree(v, balanced_tree=False, compact_nodes=False)  # faster build
+        tree = optional_import("scipy.spatial").cKDTree(v, balanced_tree=False, compact_nodes=False)  # faster build
         _, nearest = tree.query(v2, k=1)
         c2 = c[nearest]
     v2, f2, c2 = _compact(v2.astype(np.float32), f2, c2)
     return v2, f2, c2
 
 
-def _check_mesh(vertices: Any, faces: Any, colors: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def check_mesh(vertices: Any, faces: Any, colors: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     v = np.asarray(vertices, dtype=np.float64)
     f = np.asarray(faces)
     if v.ndim != 2 or v.shape[1] != 3:
@@ -632,7 +579,7 @@ def clean_mesh(
         raise ValueError(f"min_component_ratio={min_component_ratio}: expected a fraction in [0, 1]")
     if target_faces is not None and target_faces < 4:
         raise ValueError(f"target_faces={target_faces}: expected at least 4 faces, or None to keep every face")
-    v, f, c = _check_mesh(vertices, faces, colors)
+    v, f, c = check_mesh(vertices, faces, colors)
     report: dict[str, Any] = {"vertices_in": len(v), "faces_in": len(f)}
     steps: dict[str, float] = {}
     tick = _stopwatch(steps)
@@ -642,7 +589,7 @@ def clean_mesh(
     tick("merge")
     if not len(f):
         raise ValueError("every face is degenerate (repeated vertices); the mesh has no surface to clean")
-    cross = _face_cross(v, f)
+    cross = face_area_vectors(v, f)
     area = _norm(cross)
     kept, label, report["components"], report["floaters_removed"] = _drop_floaters(v, f, area, min_component_ratio)
     f, cross, area = f[kept], cross[kept], area[kept]
@@ -667,82 +614,3 @@ def clean_mesh(
     report["seconds"] = round(time.perf_counter() - t0, 3)
     report["step_seconds"] = steps
     return CleanMesh(v.astype(np.float32), f.astype(np.int64), c, report)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# UV unwrapping
-
-
-def unwrap_uv(
-    vertices: np.ndarray,
-    faces: np.ndarray,
-    *,
-    texture_size: int = 1024,
-    padding: int = 2,
-    chart_iterations: int = 1,
-    piece_faces: int | None = 5000,
-) -> UVMesh:
-    """xatlas charts packed for a texture_size^2 texture, `padding` texels between charts.
-
-    chart_iterations is xatlas' ChartOptions.max_iterations (1, its default, as the official code); 0 skips
-    chart refinement: about a fifth of the time for ~1.2-1.7x as many charts (more texture seams).
-
-    piece_faces: meshes with more faces are cut into pieces of at most this many (halved at the median face
-    centre along the longest extent, recursively), handed to xatlas as separate meshes of one atlas: xatlas
-    grows charts per mesh in time superlinear in its faces (and on its own thread per mesh), then packs every
-    chart together. The cuts become chart borders; at 5000 faces per piece that changed the chart count by
-    under 1% on a stage-2 mesh decimated to 20k faces, for a third of the time. None: one piece.
-
-    xatlas picks its atlas size close to (not exactly) texture_size; the UVs are scaled uniformly so the
-    larger side spans [0, 1], so the final gap is padding x texture_size / atlas size texels (0.7-0.9x padding
-    on typical meshes). Slow on large meshes (chart growth): decimate first.
-    """
-    v, f, _ = _check_mesh(vertices, faces, None)
-    if texture_size < 16:
-        raise ValueError(f"texture_size={texture_size}: expected at least 16 texels")
-    if piece_faces is not None and piece_faces < 1:
-        raise ValueError(f"piece_faces={piece_faces}: expected a positive face count, or None for one piece")
-    xatlas = _optional("xatlas")
-    atlas = xatlas.Atlas()
-    pieces = _split_faces(v[f].mean(axis=1), piece_faces or len(f))
-    used = []  # per piece: the input vertices it uses
-    for idx in pieces:
-        ids, local = np.unique(f[idx], return_inverse=True)
-        atlas.add_mesh(v[ids].astype(np.float32), local.reshape(-1, 3).astype(np.uint32))
-        used.append(ids)
-    pack = xatlas.PackOptions()
-    pack.resolution = texture_size
-    pack.padding = padding
-    pack.bilinear = True  # keep a half-texel border inside each chart for bilinear sampling
-    charts = xatlas.ChartOptions()
-    charts.max_iterations = chart_iterations
-    atlas.generate(charts, pack)
-    if atlas.atlas_count != 1:
-        raise RuntimeError(f"xatlas produced {atlas.atlas_count} atlases; expected 1 (texture_size={texture_size})")
-    new_faces, vmapping, uvs = np.empty_like(f), [], []
-    offset = 0
-    for k, (idx, ids) in enumerate(zip(pieces, used, strict=True)):
-        piece_vmapping, piece_faces_out, piece_uvs = atlas[k]
-        new_faces[idx] = piece_faces_out.astype(np.int64) + offset
-        vmapping.append(ids[piece_vmapping.astype(np.int64)])
-        uvs.append(piece_uvs)
-        offset += len(piece_vmapping)
-    vmapping = np.concatenate(vmapping)
-    # xatlas normalises u by the atlas width and v by its height: back to texels, then one scale for both
-    uvs = np.concatenate(uvs).astype(np.float64) * [atlas.width, atlas.height] / max(atlas.width, atlas.height)
-    return UVMesh(v[vmapping].astype(np.float32), new_faces, uvs.astype(np.float32), vmapping)
-
-
-def _split_faces(centres: np.ndarray, max_faces: int) -> list[np.ndarray]:
-    """Face index groups of at most max_faces: recursive halving at the median of the face centres [F, 3] along
-    their longest extent. Deterministic (stable sorts), every face in exactly one group."""
-    out, stack = [], [np.arange(len(centres))]
-    while stack:
-        idx = stack.pop()
-        if len(idx) <= max_faces:
-            out.append(idx)
-            continue
-        c = centres[idx]
-        order = idx[np.argsort(c[:, np.argmax(c.max(axis=0) - c.min(axis=0))], kind="stable")]
-        stack += [order[len(order) // 2 :], order[: len(order) // 2]]
-    return out

@@ -1,0 +1,297 @@
+"""`sam3d reconstruct` and `sam3d scene`: photo -> placed, textured objects in a folder.
+
+    sam3d reconstruct PHOTO (--mask M.png ... | --point X,Y[,+/-] ... | --box X0,Y0,X1,Y1) --out DIR
+    sam3d scene PHOTO --out DIR                     # every object the segmenter finds
+
+Both write per object NAME.glb (UV-textured mesh), NAME.ply (Gaussians), NAME_mask.png, and for the photo
+scene.glb (objects placed, camera at the origin) and scene.json (poses, intrinsics, provenance); see
+`Pipeline.export`. Progress goes to stderr as one line per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sam3d_core.cli.segment import parse_box, parse_point
+from sam3d_core.inputs.imageio import load_mask, load_photo
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+EXAMPLE_PHOTO = ASSETS / "examples" / "coffee.png"
+EXAMPLE_MASK = ASSETS / "examples" / "coffee_mask.png"
+
+
+class StageBar:
+    """One progress line per stage on stderr: `stage1  [#######.....] 17/25  3.1 s`."""
+
+    def __init__(self, prefix: str = "", stream=None, width: int = 24):
+        self.prefix, self.stream, self.width = prefix, stream or sys.stderr, width
+        self.stage, self.t0 = None, time.perf_counter()
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        if stage != self.stage:
+            if self.stage is not None:
+                self.stream.write("\n")
+            self.stage, self.t0 = stage, time.perf_counter()
+        done = int(self.width * step / max(total, 1))
+        bar = "#" * done + "." * (self.width - done)
+        elapsed = time.perf_counter() - self.t0
+        self.stream.write(f"\r{self.prefix}{stage:<11} [{bar}] {step}/{total}  {elapsed:5.1f} s")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.stage is not None:
+            self.stream.write("\n")
+        self.stage = None
+
+
+def add_model_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--out", default="sam3d_out", help="output folder (created)")
+    sp.add_argument("--model", default=None, help="an imported model name, or 'tiny' (default: the best available)")
+    sp.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    sp.add_argument("--seed", type=int, default=42, help="seed of the first object; object i uses seed + i")
+    sp.add_argument("--steps", type=int, default=None, help="sampling steps (default 25; 4 with --fast)")
+    sp.add_argument("--fast", action="store_true", help="shortcut mode for stage 1: few steps, no CFG")
+    sp.add_argument("--texture-size", type=int, default=1024, help="baked texture size in pixels (default 1024)")
+    sp.add_argument("--faces", type=int, default=20000, help="target face count after decimation (default 20000)")
+    sp.add_argument("--low-vram", action="store_true", help="one stage on the GPU at a time (about 8 GB or less)")
+    sp.add_argument(
+        "--max-voxels",
+        type=int,
+        default=None,
+        help="cap on stage-1 voxels (default: the model's; fewer is faster and coarser)",
+    )
+    sp.add_argument(
+        "--fov",
+        type=float,
+        default=None,
+        help="horizontal field of view in degrees when the photo has no EXIF focal length (default 60)",
+    )
+    sp.add_argument("--depth", default=None, help="a depth map (.npy, metres, the photo's size) for metric layout")
+    sp.add_argument(
+        "--depth-model",
+        default="auto",
+        metavar="{auto,none,NAME}",
+        help="depth model for a metric point map when no --depth is given: auto (the first installed "
+        "with imported weights, e.g. moge), none (a plane at unit distance), or a name",
+    )
+    sp.add_argument("--compile", action="store_true", help="torch.compile the stage-1 flow model (slow start)")
+
+
+def _check_sizes(args) -> None:
+    if not 64 <= args.texture_size <= 8192:
+        raise ValueError(f"--texture-size {args.texture_size}: expected 64..8192 (1024 is a good default)")
+    if not 100 <= args.faces <= 2_000_000:
+        raise ValueError(f"--faces {args.faces}: expected 100..2000000 (20000 is a good default)")
+    if args.steps is not None and not 1 <= args.steps <= 1000:
+        raise ValueError(f"--steps {args.steps}: expected 1..1000")
+    if args.max_voxels is not None and args.max_voxels < 16:
+        raise ValueError(f"--max-voxels {args.max_voxels}: expected at least 16 (default: the model's cap)")
+
+
+def _open(args):
+    from sam3d_core.pipeline.reconstruct import Pipeline
+
+    _check_sizes(args)
+    pipe, which = Pipeline.load(
+        args.model, args.device, low_vram=args.low_vram, compile=args.compile, max_voxels=args.max_voxels
+    )
+    print(f"model: {which}", file=sys.stderr)
+    depth = np.load(args.depth) if args.depth else None
+    depth_model = getattr(args, "depth_model", "auto")
+    ctx = pipe.open_photo(args.photo, fov_deg=args.fov, depth=depth, depth_model=depth_model)
+    why = ""
+    if ctx.pointmap_source == "fallback plane":
+        why = "; layout in relative units"
+        if depth_model == "auto":  # say what would give a metric point map
+            from sam3d_core.inputs.depth import load_depth_model
+
+            why += f" ({load_depth_model('auto')[1]})"
+    print(
+        f"photo: {ctx.width}x{ctx.height}; intrinsics from {ctx.intrinsics_source} "
+        f"(fx {ctx.K[0, 0]:.1f} px); point map: {ctx.pointmap_source}{why}",
+        file=sys.stderr,
+    )
+    return pipe, ctx
+
+
+def _run(pipe, ctx, masks, names, args) -> int:
+    bar = StageBar()
+    t0 = time.perf_counter()
+
+    def done(res) -> None:
+        bar.close()
+        iou = "n/a" if res.mask_iou is None else f"{res.mask_iou:.3f}"
+        print(
+            f"{res.name}: {res.num_voxels} voxels, "
+            f"{len(res.mesh.faces) if res.mesh is not None else 0} faces, reprojected mask IoU {iou}",
+            file=sys.stderr,
+        )
+
+    results = pipe.reconstruct(
+        ctx,
+        masks,
+        names=names,
+        seed=args.seed,
+        steps=args.steps,
+        fast=args.fast,
+        texture_size=args.texture_size,
+        faces=args.faces,
+        progress=bar,
+        on_object=done,
+    )
+    scene = pipe.export(ctx, results, args.out)
+    dt = time.perf_counter() - t0
+    print(
+        f"wrote {len(results)} object(s) to {args.out} in {dt:.1f} s ({dt / max(len(results), 1):.1f} s per "
+        f"object): scene.json" + (", scene.glb" if "scene_glb" in scene else ""),
+        file=sys.stderr,
+    )
+    for o in scene["objects"]:
+        print(
+            f"  {o['name']}: "
+            + ", ".join(o[k] for k in ("mesh_glb", "gaussians_ply", "glb") if k in o)
+            + f"  (mask IoU {o['mask_iou']})"
+        )
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from sam3d_core.segment import Prompt, load_segmenter
+
+    if not args.mask and not args.point and not args.box:
+        raise ValueError(
+            "say which object: --mask M.png (one per object), or --point X,Y [--point X,Y,-] and/or --box X0,Y0,X1,Y1"
+        )
+    pipe, ctx = _open(args)
+    if args.mask:
+        masks = [pipe.load_mask(ctx, m) for m in args.mask]
+        names = [f"object_{i}" for i in range(len(masks))]
+    else:
+        seg = load_segmenter("auto")
+        print(f"segmenter: {seg.name}", file=sys.stderr)
+        seg.set_image(ctx.photo.rgb)
+        cand = seg.predict(Prompt(points=tuple(args.point or ()), box=args.box))[0]
+        masks, names = [pipe.load_mask(ctx, cand.mask)], ["object_0"]
+    return _run(pipe, ctx, masks, names, args)
+
+
+def cmd_scene(args: argparse.Namespace) -> int:
+    from sam3d_core.segment import load_segmenter
+
+    pipe, ctx = _open(args)
+    seg = load_segmenter("auto")
+    print(f"segmenter: {seg.name}", file=sys.stderr)
+    seg.set_image(ctx.photo.rgb)
+    cands = seg.segment_all()[: args.max_objects]
+    if not cands:
+        raise ValueError(
+            "the segmenter found no object in this photo; pick objects with "
+            "`sam3d reconstruct PHOTO --point X,Y` instead"
+        )
+    masks = [pipe.load_mask(ctx, c.mask) for c in cands]
+    return _run(pipe, ctx, masks, [f"object_{i}" for i in range(len(masks))], args)
+
+
+def cmd_stage1(args: argparse.Namespace) -> int:
+    from sam3d_core.export.voxels import save_voxels_glb
+    from sam3d_core.inputs.camera import fallback_pointmap
+    from sam3d_core.pipeline.stage1 import Stage1Pipeline
+
+    photo = load_photo(args.photo)
+    image, mask = photo.rgb, load_mask(args.mask, photo)
+    pipe, which = Stage1Pipeline.best_available(args.model, args.device, args.compile)
+    print(f"model: {which}")
+    pointmap, K = fallback_pointmap(*image.shape[:2])
+    print("point map: none given; a plane at unit distance with a 60 degree field of view (relative units)")
+    t0 = time.perf_counter()
+    out = pipe(
+        image,
+        mask,
+        pointmap,
+        seed=args.seed,
+        steps=args.steps,
+        shortcut=args.fast,
+        progress=lambda i, n: print(f"\rstage 1: step {i}/{n}", end="", flush=True),
+    )
+    print(f"\rstage 1: {len(out.coords)} voxels in {time.perf_counter() - t0:.1f} s")
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    pose = out.pose
+    trans, scale = pose.translation[0].cpu().numpy(), pose.scale[0].cpu().numpy()
+    glb = save_voxels_glb(
+        outdir / "object_0_voxels.glb", out.coords[:, 1:].cpu().numpy(), pose.as_matrix()[0].cpu().numpy()
+    )
+    record = {
+        "frame": "PyTorch3D camera (x left, y up, z forward); the GLB is in glTF camera space (camera at the "
+        "origin looking down -z)",
+        "intrinsics": np.asarray(K).tolist(),
+        "image_size": list(image.shape[:2]),
+        "objects": [
+            {
+                "glb": glb.name,
+                "num_voxels": int(len(out.coords)),
+                "rotation_wxyz": pose.quaternion[0].tolist(),
+                "translation": trans.tolist(),
+                "scale": scale.tolist(),
+                "settings": out.settings,
+            }
+        ],
+        "model": which,
+    }
+    (outdir / "scene.json").write_text(json.dumps(record, indent=2))
+    print(f"wrote {glb} and {outdir / 'scene.json'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on the bundled example: photo + mask -> placed, textured object, scene GLB and JSON."""
+    args.photo, args.mask, args.point, args.box = str(EXAMPLE_PHOTO), [str(EXAMPLE_MASK)], None, None
+    return cmd_reconstruct(args)
+
+
+def add_reconstruct_parsers(sub) -> None:
+    r = sub.add_parser("reconstruct", help="photo + mask(s) or clicks -> placed, textured objects")
+    r.add_argument("photo")
+    r.add_argument("--mask", action="append", default=None, help="mask PNG of one object (repeat for more)")
+    r.add_argument(
+        "--point",
+        action="append",
+        type=parse_point,
+        default=None,
+        help="X,Y (include) or X,Y,- (exclude), photo pixels; segments one object",
+    )
+    r.add_argument("--box", type=parse_box, default=None, help="X0,Y0,X1,Y1 box around the object")
+    add_model_args(r)
+    r.set_defaults(func=cmd_reconstruct)
+
+    s = sub.add_parser("scene", help="every object of a photo -> placed, textured objects")
+    s.add_argument("photo")
+    s.add_argument("--max-objects", type=int, default=5)
+    add_model_args(s)
+    s.set_defaults(func=cmd_scene)
+
+    s1 = sub.add_parser("stage1", help="coarse shape + layout of one masked object (voxels only)")
+    s1.add_argument("photo")
+    s1.add_argument("--mask", required=True)
+    s1.add_argument("--steps", type=int, default=None)
+    s1.add_argument("--fast", action="store_true", help="shortcut mode: few steps, no CFG")
+    s1.add_argument("--out", default="sam3d_out")
+    s1.add_argument("--model", default=None, help="an imported model name, or 'tiny'")
+    s1.add_argument("--device", default=None)
+    s1.add_argument("--seed", type=int, default=42)
+    s1.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the flow model (faster sampling after a one-off compile; needs triton)",
+    )
+    s1.set_defaults(func=cmd_stage1)
+
+    d = sub.add_parser("demo", help="the main job on the bundled example photo (writes demo_out/)")
+    add_model_args(d)
+    d.set_defaults(func=cmd_demo, out="demo_out")

@@ -1,0 +1,214 @@
+"""`sam3d weights ...`: import, list, verify, remove and (opt-in) download model weights.
+
+sam3d weights import FOLDER [--name official]    # the official checkpoints/ folder (YAML + .ckpt)
+sam3d weights import-sam FILE                    # segment-anything / SAM 2 checkpoints
+sam3d weights import-depth FILE                  # MoGe v1 depth-model weights
+sam3d weights list | verify NAME | remove NAME
+sam3d weights download official|sam-vit_b|...    # the only command that uses the network
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from sam3d_core.inputs import depth
+from sam3d_core.inputs.depth import MOGE_DEFAULT_WEIGHTS, import_depth_weights
+from sam3d_core.segment import weights as sam_weights
+from sam3d_core.weights import download, hub, store
+from sam3d_core.weights.store import CheckpointError
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    if args.action == "import":
+        t0 = time.perf_counter()
+        rep = hub.import_official(args.folder, name=args.name, root=args.root, overwrite=args.overwrite)
+        print(
+            f"imported {' + '.join(rep.stages)}: {rep.num_tensors} tensors "
+            f"({rep.num_parameters / 1e6:.1f} M parameters) "
+            f"into {rep.folder} in {time.perf_counter() - t0:.1f} s"
+            + (f"; {rep.ignored_keys} other entries ignored" if rep.ignored_keys else "")
+        )
+    elif args.action == "list":
+        models = hub.list_models()
+        sams = sam_weights.list_sam()
+        if not models and not sams:
+            print(
+                f"no models in {store.data_dir()}; import SAM 3D weights with `sam3d weights import FOLDER` "
+                "and SAM weights with `sam3d weights import-sam FILE`"
+            )
+        for m in models:
+            print(f"sam3d  {m['name']:<16} {m['bytes'] / 1e9:6.2f} GB  {m['folder']}  (from {m['source']})")
+        for m in depth.list_depth_weights():
+            print(f"depth  {m.get('name', '?'):<16} {m.get('bytes', 0) / 1e9:6.2f} GB  {m.get('folder', '')}")
+        for m in sams:
+            print(f"{m.get('kind', 'sam'):<6} {m['name']:<16} {m.get('bytes', 0) / 1e9:6.2f} GB  {m.get('folder', '')}")
+    elif args.action == "verify":
+        problems = _on_either(args.name, hub.verify, sam_weights.verify)
+        for p in problems:
+            print(f"FAIL {p}")
+        print("ok" if not problems else f"{len(problems)} problem(s); re-import the model")
+        return 0 if not problems else 1
+    elif args.action == "remove":
+        print(f"removed {_on_either(args.name, hub.remove, sam_weights.remove)}")
+    return 0
+
+
+def _on_either(name: str, sam3d_fn, sam_fn):
+    """Apply to the SAM 3D model called `name`, else to the SAM checkpoint of that name."""
+    try:
+        return sam3d_fn(name)
+    except CheckpointError as first:
+        try:
+            return sam_fn(name)
+        except (CheckpointError, FileNotFoundError):
+            raise first from None
+
+
+def cmd_import_sam(args: argparse.Namespace) -> int:
+    dest = sam_weights.import_sam_checkpoint(args.file, name=args.name, overwrite=args.overwrite)
+    print(f"imported {args.file} into {dest} (sha256 recorded; checked on every load)")
+    return 0
+
+
+def add_weights_sam_parser(weights_subparsers) -> argparse.ArgumentParser:
+    """Add `weights import-sam FILE` to the main CLI's `weights` subparsers."""
+    s = weights_subparsers.add_parser(
+        "import-sam", help="import a segment-anything (.pth) or SAM 2 (.pt) checkpoint, or its .safetensors"
+    )
+    s.add_argument("file")
+    s.add_argument(
+        "--name",
+        default=None,
+        help="default: the model type (vit_h, vit_l, vit_b; SAM 2: sam2.1_hiera_tiny, _small, _base_plus, _large)",
+    )
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_import_sam)
+    return s
+
+
+def cmd_import_depth(args) -> int:
+    dest = import_depth_weights(args.file, name=args.name, overwrite=args.overwrite)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    print(
+        f"imported {args.file} into {dest} (source sha256 {manifest['source_file']['sha256']}; the files' "
+        "sha256 is checked on every load)"
+    )
+    return 0
+
+
+def add_depth_parser(weights_subparsers):
+    """Add `weights import-depth FILE_OR_DIR [--name moge-vitl] [--overwrite]` to the `weights` subparsers."""
+    s = weights_subparsers.add_parser(
+        "import-depth",
+        help="import MoGe v1 depth-model weights (model.pt of "
+        "Ruicheng/moge-vitl, or a folder holding it) for metric point maps",
+    )
+    s.add_argument("file", help="model.pt, a folder holding it, or model.safetensors with config.json beside it")
+    s.add_argument("--name", default=MOGE_DEFAULT_WEIGHTS, help=f"default {MOGE_DEFAULT_WEIGHTS}")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_import_depth)
+    return s
+
+
+def add_download_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `download` to a subparsers object (the main CLI puts it under `sam3d weights`)."""
+    d = subparsers.add_parser(
+        "download", help="download weights from the internet (opt-in; the only command that uses the network)"
+    )
+    d.add_argument(
+        "what",
+        choices=download.CHOICES,
+        help="official: SAM 3D Objects (gated, about 11.6 GB); sam-vit_*: segment-anything checkpoints",
+    )
+    d.add_argument("--dest", type=Path, default=None, help="folder (default: <data dir>/downloads/<what>)")
+    d.add_argument("--token", default=None, help="Hugging Face read token (default: $HF_TOKEN)")
+    d.add_argument("--revision", default=None, help="Hugging Face branch, tag or commit (default: main)")
+    d.add_argument(
+        "--endpoint",
+        default=None,
+        help=f"Hugging Face endpoint or mirror (default: $HF_ENDPOINT, else {download.HF_ENDPOINT})",
+    )
+    d.add_argument("--yes", action="store_true", help="do not ask before downloading")
+    d.set_defaults(func=cmd_download)
+    return d
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin or not sys.stdin.isatty():
+        raise download.DownloadError(f"{question} -- no terminal to ask: pass --yes to confirm", "declined")
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+def _printer() -> download.Progress:
+    last = [0.0]
+
+    def show(name: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.5 and done != total:
+            return
+        last[0] = now
+        of = f" / {total / 1e9:.2f} GB ({100 * done / total:.0f}%)" if total else ""
+        print(f"\r{name}: {done / 1e9:.2f} GB{of}   ", end="" if done != total else "\n", file=sys.stderr, flush=True)
+
+    return show
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    dest = args.dest
+    if dest is None:
+        dest = store.data_dir() / "downloads" / args.what
+    try:
+        if args.what == "official":
+            endpoint = args.endpoint or os.environ.get("HF_ENDPOINT") or download.HF_ENDPOINT
+            question = (
+                f"Download about {download.OFFICIAL_APPROX_BYTES / 1e9:.1f} GB "
+                f"({len(download.OFFICIAL_FILES)} files) from "
+                f"{endpoint}/{download.HF_REPO} into {dest}?"
+            )
+            if not args.yes and not _confirm(question):
+                print("nothing downloaded")
+                return 1
+            folder = download.download_official(dest, args.token, args.revision, endpoint, progress=_printer())
+            print(f"downloaded into {folder}; next: sam3d weights import {folder}")
+        else:
+            kind = args.what.removeprefix("sam-")
+            name, approx = download.SAM_FILES[kind]
+            question = f"Download {name} (about {approx / 1e9:.2f} GB) from {download.SAM_BASE_URL} into {dest}?"
+            if not args.yes and not _confirm(question):
+                print("nothing downloaded")
+                return 1
+            got = download.download_sam(kind, dest, progress=_printer())
+            print(
+                f"{'already there' if got.skipped else 'downloaded'}: {got.path} ({got.bytes} bytes, sha256 "
+                f"{got.sha256}); next: sam3d weights import-sam {got.path}"
+            )
+    except download.DownloadError as e:
+        print(f"sam3d: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; the partial file is kept: run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def add_weights_parser(subparsers) -> argparse.ArgumentParser:
+    w = subparsers.add_parser("weights", help="import, list, verify or remove model weights (offline)")
+    wsub = w.add_subparsers(dest="action", required=True)
+    wi = wsub.add_parser("import", help="convert an official checkpoint folder (YAML + .ckpt)")
+    wi.add_argument("folder")
+    wi.add_argument("--name", default="official")
+    wi.add_argument("--root", type=Path, default=None, help="models folder (default: the user data folder)")
+    wi.add_argument("--overwrite", action="store_true")
+    wsub.add_parser("list")
+    for action in ("verify", "remove"):
+        wsub.add_parser(action).add_argument("name")
+    w.set_defaults(func=cmd_weights)
+    add_weights_sam_parser(wsub)
+    add_download_parser(wsub)
+    add_depth_parser(wsub)
+    return w

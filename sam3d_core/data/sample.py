@@ -1,0 +1,368 @@
+"""One training / evaluation sample, and the sharded on-disk format that holds many.
+
+A dataset is a folder:
+
+    dataset.json                 {"format": "sam3d-samples", "version": 1, "shards": [{"file", "samples",
+                                  "sha256", "bytes"}], "samples": N, "licences": {...}, "info": {...}}
+    shard-00000.safetensors      up to `samples_per_shard` samples
+    ...
+
+Each shard is a safetensors file (no pickle: safe to read from anyone). Sample i of a shard stores its tensors
+under the prefix "i/" (e.g. "3/photo_png") and its JSON record (ids, pose, intrinsics, provenance, licence)
+in the file's metadata under the key "i". Photos and masks are stored PNG-encoded (uint8 byte tensors), so
+a 518 x 518 sample takes ~0.4 MB instead of ~1 MB.
+
+Frames (see `geometry.frames`): the pose maps the object's local frame ([-0.5, 0.5]^3, z up) into the
+PyTorch3D camera frame of the photo, p_cam = (p_local * scale) @ R + t with row vectors (`Pose`); K is the
+3x3 OpenCV pixel intrinsics of the photo (pixel centres at i + 0.5). Occupancy and the structured latent live
+on the 64^3 grid of the local frame: voxel (x, y, z) spans [x, x + 1] / 64 - 0.5 on each axis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save as save_bytes
+
+FORMAT = "sam3d-samples"
+VERSION = 1
+GRID = 64  # occupancy / SLAT grid resolution
+MANIFEST = "dataset.json"
+
+
+class SampleError(ValueError):
+    """A sample or dataset folder that cannot be used; the message names the problem and the fix."""
+
+
+@dataclass
+class Sample:
+    """One object in one photo, with exact targets.
+
+    photo [H, W, 3] uint8 RGB; mask [H, W] bool (visible pixels); amodal_mask [H, W] bool or None (the whole
+    object, occluded parts included); K [3, 3] float64 OpenCV pixel intrinsics; rotation [3, 3] (row-vector,
+    `Pose.rotation`), translation [3], scale [3]: local -> PyTorch3D camera; pointmap [H, W, 3] float32 in the
+    PyTorch3D camera frame or None; occupancy [N, 3] int voxel indices on the 64^3 grid (surface or solid,
+    see `info["occupancy"]`); ss_latent [8, 16, 16, 16] float32 (the stage-1 shape latent) or None;
+    slat_coords [M, 3] int + slat_feats [M, 8] float32 (the stage-2 structured latent) or None.
+    sample_id: unique in a dataset; source: "capture" | "asset" | "benchmark" | ...; licence: SPDX-like id
+    or a short text; provenance: free JSON (files, generator settings, fitted-pose IoU ...).
+    """
+
+    sample_id: str
+    photo: np.ndarray
+    mask: np.ndarray
+    K: np.ndarray
+    rotation: np.ndarray
+    translation: np.ndarray
+    scale: np.ndarray
+    occupancy: np.ndarray
+    amodal_mask: np.ndarray | None = None
+    pointmap: np.ndarray | None = None
+    ss_latent: np.ndarray | None = None
+    slat_coords: np.ndarray | None = None
+    slat_feats: np.ndarray | None = None
+    source: str = "unknown"
+    licence: str = "unknown"
+    group: str = ""  # object group for per-group metrics (e.g. "chair")
+    occlusion: float = 0.0  # fraction of the amodal mask that is hidden
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> Sample:
+        """Validate shapes, dtypes and ranges; returns self. Raises SampleError naming the field."""
+        h, w = _shape(self.photo, "photo", (None, None, 3), np.uint8).shape[:2]
+        _shape(self.mask, "mask", (h, w), np.bool_)
+        if self.amodal_mask is not None:
+            _shape(self.amodal_mask, "amodal_mask", (h, w), np.bool_)
+        _shape(self.K, "K", (3, 3), None)
+        _shape(self.rotation, "rotation", (3, 3), None)
+        _shape(self.translation, "translation", (3,), None)
+        _shape(self.scale, "scale", (3,), None)
+        if not np.allclose(self.rotation @ self.rotation.T, np.eye(3), atol=1e-4) or np.linalg.det(self.rotation) < 0:
+            raise SampleError(f"sample {self.sample_id}: rotation is not a proper rotation matrix (R R^T != I)")
+        if not (np.asarray(self.scale) > 0).all():
+            raise SampleError(f"sample {self.sample_id}: scale {np.asarray(self.scale).tolist()} must be positive")
+        occ = _shape(self.occupancy, "occupancy", (None, 3), None)
+        if occ.size and (occ.min() < 0 or occ.max() >= GRID):
+            raise SampleError(f"sample {self.sample_id}: occupancy indices must lie in 0..{GRID - 1}")
+        if self.pointmap is not None:
+            _shape(self.pointmap, "pointmap", (h, w, 3), np.float32)
+        if self.ss_latent is not None:
+            _shape(self.ss_latent, "ss_latent", (8, 16, 16, 16), np.float32)
+        if (self.slat_coords is None) != (self.slat_feats is None):
+            raise SampleError(f"sample {self.sample_id}: slat_coords and slat_feats come together")
+        if self.slat_coords is not None:
+            n = _shape(self.slat_coords, "slat_coords", (None, 3), None).shape[0]
+            _shape(self.slat_feats, "slat_feats", (n, None), np.float32)
+        if not self.mask.any():
+            raise SampleError(f"sample {self.sample_id}: the visible mask is empty")
+        return self
+
+    def record(self) -> dict[str, Any]:
+        """The JSON part: everything but the arrays stored as tensors."""
+        return {
+            "sample_id": self.sample_id,
+            "K": np.asarray(self.K, np.float64).tolist(),
+            "rotation": np.asarray(self.rotation, np.float64).tolist(),
+            "translation": np.asarray(self.translation, np.float64).tolist(),
+            "scale": np.asarray(self.scale, np.float64).tolist(),
+            "source": self.source,
+            "licence": self.licence,
+            "group": self.group,
+            "occlusion": float(self.occlusion),
+            "provenance": self.provenance,
+            "size_wh": [int(self.photo.shape[1]), int(self.photo.shape[0])],
+        }
+
+    def pose_matrix(self) -> np.ndarray:
+        """4x4 column-vector local -> PyTorch3D camera (`frames.pose_matrix`)."""
+        from sam3d_core.geometry import frames
+
+        return frames.pose_matrix(self.rotation, self.translation, self.scale)
+
+
+def _shape(a: Any, name: str, shape: tuple, dtype) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise SampleError(f"{name}: got {type(a).__name__}, expected a numpy array of shape {shape}")
+    if a.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, a.shape, strict=True)):
+        raise SampleError(f"{name}: got shape {a.shape}, expected {shape} (None = any)")
+    if dtype is not None and a.dtype != dtype:
+        raise SampleError(f"{name}: got dtype {a.dtype}, expected {np.dtype(dtype)}")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise SampleError(f"{name}: holds NaN or infinite values")
+    return a
+
+
+def _png(a: np.ndarray) -> torch.Tensor:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG", compress_level=3)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def _unpng(t: torch.Tensor) -> np.ndarray:
+    with Image.open(io.BytesIO(t.numpy().tobytes())) as im:
+        return np.asarray(im)
+
+
+def encode(sample: Sample, index: int) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors (under prefix f"{index}/") and the JSON record of one checked sample."""
+    s = sample.check()
+    p = f"{index}/"
+    out = {
+        p + "photo_png": _png(s.photo),
+        p + "mask_png": _png(s.mask.astype(np.uint8) * 255),
+        p + "occupancy": torch.from_numpy(np.ascontiguousarray(s.occupancy, dtype=np.uint8)),
+    }
+    if s.amodal_mask is not None:
+        out[p + "amodal_png"] = _png(s.amodal_mask.astype(np.uint8) * 255)
+    if s.pointmap is not None:
+        out[p + "pointmap"] = torch.from_numpy(np.ascontiguousarray(s.pointmap))
+    if s.ss_latent is not None:
+        out[p + "ss_latent"] = torch.from_numpy(np.ascontiguousarray(s.ss_latent))
+    if s.slat_coords is not None:
+        out[p + "slat_coords"] = torch.from_numpy(np.ascontiguousarray(s.slat_coords, dtype=np.uint8))
+        out[p + "slat_feats"] = torch.from_numpy(np.ascontiguousarray(s.slat_feats))
+    return out, json.dumps(s.record())
+
+
+def decode(tensors: dict[str, torch.Tensor], record: str, index: int) -> Sample:
+    p = f"{index}/"
+    rec = json.loads(record)
+
+    def get(name):
+        return tensors.get(p + name)
+
+    slat_c = get("slat_coords")
+    return Sample(
+        sample_id=rec["sample_id"],
+        photo=_unpng(get("photo_png")),
+        mask=_unpng(get("mask_png")) > 127,
+        amodal_mask=_unpng(get("amodal_png")) > 127 if get("amodal_png") is not None else None,
+        K=np.asarray(rec["K"]),
+        rotation=np.asarray(rec["rotation"]),
+        translation=np.asarray(rec["translation"]),
+        scale=np.asarray(rec["scale"]),
+        occupancy=get("occupancy").numpy().astype(np.int64),
+        pointmap=get("pointmap").numpy() if get("pointmap") is not None else None,
+        ss_latent=get("ss_latent").numpy() if get("ss_latent") is not None else None,
+        slat_coords=slat_c.numpy().astype(np.int64) if slat_c is not None else None,
+        slat_feats=get("slat_feats").numpy() if get("slat_feats") is not None else None,
+        source=rec["source"],
+        licence=rec["licence"],
+        group=rec.get("group", ""),
+        occlusion=rec.get("occlusion", 0.0),
+        provenance=rec.get("provenance", {}),
+    )
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ShardWriter:
+    """Writes samples into a new or empty folder as shards plus dataset.json (written last, atomically).
+
+        with ShardWriter(out_dir, info={"builder": "assets"}) as w:
+            w.add(sample)              # checked; duplicate sample_id refused
+
+    A folder that already holds files is refused unless `append=True` and it holds one of our datasets (its
+    shards are kept and new shards follow). Each shard is written to a temporary name and renamed into place.
+    """
+
+    def __init__(
+        self, folder: str | Path, *, samples_per_shard: int = 256, info: dict | None = None, append: bool = False
+    ):
+        self.folder = Path(folder)
+        self.samples_per_shard = int(samples_per_shard)
+        if self.samples_per_shard < 1:
+            raise SampleError(f"samples_per_shard={samples_per_shard}: expected at least 1")
+        self.info = dict(info or {})
+        self.shards: list[dict] = []
+        self.licences: dict[str, int] = {}
+        self.ids: set[str] = set()
+        if self.folder.exists() and any(self.folder.iterdir()):
+            if not append or not (self.folder / MANIFEST).is_file():
+                raise SampleError(
+                    f"{self.folder} is not empty; write the dataset into a new or empty folder "
+                    "(or pass append=True for one of our dataset folders)"
+                )
+            old = read_manifest(self.folder)
+            self.shards, self.licences = old["shards"], old.get("licences", {})
+            self.ids = set(SampleDataset(self.folder).ids())
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._pending: list[Sample] = []
+
+    def add(self, sample: Sample) -> None:
+        sample.check()
+        if sample.sample_id in self.ids:
+            raise SampleError(f"sample_id {sample.sample_id!r} is already in this dataset; ids must be unique")
+        self.ids.add(sample.sample_id)
+        self.licences[sample.licence] = self.licences.get(sample.licence, 0) + 1
+        self._pending.append(sample)
+        if len(self._pending) >= self.samples_per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        tensors, meta = {}, {}
+        for i, s in enumerate(self._pending):
+            t, rec = encode(s, i)
+            tensors.update(t)
+            meta[str(i)] = rec
+        meta["count"] = str(len(self._pending))
+        data = save_bytes(tensors, metadata=meta)
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        _atomic_write(self.folder / name, data)
+        self.shards.append(
+            {
+                "file": name,
+                "samples": len(self._pending),
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
+        self._pending = []
+
+    def close(self) -> Path:
+        self._flush()
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "samples": sum(s["samples"] for s in self.shards),
+            "shards": self.shards,
+            "licences": self.licences,
+            "info": self.info,
+        }
+        _atomic_write(self.folder / MANIFEST, json.dumps(manifest, indent=2).encode())
+        return self.folder
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise SampleError(f"{folder} has no {MANIFEST}; it is not a sample folder (build one with `sam3d data`)")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SampleError(f"{path} is not valid JSON ({e}); rebuild the dataset") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("shards"), list):
+        raise SampleError(f"{path} is not a {FORMAT} manifest; rebuild the dataset with `sam3d data`")
+    if m.get("version") != VERSION:
+        raise SampleError(f"{path} has format version {m.get('version')}; this sam3d reads version {VERSION}")
+    return m
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """Random access to the samples of one or more dataset folders (a torch Dataset of `Sample`).
+
+    `verify=True` checks every shard's sha256 against the manifest first (slow on big sets).
+    """
+
+    def __init__(self, *folders: str | Path, verify: bool = False):
+        if not folders:
+            raise SampleError("give at least one dataset folder")
+        self._index: list[tuple[Path, int]] = []
+        for folder in folders:
+            folder = Path(folder)
+            m = read_manifest(folder)
+            for sh in m["shards"]:
+                path = folder / sh["file"]
+                if not path.is_file() or path.stat().st_size != sh["bytes"]:
+                    raise SampleError(f"{path} is missing or truncated; rebuild the dataset")
+                if verify and hashlib.sha256(path.read_bytes()).hexdigest() != sh["sha256"]:
+                    raise SampleError(f"{path} differs from its recorded sha256; rebuild the dataset")
+                self._index += [(path, i) for i in range(sh["samples"])]
+        if not self._index:
+            raise SampleError(f"no samples in {', '.join(map(str, folders))}; build some with `sam3d data`")
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int) -> Sample:
+        path, k = self._index[i]
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            keys = [n for n in f.keys() if n.startswith(f"{k}/")]
+            tensors = {n: f.get_tensor(n) for n in keys}
+        return decode(tensors, meta[str(k)], k)
+
+    def records(self) -> Iterator[dict]:
+        """The JSON records in order, without decoding any array."""
+        last, meta = None, {}
+        for path, k in self._index:
+            if path != last:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata()
+                last = path
+            yield json.loads(meta[str(k)])
+
+    def ids(self) -> list[str]:
+        return [r["sample_id"] for r in self.records()]

@@ -1,0 +1,111 @@
+"""The on-disk sample format: round trip, checks, atomic shards, refusal to write over a folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sam3d_core.data.sample import Sample, SampleDataset, SampleError, ShardWriter
+
+
+def make_sample(i: int, rng=None, *, latents: bool = True) -> Sample:
+    rng = rng or np.random.default_rng(i)
+    photo = rng.integers(0, 255, (40, 52, 3), dtype=np.uint8)
+    mask = np.zeros((40, 52), bool)
+    mask[10:30, 12:40] = True
+    amodal = mask.copy()
+    amodal[8:10, 12:40] = True
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    q *= np.sign(np.linalg.det(q))
+    return Sample(
+        sample_id=f"s{i}",
+        photo=photo,
+        mask=mask,
+        amodal_mask=amodal,
+        K=np.array([[50.0, 0, 26], [0, 50, 20], [0, 0, 1]]),
+        rotation=q,
+        translation=np.array([0.1, -0.2, 2.5]),
+        scale=np.array([0.5, 0.5, 0.5]),
+        occupancy=rng.integers(0, 64, (30, 3)),
+        pointmap=rng.normal(size=(40, 52, 3)).astype(np.float32),
+        ss_latent=rng.normal(size=(8, 16, 16, 16)).astype(np.float32) if latents else None,
+        slat_coords=rng.integers(0, 64, (20, 3)) if latents else None,
+        slat_feats=rng.normal(size=(20, 8)).astype(np.float32) if latents else None,
+        source="test",
+        licence="CC0-1.0",
+        group="box",
+        occlusion=0.1,
+        provenance={"mesh": "cube.obj"},
+    )
+
+
+def test_round_trip_across_shards(tmp_path):
+    samples = [make_sample(i, latents=i % 2 == 0) for i in range(5)]
+    with ShardWriter(tmp_path / "ds", samples_per_shard=2, info={"builder": "test"}) as w:
+        for s in samples:
+            w.add(s)
+    manifest = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert [sh["samples"] for sh in manifest["shards"]] == [2, 2, 1]
+    assert manifest["licences"] == {"CC0-1.0": 5}
+    ds = SampleDataset(tmp_path / "ds", verify=True)
+    assert len(ds) == 5 and ds.ids() == [s.sample_id for s in samples]
+    for want, got in zip(samples, (ds[i] for i in range(5)), strict=True):
+        np.testing.assert_array_equal(got.photo, want.photo)  # PNG is lossless
+        np.testing.assert_array_equal(got.mask, want.mask)
+        np.testing.assert_array_equal(got.amodal_mask, want.amodal_mask)
+        np.testing.assert_array_equal(got.occupancy, want.occupancy)
+        np.testing.assert_allclose(got.rotation, want.rotation)
+        np.testing.assert_array_equal(got.pointmap, want.pointmap)
+        assert (got.ss_latent is None) == (want.ss_latent is None)
+        if want.ss_latent is not None:
+            np.testing.assert_array_equal(got.ss_latent, want.ss_latent)
+            np.testing.assert_array_equal(got.slat_coords, want.slat_coords)
+        assert got.provenance == want.provenance and got.group == "box"
+
+
+def test_writer_refuses_a_folder_with_files(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(SampleError, match="not empty"):
+        ShardWriter(tmp_path)
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_append_and_duplicate_ids(tmp_path):
+    with ShardWriter(tmp_path / "ds") as w:
+        w.add(make_sample(0))
+    with ShardWriter(tmp_path / "ds", append=True) as w:
+        with pytest.raises(SampleError, match="already in this dataset"):
+            w.add(make_sample(0))
+        w.add(make_sample(1))
+    assert SampleDataset(tmp_path / "ds").ids() == ["s0", "s1"]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("mask", np.zeros((40, 52), bool), "visible mask is empty"),
+        ("rotation", np.diag([1.0, 1.0, -1.0]), "not a proper rotation"),
+        ("scale", np.array([0.5, -1.0, 0.5]), "must be positive"),
+        ("occupancy", np.array([[0, 0, 64]]), "0..63"),
+        ("K", np.eye(2), r"expected \(3, 3\)"),
+        ("pointmap", np.full((40, 52, 3), np.nan, np.float32), "NaN"),
+    ],
+)
+def test_bad_samples_are_named(tmp_path, field, value, message):
+    s = make_sample(0)
+    setattr(s, field, value)
+    with pytest.raises(SampleError, match=message):
+        s.check()
+
+
+def test_truncated_shard_is_reported(tmp_path):
+    with ShardWriter(tmp_path / "ds") as w:
+        w.add(make_sample(0))
+    shard = tmp_path / "ds" / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(SampleError, match="missing or truncated"):
+        SampleDataset(tmp_path / "ds")
+    with pytest.raises(SampleError, match="has no dataset.json"):
+        SampleDataset(tmp_path)
