@@ -33,6 +33,10 @@ def make_sample(i: int, rng=None, *, latents: bool = True) -> Sample:
         ss_latent=rng.normal(size=(8, 16, 16, 16)).astype(np.float32) if latents else None,
         slat_coords=rng.integers(0, 64, (20, 3)) if latents else None,
         slat_feats=rng.normal(size=(20, 8)).astype(np.float32) if latents else None,
+        surface_points=rng.uniform(-0.5, 0.5, (100, 3)).astype(np.float32),
+        rejected={"ss_latent": rng.normal(size=(8, 16, 16, 16)).astype(np.float32), "rotation": np.eye(3)}
+        if latents
+        else None,
         source="test",
         licence="CC0-1.0",
         group="box",
@@ -62,6 +66,9 @@ def test_round_trip_across_shards(tmp_path):
         if want.ss_latent is not None:
             np.testing.assert_array_equal(got.ss_latent, want.ss_latent)
             np.testing.assert_array_equal(got.slat_coords, want.slat_coords)
+            np.testing.assert_array_equal(got.rejected["ss_latent"], want.rejected["ss_latent"])
+            np.testing.assert_array_equal(got.rejected["rotation"], np.eye(3))
+        np.testing.assert_array_equal(got.surface_points, want.surface_points)
         assert got.provenance == want.provenance and got.group == "box"
 
 

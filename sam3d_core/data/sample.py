@@ -39,6 +39,7 @@ from safetensors.torch import save as save_bytes
 FORMAT = "sam3d-samples"
 VERSION = 1
 GRID = 64  # occupancy / SLAT grid resolution
+REJECTED_KEYS = ("ss_latent", "rotation", "translation", "scale", "slat_coords", "slat_feats")
 MANIFEST = "dataset.json"
 
 
@@ -55,7 +56,10 @@ class Sample:
     `Pose.rotation`), translation [3], scale [3]: local -> PyTorch3D camera; pointmap [H, W, 3] float32 in the
     PyTorch3D camera frame or None; occupancy [N, 3] int voxel indices on the 64^3 grid (surface or solid,
     see `info["occupancy"]`); ss_latent [8, 16, 16, 16] float32 (the stage-1 shape latent) or None;
-    slat_coords [M, 3] int + slat_feats [M, 8] float32 (the stage-2 structured latent) or None.
+    slat_coords [M, 3] int + slat_feats [M, 8] float32 (the stage-2 structured latent) or None;
+    surface_points [P, 3] float32 points on the true surface in the local frame (evaluation) or None;
+    rejected: for preference pairs (DPO), the rejected alternative's targets, a dict with any of the keys
+    REJECTED_KEYS (same shapes as the fields of those names); this sample's own targets are the chosen one.
     sample_id: unique in a dataset; source: "capture" | "asset" | "benchmark" | ...; licence: SPDX-like id
     or a short text; provenance: free JSON (files, generator settings, fitted-pose IoU ...).
     """
@@ -73,6 +77,8 @@ class Sample:
     ss_latent: np.ndarray | None = None
     slat_coords: np.ndarray | None = None
     slat_feats: np.ndarray | None = None
+    surface_points: np.ndarray | None = None
+    rejected: dict[str, np.ndarray] | None = None
     source: str = "unknown"
     licence: str = "unknown"
     group: str = ""  # object group for per-group metrics (e.g. "chair")
@@ -105,6 +111,22 @@ class Sample:
         if self.slat_coords is not None:
             n = _shape(self.slat_coords, "slat_coords", (None, 3), None).shape[0]
             _shape(self.slat_feats, "slat_feats", (n, None), np.float32)
+        if self.surface_points is not None:
+            _shape(self.surface_points, "surface_points", (None, 3), np.float32)
+        if self.rejected is not None:
+            unknown = set(self.rejected) - set(REJECTED_KEYS)
+            if unknown or not self.rejected:
+                raise SampleError(
+                    f"sample {self.sample_id}: rejected keys {sorted(unknown)}; expected some of {REJECTED_KEYS}"
+                )
+            for k, v in self.rejected.items():
+                mine = getattr(self, k)
+                want = (
+                    None
+                    if mine is None
+                    else tuple(None if k.startswith("slat") and i == 0 else d for i, d in enumerate(mine.shape))
+                )
+                _shape(v, f"rejected[{k}]", want or (None,) * v.ndim, None)
         if not self.mask.any():
             raise SampleError(f"sample {self.sample_id}: the visible mask is empty")
         return self
@@ -173,6 +195,11 @@ def encode(sample: Sample, index: int) -> tuple[dict[str, torch.Tensor], str]:
     if s.slat_coords is not None:
         out[p + "slat_coords"] = torch.from_numpy(np.ascontiguousarray(s.slat_coords, dtype=np.uint8))
         out[p + "slat_feats"] = torch.from_numpy(np.ascontiguousarray(s.slat_feats))
+    if s.surface_points is not None:
+        out[p + "surface_points"] = torch.from_numpy(np.ascontiguousarray(s.surface_points))
+    for k, v in (s.rejected or {}).items():
+        dtype = np.uint8 if k == "slat_coords" else np.float32
+        out[p + "rejected/" + k] = torch.from_numpy(np.ascontiguousarray(v, dtype=dtype))
     return out, json.dumps(s.record())
 
 
@@ -184,6 +211,12 @@ def decode(tensors: dict[str, torch.Tensor], record: str, index: int) -> Sample:
         return tensors.get(p + name)
 
     slat_c = get("slat_coords")
+    rejected = {k: get("rejected/" + k).numpy() for k in REJECTED_KEYS if get("rejected/" + k) is not None}
+    if "slat_coords" in rejected:
+        rejected["slat_coords"] = rejected["slat_coords"].astype(np.int64)
+    for k in ("rotation", "translation", "scale"):
+        if k in rejected:
+            rejected[k] = rejected[k].astype(np.float64)
     return Sample(
         sample_id=rec["sample_id"],
         photo=_unpng(get("photo_png")),
@@ -198,6 +231,8 @@ def decode(tensors: dict[str, torch.Tensor], record: str, index: int) -> Sample:
         ss_latent=get("ss_latent").numpy() if get("ss_latent") is not None else None,
         slat_coords=slat_c.numpy().astype(np.int64) if slat_c is not None else None,
         slat_feats=get("slat_feats").numpy() if get("slat_feats") is not None else None,
+        surface_points=get("surface_points").numpy() if get("surface_points") is not None else None,
+        rejected=rejected or None,
         source=rec["source"],
         licence=rec["licence"],
         group=rec.get("group", ""),
