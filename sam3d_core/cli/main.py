@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from sam3d_core.cli.doctor import add_doctor_parser
+from sam3d_core.cli.eval import add_eval_parser
 from sam3d_core.cli.reconstruct import add_reconstruct_parsers
 from sam3d_core.cli.segment import add_segment_parser
 from sam3d_core.cli.serve import add_serve_parser
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_reconstruct_parsers(sub)
     add_doctor_parser(sub)
     add_serve_parser(sub)
+    add_eval_parser(sub)
     return p
 
 
