@@ -51,9 +51,10 @@ def _models(text: str | None) -> list[str | None]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from sam3d_core.evaluation.run import EvalSettings, run_eval
 
+    defaults = EvalSettings()
     settings = EvalSettings(
-        points=args.points,
-        emd_points=args.emd_points,
+        points=defaults.points if args.points is None else args.points,
+        emd_points=defaults.emd_points if args.emd_points is None else args.emd_points,
         seed=args.seed,
         stage2=args.stage2,
         steps=args.steps,
@@ -89,8 +90,8 @@ def add_eval_parser(sub) -> None:
     )
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
     p.add_argument("--stage2", action="store_true", help="run stage 2 and score its mesh (default: stage-1 voxels)")
-    p.add_argument("--points", type=int, default=100_000, help="surface points per shape (default 100000; paper 1M)")
-    p.add_argument("--emd-points", type=int, default=1024, help="points per side of the EMD assignment (default 1024)")
+    p.add_argument("--points", type=int, default=None, help="surface points per shape (default 300000; paper 1M)")
+    p.add_argument("--emd-points", type=int, default=None, help="points per side of the EMD assignment (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="sample i runs with seed + i (default 0)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 25)")
     p.add_argument("--max-voxels", type=int, default=None, help="cap on stage-1 voxels (default: the model's)")
