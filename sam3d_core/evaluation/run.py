@@ -164,7 +164,11 @@ class ModelPredictor:
         return Prediction(occupancy, rotation, translation, scale, vertices, faces, info)
 
     def close(self) -> None:
+        import torch
+
         self.pipe = None
+        if torch.cuda.is_available():  # the next model gets the memory back
+            torch.cuda.empty_cache()
 
 
 def make_predictors(models: Sequence[str | None], settings: EvalSettings) -> list:
