@@ -89,6 +89,8 @@ class EvalSettings:
 
 
 class BaselinePredictor:
+    """A model-free baseline (`baselines.BASELINES`); the seed is unused (they are deterministic)."""
+
     def __init__(self, name: str):
         self.name, self.description, self.weights = name, baselines.DESCRIPTIONS[name], "none"
 
