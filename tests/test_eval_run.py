@@ -70,12 +70,12 @@ def test_tables_per_group_and_occlusion_level(dataset, tmp_path, capsys):
         hidden = {s["sample_id"]: s["occlusion"] for s in m["samples"]}
         assert [k for k, v in hidden.items() if v > 0.05] == ["box-003", "ellipsoid-004", "cylinder-005"]
         levels = Counter(
-            "none (<5%)" if v < 0.05 else "partial (5-40%)" if v < 0.4 else "heavy" for v in hidden.values()
+            "none (<5%)" if v < 0.05 else "partial (5-40%)" if v < 0.4 else "heavy (>=40%)" for v in hidden.values()
         )
         assert {lv: a["n"] for lv, a in agg["by_occlusion"].items()} == dict(levels)
-        assert levels["none (<5%)"] == 3 and levels["heavy"] >= 1
-        heavy = [s["metrics"]["iou3d"] for s in m["samples"] if s["occlusion_level"] == "heavy"]
-        assert agg["by_occlusion"]["heavy"]["iou3d"] == pytest.approx(np.mean(heavy))
+        assert levels["none (<5%)"] == 3 and levels["heavy (>=40%)"] >= 1
+        heavy = [s["metrics"]["iou3d"] for s in m["samples"] if s["occlusion_level"] == "heavy (>=40%)"]
+        assert agg["by_occlusion"]["heavy (>=40%)"]["iou3d"] == pytest.approx(np.mean(heavy))
     oracle = res["models"][1]["aggregates"]["overall"]
     assert oracle["rot_err"] == 0.0 and oracle["add_s_01"] == 1.0 and oracle["iou3d"] > 0.9
     md = (out / "results.md").read_text()

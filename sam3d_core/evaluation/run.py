@@ -47,7 +47,11 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("add_s_01", "ADD-S@0.1", "higher"),
 )
 # Occlusion level of a sample: the first whose upper bound exceeds its hidden fraction.
-OCCLUSION_LEVELS: tuple[tuple[str, float], ...] = (("none (<5%)", 0.05), ("partial (5-40%)", 0.40), ("heavy", 2.0))
+OCCLUSION_LEVELS: tuple[tuple[str, float], ...] = (
+    ("none (<5%)", 0.05),
+    ("partial (5-40%)", 0.40),
+    ("heavy (>=40%)", 2.0),
+)
 
 # progress(model, done, total, failed, message): message is the failure of the sample just done, else None
 Progress = Callable[[str, int, int, int, "str | None"], None]
