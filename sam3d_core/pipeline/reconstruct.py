@@ -548,7 +548,7 @@ class Pipeline:
         gpu = self.device if self.device.type == "cuda" else None
         source = VertexColorSource(v, f, colors, device=gpu)
         # export.mesh returns glTF UVs (v = 0 on the top row), which is what the GLB stores.
-        texture = bake_texture(uv.vertices, uv.faces, uv.uvs, source, size=texture_size, convention="gltf", device=gpu)
+        texture = bake_texture(uv.vertices, uv.faces, uv.uvs, source, size=texture_size, device=gpu)
         lap("bake")
         mesh = TexturedMesh(
             vertices=uv.vertices,
