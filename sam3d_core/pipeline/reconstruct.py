@@ -82,7 +82,7 @@ class ObjectResult:
     translation: list[float]
     scale: list[float]
     num_voxels: int
-    mesh: object | None  # export.mesh.TexturedMesh (local frame) or None when stage 2 did not run
+    mesh: object | None  # export.gltf.TexturedMesh (local frame) or None when stage 2 did not run
     gaussians: object | None  # gaussians.Gaussians (local frame) or None
     mask_iou: float | None  # silhouette of the placed mesh (or voxels) vs the mask
     settings: dict = field(default_factory=dict)  # seeds, steps, weights hashes, dtype: provenance
