@@ -386,7 +386,7 @@ class _Run:
             except Exception:  # a broken progress callback must not break the install
                 pass
 
-    def run(self, cmd: Sequence[str], what: str, cwd: str | None = None) -> list[str]:
+    def run(self, cmd: Sequence[str], what: str, cwd: str | None = None, index: str | None = None) -> list[str]:
         """Run a command, its output into the log line by line (progress on pip's lines); returns the lines.
         Raises InstallError (classified) on failure, InstallError(kind="cancelled") on cancel."""
         self.write("$ " + " ".join(map(str, cmd)))
@@ -411,7 +411,7 @@ class _Run:
         if self.cancel.is_set():
             raise InstallError("the install was cancelled", kind="cancelled")
         if rc != 0:
-            raise self.classify(lines, what, rc)
+            raise self.classify(lines, what, rc, index)
         return lines
 
     def _kill_on_cancel(self, proc: subprocess.Popen) -> None:
@@ -420,8 +420,13 @@ class _Run:
                 proc.kill()
                 return
 
-    def classify(self, lines: list[str], what: str, rc: int) -> InstallError:
+    def classify(self, lines: list[str], what: str, rc: int, index: str | None = None) -> InstallError:
         text = "\n".join(lines)
+        if "from versions: none" in text and index:  # pip found nothing at all: is the index there?
+            try:
+                check_index(index)
+            except InstallError as e:
+                return InstallError(f"no network while {what} ({e.message})", str(self.log_path), kind="network")
         if any(s in text for s in _DISK_SIGNS):
             return InstallError(
                 f"the disk filled up while {what}: free some disk space (or choose a folder on another disk) "
@@ -477,12 +482,12 @@ def install(
         torch_cmd = [*pip, plan.torch.requirement]
         if plan.torch.index_url:
             torch_cmd += ["--index-url", plan.torch.index_url]
-        run.run(torch_cmd, f"installing {plan.torch.requirement}")
+        run.run(torch_cmd, f"installing {plan.torch.requirement}", index=plan.torch.index_url)
         run.step("sam3d", f"installing {plan.package}")
         pkg_cmd = [*pip, plan.package]
         if plan.index_url:
             pkg_cmd += ["--index-url", plan.index_url]
-        run.run(pkg_cmd, f"installing {plan.package}", cwd=str(parent))
+        run.run(pkg_cmd, f"installing {plan.package}", cwd=str(parent), index=plan.index_url)
         run.step("doctor", "checking the new environment (sam3d doctor)")
         doctor = _doctor(run, py)
         if plan.torch.build.startswith("cu") and not doctor.get("cuda"):
