@@ -810,7 +810,7 @@ class Panel(QWidget):
         for i, it in enumerate(self.items):
             mask = load_mask(it.mask)
             if mask is not None:
-                overlays.append(mask_overlay(mask, MASK_COLORS[i % len(MASK_COLORS)], 70))
+                overlays.append(mask_overlay(mask, MASK_COLORS[i % len(MASK_COLORS)], 90))
         if self.draft_mask:
             mask = load_mask(self.draft_mask)
             if mask is not None and self.image is not None and mask.shape == (self.image.height(), self.image.width()):

@@ -36,11 +36,14 @@ def load_mask(path: str) -> np.ndarray | None:
     return image_to_array(img).max(axis=2) > 127
 
 
-def mask_overlay(mask: np.ndarray, color, alpha: int = 110) -> QImage:
+def mask_overlay(mask: np.ndarray, color, alpha: int = 110, edge_px: int = 3) -> QImage:
+    """A mask as a translucent fill with an opaque outline (edge_px wide, so it survives the view's downscale)."""
     rgba = np.zeros((*mask.shape, 4), np.uint8)
     rgba[mask] = (*color, alpha)
-    edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
-    rgba[edge] = (*color, 255)
+    inner = mask.copy()
+    for _ in range(edge_px):
+        inner &= np.roll(inner, 1, 0) & np.roll(inner, -1, 0) & np.roll(inner, 1, 1) & np.roll(inner, -1, 1)
+    rgba[mask & ~inner] = (*color, 255)
     return array_to_image(rgba)
 
 
