@@ -8,7 +8,7 @@ from PySide6.QtCore import QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QColor, QImage, QPainter, QPen
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
-MASK_COLORS = ((255, 170, 0), (80, 200, 255), (255, 90, 160), (120, 230, 90), (190, 140, 255), (255, 230, 60))
+MASK_COLORS = ((80, 200, 255), (255, 90, 160), (255, 170, 0), (120, 230, 90), (190, 140, 255), (255, 230, 60))
 DRAG_PX = 5  # a press that moves further than this is a box, not a click
 
 
