@@ -199,11 +199,9 @@ def render_sample(
         rotation=np.asarray(t.rotation, np.float64),
         translation=np.asarray(t.translation, np.float64),
         scale=np.full(3, float(t.scale)),
-        occupancy=prep.occupancy,
+        occupancy=prep.occupancy.copy(),  # own arrays per sample: a shard refuses tensors that share memory
         pointmap=view_.pointmap.astype(np.float32) if settings.pointmap else None,
-        ss_latent=prep.latents.get("ss_latent"),
-        slat_coords=prep.latents.get("slat_coords"),
-        slat_feats=prep.latents.get("slat_feats"),
+        **{k: v.copy() for k, v in prep.latents.items()},
         surface_points=pts,
         source=source,
         licence=prep.licence,

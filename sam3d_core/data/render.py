@@ -136,6 +136,16 @@ def _raster(v_cam: torch.Tensor, faces: torch.Tensor, K, height: int, width: int
     return fid, raster.bary
 
 
+def silhouette(
+    vertices: torch.Tensor, faces: torch.Tensor, rotation, translation, scale, K, height: int, width: int
+) -> torch.Tensor:
+    """Silhouette [H, W] bool of one mesh (vertices [V, 3] local frame) placed by a pose: the cheap pass the
+    pose fit calls hundreds of times (no shading, no attributes)."""
+    v_cam = _to_camera(Placed(RenderMesh(vertices, faces, vertices), rotation, translation, scale))
+    fid, _ = _raster(v_cam, faces, K, height, width, 1e-3)
+    return fid >= 0
+
+
 def render_view(
     placed: list[Placed],
     K: np.ndarray,
