@@ -156,11 +156,13 @@ def render_view(
     *,
     near: float = 1e-3,
     amodal: bool = True,
+    to_numpy: bool = True,
 ) -> View:
     """Render placed meshes (the first is the target) into one view; see the module doc.
 
-    background: [H, W, 3] uint8 (or float in [0, 1]) photo, or None for black. amodal=False skips the second
-    raster pass (amodal then equals mask; use it when there is nothing in front of the target).
+    background: [H, W, 3] uint8 (or float in [0, 1]) photo or tensor, or None for black. amodal=False skips the
+    second raster pass (amodal then equals mask; use it when there is nothing in front of the target).
+    to_numpy=False keeps the View's fields as tensors on the mesh's device (on-the-fly training on the GPU).
     """
     if not placed:
         raise ValueError("placed: got no meshes; give at least the target")
@@ -214,14 +216,15 @@ def render_view(
     depth[flat] = p[:, 2]
     pointmap = torch.zeros(height * width, 3, device=dev)
     pointmap[flat] = p
-    return View(
-        rgb=(out * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).view(height, width, 3).cpu().numpy(),
-        mask=mask.cpu().numpy(),
-        amodal=amodal_mask.cpu().numpy(),
-        depth=depth.view(height, width).cpu().numpy(),
-        pointmap=pointmap.view(height, width, 3).cpu().numpy(),
-        coverage=hit.cpu().numpy(),
+    fields = (
+        (out * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).view(height, width, 3),
+        mask,
+        amodal_mask,
+        depth.view(height, width),
+        pointmap.view(height, width, 3),
+        hit,
     )
+    return View(*(f.cpu().numpy() for f in fields) if to_numpy else fields)
 
 
 def _surface_colour(placed, offsets, corners, f, owner, w) -> torch.Tensor:
