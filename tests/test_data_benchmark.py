@@ -93,9 +93,9 @@ def fake_sources(root, rotated: bool = True):
     ]
     with zipfile.ZipFile(lib / "Test.sh3f", "w") as z:
         z.writestr("PluginFurnitureCatalog.properties", "\n".join(props))
-        z.writestr("t/chair/chair.obj", trimesh.exchange.export.export_mesh(trimesh.creation.box((40, 90, 50)), "obj"))
+        z.writestr("t/chair/chair.obj", trimesh.creation.box((40, 90, 50)).export(file_type="obj"))
         # the lamp is stored z-up (its modelRotation turns it y-up): 20 x 20 footprint, 50 high along z
-        z.writestr("t/lamp/lamp.obj", trimesh.exchange.export.export_mesh(trimesh.creation.box((20, 20, 50)), "obj"))
+        z.writestr("t/lamp/lamp.obj", trimesh.creation.box((20, 20, 50)).export(file_type="obj"))
     pyb = root / f"pybullet_{SOURCES['pybullet']['version']}"
     (pyb / "occ").mkdir(parents=True)
     (pyb / ".complete").write_text("x")
