@@ -148,3 +148,28 @@ def test_cli_assets_counts_bad_inputs_and_refuses_a_full_out(library, tmp_path, 
     assert "assets: 2 samples written, 3 inputs skipped" in text and "1 x mesh without faces" in text
     assert main(args) == 2
     assert "already holds a dataset" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_blend_and_fbx_go_through_blender(tmp_path):
+    import subprocess
+
+    from sam3d_core.data.meshio import _blender_python
+
+    py = _blender_python()
+    if py is None:
+        pytest.skip("no Blender Python (make install-blender)")
+    make = (
+        "import bpy, os, sys\n"
+        "bpy.ops.wm.read_factory_settings(use_empty=True)\n"
+        "bpy.ops.mesh.primitive_cube_add(size=1.0)\n"
+        "bpy.context.object.scale = (2.0, 1.0, 0.5)\n"  # Blender z up: 2 wide, 1 deep, 0.5 high
+        f"bpy.ops.wm.save_as_mainfile(filepath={str(tmp_path / 'box.blend')!r})\n"
+        f"bpy.ops.export_scene.fbx(filepath={str(tmp_path / 'box.fbx')!r})\n"
+        "sys.stdout.flush(); os._exit(0)\n"
+    )
+    subprocess.run([py, "-c", make], check=True, capture_output=True, timeout=300)
+    for name in ("box.blend", "box.fbx"):
+        asset = load_asset(tmp_path / name)
+        extent = asset.vertices.max(0) - asset.vertices.min(0)
+        assert asset.size == pytest.approx(2.0, rel=1e-4) and extent == pytest.approx([1.0, 0.5, 0.25], abs=1e-4)

@@ -14,7 +14,8 @@ Sources (pinned; every used file is checked against the sha256 in the manifest):
   * Debian `blender-data` 3.4.1+dfsg-2 studio-light HDRs (CC0): two are listed as held out (the generator does
     not light with HDRs yet; listing them keeps future training from using them).
 
-Samples: 3 views per object at 518 x 518: view 0 with no occluder, views 1 and 2 with flying occluders
+Samples: 3 views per object at 518 x 518: view 0 with no occluder, views 1 and 2 with flying occluders (view 2's
+larger: projected radius 0.6..1.2 of the object's against 0.3..0.7, so that the occlusion levels spread)
 (visible fraction in [0.1, 0.9], appendix B.2.1); upright objects seen from 5..35 degrees of elevation, a
 40..60 degree field of view, K exact, pose exact, scale = the catalogue's real size (metres), exact visible
 and amodal masks (no mask noise), 8192 surface points and the 64^3 surface occupancy in the local frame. The
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,7 @@ HDRS = ("interior", "studio")
 HDR_DIR = "usr/share/blender/datafiles/studiolights/world"
 N_OBJECTS, N_OCCLUDERS = 40, 10
 VIEW_MODES = ("alone", "occluded", "occluded")
+VIEW_OCCLUDER_SIZE = (None, (0.3, 0.7), (0.6, 1.2))  # view 2 hides more (projected radius / the target's)
 OCCLUSION_LEVELS = ((0.05, "none"), (0.3, "low"), (0.6, "medium"), (1.01, "high"))
 SURFACE_POINTS = 8192
 
@@ -329,6 +331,7 @@ def select_benchmark(cache: Path, seed: int = 20251203, log: Callable[[str], Non
         "seed": seed,
         "image_size": [518, 518],
         "view_modes": list(VIEW_MODES),
+        "view_occluder_size": [list(s) if s else None for s in VIEW_OCCLUDER_SIZE],
         "surface_points": SURFACE_POINTS,
         "sources": SOURCES,
         "objects": chosen,
@@ -440,7 +443,7 @@ def build_benchmark(
     cfg = SceneConfig(
         width=w, height=h, fov_deg=(40.0, 60.0), elevation_deg=(5.0, 35.0), size_frac=(0.3, 0.6), centre_frac=0.4
     )
-    cfg = SceneConfig(**{**cfg.__dict__, "occluder_tries": 8})
+    cfg = replace(cfg, occluder_tries=8)
     color_rng = np.random.default_rng(m["seed"] + 1)
     occluders = []
     for o in m["occluders"]:
@@ -472,9 +475,11 @@ def build_benchmark(
                 if limit is not None and report.written >= limit:
                     break
                 rng = np.random.default_rng([m["seed"], i, v])
+                rel = (m.get("view_occluder_size") or [None] * len(m["view_modes"]))[v]
+                cfg_v = replace(cfg, occluder_size=tuple(rel)) if rel else cfg
                 try:
                     sample = _benchmark_sample(
-                        o, asset, mesh, size_m, occ, pts, v, mode, rng, occluders, backgrounds, cfg
+                        o, asset, mesh, size_m, occ, pts, v, mode, rng, occluders, backgrounds, cfg_v
                     )
                     writer.add(sample)
                     report.written += 1

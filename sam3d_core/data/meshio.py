@@ -131,6 +131,9 @@ else:
     bpy.ops.wm.read_factory_settings(use_empty=True)
     bpy.ops.import_scene.fbx(filepath=src)
 bpy.ops.export_scene.gltf(filepath=dst, export_format="GLB", use_selection=False, export_apply=True)
+sys.stdout.flush()
+import os
+os._exit(0)  # bpy 4.2 as a module can crash while tearing down; the GLB is written by now
 """
 
 

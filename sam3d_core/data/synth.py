@@ -44,6 +44,7 @@ class SceneConfig:
     p_occluded: float = 0.5
     p_occluder: float = 0.15
     occluder_tries: int = 4
+    occluder_size: tuple[float, float] = (0.3, 0.8)  # projected occluder radius / the target's
 
     def check(self) -> SceneConfig:
         if self.rotation not in ("upright", "random"):
@@ -124,8 +125,11 @@ def _pixel_of(K: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     return K[0, 0] * -p[0] / p[2] + K[0, 2], K[1, 1] * -p[1] / p[2] + K[1, 2]
 
 
-def place_occluder(rng, K, target: Placed, mesh: RenderMesh, size: float) -> Placed:
-    """An occluder between the camera and the target, aimed near a random point of the target's disc."""
+def place_occluder(
+    rng, K, target: Placed, mesh: RenderMesh, size: float, rel_size: tuple[float, float] = (0.3, 0.8)
+) -> Placed:
+    """An occluder between the camera and the target, aimed near a random point of the target's disc, its
+    projected radius `rel_size` times the target's (its own real size is ignored: flying occluders are props)."""
     r_t = _radius(target.mesh) * float(np.mean(target.scale))
     d_t = float(target.translation[2])
     u0, v0 = _pixel_of(K, np.asarray(target.translation))
@@ -134,9 +138,9 @@ def place_occluder(rng, K, target: Placed, mesh: RenderMesh, size: float) -> Pla
     u, v = u0 + rad * math.cos(ang), v0 + rad * math.sin(ang)
     free = d_t - r_t  # space in front of the target
     r_o = _radius(mesh)
-    # Projected occluder radius 0.3..0.8 of the target's, at a depth in the front part of the free space.
+    # Projected occluder radius rel_size of the target's, at a depth in the front part of the free space.
     depth = free * rng.uniform(0.35, 0.8)
-    s = rng.uniform(0.3, 0.8) * disc * depth / K[0, 0] / max(r_o, 1e-6)
+    s = rng.uniform(*rel_size) * disc * depth / K[0, 0] / max(r_o, 1e-6)
     s = min(s, 0.9 * (free - depth) / max(r_o, 1e-6), 0.9 * depth / max(r_o, 1e-6))
     return Placed(mesh, random_rotation(rng), _ray_point(K, u, v, depth), max(s, 1e-4))
 
@@ -193,7 +197,7 @@ def render_scene(
         for tries in range(1, cfg.occluder_tries + 1):  # noqa: B007 (reported after the loop)
             n = 1 if rng.uniform() < 0.7 else 2
             picks = [others[int(i)] for i in rng.integers(0, len(others), n)]
-            placed = [place_occluder(rng, K, scene.target, m, s) for _, m, s in picks]
+            placed = [place_occluder(rng, K, scene.target, m, s, cfg.occluder_size) for _, m, s in picks]
             view = render_view([scene.target, *placed], K, h, w, scene.light, background)
             vis, amo = int(view.mask.sum()), int(view.amodal.sum())
             frac = vis / max(amo, 1)
