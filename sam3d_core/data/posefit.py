@@ -13,7 +13,9 @@ Rotation and translation maximise the silhouette IoU with the mask:
    (depth from the box diagonal, then the centre), and the IoU is measured.
 3. Refinement of the `top_k` best: coordinate search over (rotation vector, pixel position of the centre,
    log depth) with step halving, `refine_evals` renders each.
-4. The best pose's IoU at full resolution with the full mesh is what is reported (`FitResult.iou`).
+4. A fine pass: the same search with small steps (`fine_evals` renders) at up to 4x that resolution with a
+   less reduced mesh.
+5. The best pose's IoU at full resolution with the full mesh is what is reported (`FitResult.iou`).
 
 Symmetric objects have several equally good rotations; any of them is returned (the IoU says how good).
 """
