@@ -173,3 +173,19 @@ def test_blend_and_fbx_go_through_blender(tmp_path):
         asset = load_asset(tmp_path / name)
         extent = asset.vertices.max(0) - asset.vertices.min(0)
         assert asset.size == pytest.approx(2.0, rel=1e-4) and extent == pytest.approx([1.0, 0.5, 0.25], abs=1e-4)
+
+
+def test_an_encoder_failure_is_counted_and_the_rest_is_built(library, tmp_path):
+    lib, bgs = library
+
+    class PickyEncoder(FakeEncoder):
+        def encode_sample(self, mesh, occupancy):
+            if len(mesh.faces) == 12:  # the block
+                raise RuntimeError("out of memory")
+            return super().encode_sample(mesh, occupancy)
+
+    report = build_assets(
+        lib, bgs, tmp_path / "out", AssetSettings(views=1, scene=SMALL), encoder=PickyEncoder(), heldout=HeldOut()
+    )
+    assert report.written == 1 and report.skipped["encoder failed"] == 1
+    assert any(m.startswith("block.obj: the latent encoder failed") and "out of memory" in m for m in report.messages)

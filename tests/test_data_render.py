@@ -112,3 +112,45 @@ def test_cuda_renders_the_same_masks_as_the_cpu():
     assert torch.cuda.is_available()
     assert np.array_equal(cpu.mask, gpu.mask)
     assert np.abs(cpu.rgb.astype(int) - gpu.rgb.astype(int)).max() <= 1
+
+
+def test_textured_glb_loads_with_its_texture_and_renders_it(tmp_path):
+    from PIL import Image
+
+    from sam3d_core.data.meshio import load_asset
+
+    quad = trimesh.Trimesh([[-1, 0, -1], [1, 0, -1], [1, 0, 1], [-1, 0, 1]], [[0, 1, 2], [0, 2, 3]], process=False)
+    image = Image.fromarray(np.full((8, 8, 3), [30, 200, 90], np.uint8))
+    material = trimesh.visual.material.PBRMaterial(baseColorTexture=image)
+    quad.visual = trimesh.visual.TextureVisuals(uv=[[0, 0], [1, 0], [1, 1], [0, 1]], material=material)
+    quad.export(tmp_path / "quad.glb")
+    asset = load_asset(tmp_path / "quad.glb")  # the file is y-up: its xz-plane quad lies in the local xy plane
+    assert len(asset.textures) == 1 and asset.uvs.shape == (4, 2) and (asset.face_texture == 0).all()
+    R = np.array([[-1.0, 0, 0], [0, 1, 0], [0, 0, -1]])
+    view = render_view(
+        [Placed(RenderMesh.from_asset(asset), R, np.array([0, 0, 3.0]), 1.0)],
+        K,
+        518,
+        518,
+        light=Light(np.array([0, 0, -1.0]), ambient=1.0, diffuse=0.0),
+    )
+    assert view.mask.sum() > 1000
+    assert np.abs(view.rgb[view.mask].astype(int) - [30, 200, 90]).max() <= 2
+
+
+def test_mask_noise_stays_near_the_mask_and_never_empties_it():
+    from sam3d_core.data.synth import mask_noise
+
+    mask = np.zeros((120, 160), bool)
+    mask[30:90, 40:120] = True
+    changed = 0
+    for seed in range(20):
+        noisy, how = mask_noise(mask, np.random.default_rng(seed))
+        assert noisy.any() and frames.mask_iou(noisy, mask) > 0.6, how
+        assert ("erode_px" in how) != ("dilate_px" in how)
+        changed += not np.array_equal(noisy, mask)
+    assert changed == 20
+    tiny = np.zeros((50, 50), bool)
+    tiny[25, 25] = True  # erosion would empty it: the input comes back
+    outs = [mask_noise(tiny, np.random.default_rng(s))[0] for s in range(10)]
+    assert all(o.any() for o in outs)

@@ -65,6 +65,10 @@ class AssetSettings:
         return self
 
 
+class EncoderFailed(RuntimeError):
+    pass
+
+
 @dataclass
 class Prepared:
     """An asset ready to render: the mesh, its targets and where it came from."""
@@ -120,7 +124,10 @@ def prepare_asset(
     occ = voxelize(asset.vertices, asset.faces, fill=settings.fill)
     if reason := guard.mesh_reason(asset.sha256, path, occ):
         raise PermissionError(reason)
-    latents = encode_latents(encoder, asset.trimesh, occ)
+    try:
+        latents = encode_latents(encoder, asset.trimesh, occ)
+    except Exception as e:  # the encoder is someone else's code: one failure must not stop the build
+        raise EncoderFailed(f"the latent encoder failed on it ({type(e).__name__}: {e})") from None
     parts = Path(rel).parts
     return Prepared(
         rel=rel,
@@ -142,8 +149,10 @@ def _try_prepare(path, root, settings, guard, encoder, licences, report) -> Prep
     except MeshError as e:
         reason = "mesh without faces" if "no faces" in str(e) or "no triangles" in str(e) else "unreadable mesh"
         report.skip(reason, path.relative_to(root).as_posix(), str(e))
-    except ValueError as e:
+    except EncoderFailed as e:
         report.skip("encoder failed", path.relative_to(root).as_posix(), str(e))
+    except Exception as e:  # a file that trips a reader in an unforeseen way: count it, build the rest
+        report.skip("unreadable mesh", path.relative_to(root).as_posix(), f"{type(e).__name__}: {e}")
     return None
 
 
@@ -282,6 +291,8 @@ def build_assets(
                         report.written += 1
                     except ValueError as e:
                         report.skip("view without a visible target", f"{prep.rel}#{view}", str(e))
+                    except (RuntimeError, IndexError, TypeError) as e:  # counted, the build goes on
+                        report.skip("render failed", f"{prep.rel}#{view}", f"{type(e).__name__}: {e}")
             if progress:
                 progress(n + 1, len(files))
         writer.info = {"builder": "assets", "settings": _settings_record(settings), "report": report.as_dict()}

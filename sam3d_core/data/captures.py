@@ -142,6 +142,8 @@ def capture_sample(folder: Path, settings: CaptureSettings, encoder: LatentEncod
     except MeshError as e:
         reason = "mesh without faces" if "no faces" in str(e) or "no triangles" in str(e) else "unreadable mesh"
         raise CaptureError(reason, str(e)) from None
+    except Exception as e:  # a file that trips a reader in an unforeseen way: count it, build the rest
+        raise CaptureError("unreadable mesh", f"{type(e).__name__}: {e}") from None
     prov: dict = {"capture": name, "photo": photo_path.name, "mesh": mesh_path.name, "mesh_sha256": asset.sha256}
     prov["intrinsics"] = k_source
     pose_path = folder / "pose.json"
@@ -167,8 +169,8 @@ def capture_sample(folder: Path, settings: CaptureSettings, encoder: LatentEncod
         prov |= {"pose_source": "fitted", "fit_iou": round(fit.iou, 4), "fit_evaluations": fit.evaluations}
     try:
         latents = encode_latents(encoder, asset.trimesh, occ)
-    except ValueError as e:
-        raise CaptureError("encoder failed", str(e)) from None
+    except Exception as e:  # the encoder is someone else's code: one failure must not stop the build
+        raise CaptureError("encoder failed", f"{type(e).__name__}: {e}") from None
     licence_path = folder / "licence.txt"
     licence = settings.licence
     if licence_path.is_file():
