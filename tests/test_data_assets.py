@@ -189,3 +189,29 @@ def test_an_encoder_failure_is_counted_and_the_rest_is_built(library, tmp_path):
     )
     assert report.written == 1 and report.skipped["encoder failed"] == 1
     assert any(m.startswith("block.obj: the latent encoder failed") and "out of memory" in m for m in report.messages)
+
+
+def test_hdr_environments_light_views_and_benchmark_hdrs_are_refused(library, tmp_path):
+    exr = pytest.importorskip("OpenEXR")
+    from sam3d_core.data.envlight import light_from_environment, read_environment
+
+    lib, bgs = library
+    hdrs = tmp_path / "hdrs"
+    hdrs.mkdir()
+    env = np.full((32, 64, 3), 0.05, np.float32)
+    env[2:5, 30:34] = 200.0  # a small sun near the zenith
+    for name, level in (("sky.exr", 0.05), ("bench.exr", 0.07)):  # two different maps
+        env[0] = level
+        with exr.File({"compression": exr.ZIP_COMPRESSION, "type": exr.scanlineimage}, {"RGB": env}) as f:
+            f.write(str(hdrs / name))
+    (hdrs / "torn.exr").write_bytes(b"v/1\x01 not an exr")
+    got = read_environment(hdrs / "bench.exr")
+    assert got.shape == (32, 64, 3) and got.max() == pytest.approx(200.0)
+    light, info = light_from_environment(got, np.random.default_rng(0), np.eye(3))
+    assert light.direction[2] > 0.9 and info["elevation_deg"] > 60 and light.diffuse > light.ambient
+    guard = HeldOut.from_manifest({"hdrs": [{"name": "bench/studio", "sha256": file_sha256(hdrs / "bench.exr")}]})
+    settings = AssetSettings(views=2, scene=SMALL, p_hdr=1.0)
+    report = build_assets(lib, bgs, tmp_path / "out", settings, heldout=guard, hdrs=hdrs)
+    assert report.skipped["held out (benchmark / reserved)"] == 1 and report.skipped["unreadable HDR"] == 1
+    lights = [r["provenance"]["light"] for r in SampleDataset(tmp_path / "out").records()]
+    assert len(lights) == 4 and all(light["hdr"] == "sky.exr" for light in lights)

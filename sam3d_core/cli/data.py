@@ -98,6 +98,7 @@ def cmd_assets(args: argparse.Namespace) -> int:
         encoder=_encoder(args.encoder, args.device),
         heldout=HeldOut.load(args.heldout),
         occluders=args.occluders,
+        hdrs=args.hdrs,
         progress=_progress("assets"),
     )
     return _finish(report, args.out)
@@ -172,6 +173,7 @@ def add_data_parser(subparsers) -> None:
     a.add_argument("--mask-noise", type=float, default=0.5, help="probability of SAM-like noise on the mask")
     a.add_argument("--pointmap", action="store_true", help="store the rendered point map (3.2 MB a sample)")
     a.add_argument("--occluders", default=None, help="extra occluder meshes (a folder)")
+    a.add_argument("--hdrs", default=None, help="HDR environment maps (.exr / .hdr) to light half the views")
     a.add_argument("--heldout", default=None, help="benchmark manifest whose objects and photos are refused")
     a.add_argument("--device", default="cpu", help="render on this torch device (cuda: the Triton rasteriser)")
     a.set_defaults(func=cmd_assets)

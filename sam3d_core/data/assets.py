@@ -8,6 +8,8 @@ Folder layout (docs/data.md):
       chairs/oak_chair.glb        the first folder level is the object group ("chairs"); files at the top: no group
       licences.json               optional: {"chairs/oak_chair.glb": "CC-BY-4.0 (Jane Doe)", "*": "CC0-1.0"}
     backgrounds/                  photos (.jpg .png ...), any size >= 64 px; a random crop of one is each background
+    hdrs/                         optional (--hdrs): equirectangular .exr / .hdr maps; with probability p_hdr a view
+                                  is lit from one (`envlight`: its dominant direction, ambient share and tint)
 
 Per asset: load (y-up files turned z-up, normalised into the local frame), 64^3 surface occupancy, the held-out
 check (`heldout.HeldOut`: benchmark objects and photos, libero-pro scans), the latents (when an encoder is
@@ -51,6 +53,7 @@ class AssetSettings:
     surface_points: int = 0  # points sampled on the surface, stored for evaluation (0 = none)
     pointmap: bool = False  # store the rendered point map (3.2 MB per 518^2 sample)
     licence: str = "unknown"  # for assets that licences.json does not name
+    p_hdr: float = 0.5  # with --hdrs: probability that a view is lit from an environment map
     device: str = "cpu"
     samples_per_shard: int = 256
 
@@ -185,10 +188,18 @@ def render_sample(
     backgrounds: list[tuple[str, np.ndarray]],
     settings: AssetSettings,
     source: str = "asset",
+    environments: list[tuple[str, np.ndarray]] = (),
 ) -> Sample:
     """One render-paste view of a prepared asset -> Sample (raises ValueError when the target is not visible)."""
     cfg = settings.scene
     scene = sample_scene(rng, prep.mesh, prep.size_m, others, cfg)
+    light_info: dict = {}
+    if environments and rng.uniform() < settings.p_hdr:
+        from sam3d_core.data.envlight import light_from_environment
+
+        env_name, env = environments[int(rng.integers(0, len(environments)))]
+        scene.light, light_info = light_from_environment(env, rng, np.asarray(scene.target.rotation))
+        light_info["hdr"] = env_name
     bg_name, bg = backgrounds[int(rng.integers(0, len(backgrounds)))]
     background = background_crop(rng, bg, cfg.width, cfg.height)
     view_, info = render_scene(scene, rng, others, background, cfg)
@@ -224,11 +235,35 @@ def render_sample(
             "view": view,
             "scene": info,
             "fov_deg": round(float(np.degrees(2 * np.arctan(cfg.width / 2 / scene.K[0, 0]))), 3),
-            "light": {"direction": np.round(scene.light.direction, 4).tolist(), "ambient": scene.light.ambient},
+            "light": {
+                "direction": np.round(scene.light.direction, 4).tolist(),
+                "ambient": round(scene.light.ambient, 4),
+                "diffuse": round(scene.light.diffuse, 4),
+                **light_info,
+            },
             "mask_noise": noise,
             "visible_pixels_exact": int(view_.mask.sum()),
         },
     )
+
+
+def load_environments(folder: str | Path, guard: HeldOut, report: BuildReport) -> list[tuple[str, np.ndarray]]:
+    """The HDR environment maps of a folder (.exr / .hdr), benchmark ones refused, unreadable ones counted."""
+    from sam3d_core.data.envlight import SUFFIXES as HDR_SUFFIXES
+    from sam3d_core.data.envlight import read_environment
+
+    folder = Path(folder)
+    out = []
+    for p in sorted(q for q in folder.rglob("*") if q.is_file() and q.suffix.lower() in HDR_SUFFIXES):
+        name = p.relative_to(folder).as_posix()
+        if reason := guard.photo_reason(file_sha256(p), p):
+            report.skip("held out (benchmark / reserved)", name, reason)
+            continue
+        try:
+            out.append((name, read_environment(p)))
+        except ValueError as e:
+            report.skip("unreadable HDR", name, str(e))
+    return out
 
 
 def build_assets(
@@ -240,6 +275,7 @@ def build_assets(
     encoder: LatentEncoderLike | None = None,
     heldout: HeldOut | None = None,
     occluders: str | Path | None = None,
+    hdrs: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> BuildReport:
     """Render every usable asset of `folder` `views` times into samples in `out` (new or empty). See the
@@ -253,6 +289,7 @@ def build_assets(
     guard = heldout if heldout is not None else HeldOut.load()
     report = BuildReport("assets")
     bgs = load_backgrounds(backgrounds, guard, report)
+    envs = load_environments(hdrs, guard, report) if hdrs is not None else []
     licences = _licences(folder, report)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
     if not files:
@@ -287,7 +324,7 @@ def build_assets(
                 for view in range(settings.views):
                     rng = np.random.default_rng([settings.seed, n, view])
                     try:
-                        writer.add(render_sample(prep, view, rng, others, bgs, settings))
+                        writer.add(render_sample(prep, view, rng, others, bgs, settings, environments=envs))
                         report.written += 1
                     except ValueError as e:
                         report.skip("view without a visible target", f"{prep.rel}#{view}", str(e))

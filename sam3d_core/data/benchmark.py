@@ -11,8 +11,8 @@ Sources (pinned; every used file is checked against the sha256 in the manifest):
   * scikit-image 0.26.0 (PyPI wheel, `skimage/data`) and Debian `opencv-doc` 4.6.0+dfsg-12 (`examples/data`):
     the held-out background photos (licences per photo in the manifest).
   * pybullet 3.2.7 (PyPI wheel, `pybullet_data/random_urdfs`, zlib): the flying occluders.
-  * Debian `blender-data` 3.4.1+dfsg-2 studio-light HDRs (CC0): two are listed as held out (the generator does
-    not light with HDRs yet; listing them keeps future training from using them).
+  * Debian `blender-data` 3.4.1+dfsg-2 studio-light HDRs (CC0): `interior` and `studio` are held out (the
+    benchmark lights with the random directional light; the training generator's --hdrs refuses these two).
 
 Samples: 3 views per object at 518 x 518: view 0 with no occluder, views 1 and 2 with flying occluders (view 2's
 larger: projected radius 0.6..1.2 of the object's against 0.3..0.7, so that the occlusion levels spread)
