@@ -1,6 +1,6 @@
 """Source (c): the preference log of the Blender add-on (and the app) -> DPO pairs.
 
-    report = build_preferences("~/sam3d/preferences.jsonl", "out/")
+    report = build_preferences("~/.local/share/sam3d/preferences.jsonl", "out/")
 
 The log (format in addon/sam3d_blender/core/preflog.py, schema version 1) holds one JSON object per line:
 {"version": 1, "kind": "best_of_n" | "reroll", "photo": "/abs/photo.png", "mask": "/abs/mask.png",
