@@ -179,7 +179,7 @@ def add_data_parser(subparsers) -> None:
     a.set_defaults(func=cmd_assets)
 
     r = sub.add_parser("preferences", help="the add-on's preference log -> DPO pairs (chosen / rejected)")
-    r.add_argument("log", help="the JSON-lines log (the add-on default: ~/.local/share/sam3d/preferences.jsonl or the weights folder's)")
+    r.add_argument("log", help="the JSON-lines log (add-on default: ~/.local/share/sam3d/preferences.jsonl)")
     _common(r, mesh=False)
     r.set_defaults(func=cmd_preferences)
 
