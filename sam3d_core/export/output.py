@@ -260,7 +260,7 @@ def output_folder(
 
     Nothing is created here. `inputs`: the job's input files (never written over)."""
     text = check_path_text(os.fspath(out) if not isinstance(out, str) else out, what)
-    path = Path(_real(text))
+    path = Path(os.path.abspath(os.path.expanduser(text)))  # as given (links kept); inputs compare real paths
     try:
         existing = _nearest_existing(path, what)
         if existing == path and not path.is_dir():
