@@ -236,7 +236,7 @@ def test_broken_manifest_and_an_object_named_scene(worker, files, tmp_path):
     """With a broken manifest.json in the models folder every reconstruct used to fail (internal KeyError); an
     object named "scene" overwrote scene.glb, so the add-on imported the scene's camera as the object."""
     hello = worker.hello(timeout=TIMEOUT)
-    assert hello["ready"] and "tiny" in hello["model"]
+    assert hello["ready"] and "tiny" in hello["model"] and "output_policy" in hello["capabilities"]
     out = tmp_path / "out"
     res = worker.reconstruct(
         str(files["photo"]), str(files["mask"]), str(out), steps=1, texture_size=64, faces=300, name="scene"

@@ -44,6 +44,7 @@ CAPABILITIES = [
     "segment_all",
     "stage2",
     "texture_bake",
+    "output_policy",  # `overwrite` fields, numbered suffixes, all-or-nothing writes (docs/protocol.md, Output files)
 ]
 
 
