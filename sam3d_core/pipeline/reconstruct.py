@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sam3d_core.export.output import OutputFolder, output_folder
 from sam3d_core.geometry import frames
 from sam3d_core.inputs.imageio import InputError, Photo, load_mask, load_photo
 from sam3d_core.pipeline.errors import EmptyMeshError, GPUOutOfMemory, is_out_of_memory
@@ -244,7 +245,7 @@ class Pipeline:
         field of view ("default_fov").
         """
         from sam3d_core.inputs.camera import pointmap_from_depth, resolve_intrinsics
-        from sam3d_core.inputs.depth import DepthModelError, load_depth_model, run_depth_model
+        from sam3d_core.inputs.depth import DepthModelError, check_depth_map, load_depth_model, run_depth_model
 
         ph = photo if isinstance(photo, Photo) else load_photo(photo)
         K, source = resolve_intrinsics(ph, K=K, fov=fov_deg)
@@ -267,13 +268,7 @@ class Pipeline:
                 )
             pm_source = "user"
         elif depth is not None:
-            d = np.asarray(depth, dtype=np.float32)
-            if d.shape != (h, w):
-                raise InputError(
-                    f"depth map is {d.shape[1] if d.ndim > 1 else '?'}x{d.shape[0]} but the photo is "
-                    f"{w}x{h}; give a depth map of the photo's size (metres along the view axis)",
-                    field="depth",
-                )
+            d = check_depth_map(depth, w, h)  # the photo's size; finite and > 0 everywhere, before any model runs
             pm, pm_source = pointmap_from_depth(d, K), "depth"
         else:
             try:
@@ -601,69 +596,117 @@ class Pipeline:
     # Files
     # ---------------------------------------------------------------------------------------------
 
+    def estimate_bytes(
+        self, objects: int = 1, *, texture_size: int = 1024, faces: int = 20000, stage2: bool = True
+    ) -> int:
+        """An upper bound of what `export` writes for `objects` objects: the room checked before the GPU work."""
+        voxels = self.stage1.cfg.max_voxels
+        per = voxels * 400 + (64 << 10)  # a voxel GLB (or the mask PNG) and headroom
+        if stage2 and self.stage2 is not None:
+            per += voxels * self.stage2.cfg.gaussian.num_gaussians * 68  # PLY: 17 float32 per Gaussian
+            per += 2 * (texture_size * texture_size * 4 + faces * 64)  # the object GLB and its copy in scene.glb
+        return objects * per + (1 << 20)
+
+    def check_output(
+        self,
+        out: str | Path,
+        *,
+        objects: int = 1,
+        texture_size: int = 1024,
+        faces: int = 20000,
+        stage2: bool = True,
+        overwrite: bool = False,
+        inputs: Sequence[str | Path | None] = (),
+    ) -> OutputFolder:
+        """Before any GPU work: `out` is (or can become) a writable folder with room for the files of `objects`
+        objects. Raises OutputError (a ValueError) naming the problem and the fix; creates nothing.
+        Pass the result to `export`. `inputs`: files of the job (photo, masks, depth) that are never written over."""
+        folder = output_folder(out, overwrite=overwrite, inputs=inputs)
+        folder.check_room(self.estimate_bytes(objects, texture_size=texture_size, faces=faces, stage2=stage2))
+        return folder
+
     def export(
         self,
         ctx: PhotoContext,
         results: Sequence[ObjectResult],
-        out: str | Path,
+        out: str | Path | OutputFolder,
         masks: bool = True,
+        *,
+        overwrite: bool = False,
+        inputs: Sequence[str | Path | None] | None = None,
         latents: bool = False,
     ) -> dict:
         """Per object: `NAME.glb` (textured, local frame stored y-up as the official GLBs), `NAME.ply`
         (3DGS Gaussians in the local frame), `NAME_mask.png`; for the photo: `scene.glb` (every object
         placed, the camera at the origin), `scene.json` (poses, intrinsics, cameras, provenance).
-        latents=True also writes `NAME_latents.safetensors` (`save_latents`: training pairs from picks)."""
-        from PIL import Image
 
+        The output policy (sam3d_core/export/output.py): nothing is replaced but, with `overwrite`, files of our
+        own earlier results; a taken name gets a numbered suffix (`NAME_1.glb`, `scene_1.json`); the files are
+        renamed into place together, scene.json last, so a failed export writes nothing. The returned dict is
+        scene.json's content plus "scene_json", the name it was written under. `inputs` (default: the photo)
+        are never written over. latents=True also writes `NAME_latents.safetensors` (`save_latents`: the targets
+        of training pairs made from the artist's picks)."""
         from sam3d_core.export.gltf import save_object_glb, save_scene_glb
+        from sam3d_core.export.output import check_name, save_mask_png
+        from sam3d_core.export.voxels import save_voxels_glb
+        from sam3d_core.version import __version__
 
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        objects, placed = [], []
-        for res in results:
-            rec = self.object_record(res)
-            if res.mesh is not None:
-                save_object_glb(out / f"{res.name}.glb", res.mesh)
-                rec["mesh_glb"] = f"{res.name}.glb"
-                placed.append((res.mesh, frames.gltf_node_matrix(res.pose_matrix)))
-            else:
-                from sam3d_core.export.voxels import save_voxels_glb
-
-                save_voxels_glb(out / f"{res.name}_voxels.glb", res.voxels, res.pose_matrix)
-                rec["glb"] = f"{res.name}_voxels.glb"
-            if res.gaussians is not None:
-                res.gaussians.save_ply(out / f"{res.name}.ply")
-                rec["gaussians_ply"] = f"{res.name}.ply"
-            if masks:
-                Image.fromarray(res.mask.astype(np.uint8) * 255).save(out / f"{res.name}_mask.png")
-                rec["mask"] = f"{res.name}_mask.png"
-            if latents and res.latents:
-                save_latents(out / f"{res.name}_latents.safetensors", res.latents, ctx.K)
-                rec["latents"] = f"{res.name}_latents.safetensors"
-            objects.append(rec)
-        scene = {
-            "version": 1,
-            "photo": str(ctx.photo.path) if ctx.photo.path else None,
-            **ctx.camera_record(),
-            "frames": "pose: object -> PyTorch3D camera (x left, y up, z forward), column vectors; object "
-            "files hold the model's local frame stored y-up (x, z, -y); scene.glb: camera at the "
-            "origin looking down -z; blender_matrix_world: for the object Blender's glTF importer "
-            "makes from NAME.glb",
-            "objects": objects,
-            "model": self.description,
-            "weights": self.weights,
-        }
-        if placed:
-            cam = frames.gltf_camera(ctx.K, ctx.width, ctx.height)
-            save_scene_glb(
-                out / "scene.glb",
-                placed,
-                cam["perspective"],
-                extras={"camera": cam["extras"], "model": self.description, "weights": self.weights},
-            )
-            scene["scene_glb"] = "scene.glb"
-        (out / "scene.json").write_text(json.dumps(scene, indent=1))
-        return scene
+        if inputs is None:
+            inputs = [ctx.photo.path]
+        if not isinstance(out, OutputFolder):
+            out = output_folder(out, overwrite=overwrite, inputs=inputs)
+        objects, placed, nodes = [], [], {"camera"}
+        with out.writer() as w:
+            scene_stem = w.claim("scene", (".json", ".glb"), last=True)  # first: an object named scene gets scene_1
+            for res in results:
+                suffixes = [".glb" if res.mesh is not None else "_voxels.glb"]
+                suffixes += [".ply"] * (res.gaussians is not None) + ["_mask.png"] * masks
+                suffixes += ["_latents.safetensors"] * bool(latents and res.latents)
+                stem = w.claim(check_name(res.name, "object name"), suffixes)
+                rec = self.object_record(res)
+                if res.mesh is not None:
+                    save_object_glb(w.staged(f"{stem}.glb"), res.mesh)
+                    rec["mesh_glb"] = f"{stem}.glb"
+                    node = next(n for n in (stem, *(f"{stem}_{i}" for i in range(1, 10**6))) if n not in nodes)
+                    nodes.add(node)  # node names in scene.glb: unique, and not the camera's
+                    placed.append((replace(res.mesh, name=node), frames.gltf_node_matrix(res.pose_matrix)))
+                else:
+                    save_voxels_glb(w.staged(f"{stem}_voxels.glb"), res.voxels, res.pose_matrix)
+                    rec["glb"] = f"{stem}_voxels.glb"
+                if res.gaussians is not None:
+                    res.gaussians.save_ply(w.staged(f"{stem}.ply"))
+                    rec["gaussians_ply"] = f"{stem}.ply"
+                if masks:
+                    save_mask_png(res.mask, w.staged(f"{stem}_mask.png"))
+                    rec["mask"] = f"{stem}_mask.png"
+                if latents and res.latents:
+                    save_latents(w.staged(f"{stem}_latents.safetensors"), res.latents, ctx.K)
+                    rec["latents"] = f"{stem}_latents.safetensors"
+                objects.append(rec)
+            scene = {
+                "version": 1,
+                "generator": f"sam3d {__version__}",
+                "photo": str(ctx.photo.path) if ctx.photo.path else None,
+                **ctx.camera_record(),
+                "frames": "pose: object -> PyTorch3D camera (x left, y up, z forward), column vectors; object "
+                "files hold the model's local frame stored y-up (x, z, -y); scene.glb: camera at the "
+                "origin looking down -z; blender_matrix_world: for the object Blender's glTF importer "
+                "makes from NAME.glb",
+                "objects": objects,
+                "model": self.description,
+                "weights": self.weights,
+            }
+            if placed:
+                cam = frames.gltf_camera(ctx.K, ctx.width, ctx.height)
+                save_scene_glb(
+                    w.staged(f"{scene_stem}.glb"),
+                    placed,
+                    cam["perspective"],
+                    extras={"camera": cam["extras"], "model": self.description, "weights": self.weights},
+                )
+                scene["scene_glb"] = f"{scene_stem}.glb"
+            w.staged(f"{scene_stem}.json").write_text(json.dumps(scene, indent=1))
+        return {**scene, "scene_json": f"{scene_stem}.json"}
 
     def object_record(self, res: ObjectResult) -> dict:
         """The JSON record of one object (scene.json and the worker's answers)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +37,20 @@ from sam3d_core.weights.convert import (
     load_official_checkpoint,
     stage1_config_from_official,
     stage2_config_from_official,
+    state_dict_of,
 )
-from sam3d_core.weights.store import MANIFEST_FORMAT, models_dir, sha256_file, staged_folder, verify_folder
+from sam3d_core.weights.store import (
+    MANIFEST_FORMAT,
+    check_model_name,
+    folder_bytes,
+    models_dir,
+    read_manifest,
+    remove_model_folder,
+    scan_models,
+    sha256_file,
+    staged_folder,
+    verify_folder,
+)
 
 
 @dataclass(frozen=True)
@@ -118,7 +129,11 @@ def import_official(
 
     Every stage whose generator YAML is in the folder is imported (stage 1: ss_*, stage 2: slat_*).
     """
-    src = Path(src).expanduser().resolve()
+    name = check_model_name(name)  # a name, never a path: checked before anything is read
+    try:
+        src = Path(src).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop (RuntimeError before 3.13), a NUL byte
+        raise CheckpointError(f"{src} cannot be opened ({e}); pass the official checkpoints/ folder itself") from None
     if not src.is_dir():
         raise CheckpointError(f"{src} is not a folder; pass the official checkpoints/ folder ({WHERE_TO_GET})")
     stages = [st for st in STAGES if (src / st.marker).is_file()]
@@ -133,9 +148,8 @@ def import_official(
             for comp in st.components:
                 path = src / f"{comp.name}.ckpt"
                 raw = load_official_checkpoint(path)
-                converted = convert_state_dict(raw, comp, path)
-                inner = raw[comp.state_dict_key] if comp.state_dict_key else raw
-                counts[2] += len(inner) - len(converted)
+                converted, total = convert_state_dict(raw, comp, path), len(state_dict_of(raw, comp, path))
+                counts[2] += total - len(converted)
                 tensors.update(converted)
                 per_file[comp.name] = list(converted)
                 sources[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
@@ -165,16 +179,21 @@ def import_official(
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
-    p = Path(name_or_path).expanduser()
-    if (p / "manifest.json").is_file():
-        return p
-    q = models_dir() / str(name_or_path)
-    if (q / "manifest.json").is_file():
-        return q
-    raise CheckpointError(
-        f"no imported model {str(name_or_path)!r} (looked in {p} and {q}); "
-        f"run `sam3d weights list` to see what is there, or import one: {WHERE_TO_GET}"
-    )
+    """An imported model's folder. A name (no path separator) is looked up only in the models folder; a path
+    (a Path, or text with a separator) is taken as the folder itself, for loading a model kept elsewhere."""
+    is_path = isinstance(name_or_path, Path) or any(sep in str(name_or_path) for sep in ("/", "\\"))
+    if is_path:
+        folder = Path(name_or_path).expanduser()
+        where = str(folder)
+    else:
+        folder = models_dir() / check_model_name(name_or_path)
+        where = str(models_dir())
+    if not (folder / "manifest.json").is_file():
+        raise CheckpointError(
+            f"no imported model {str(name_or_path)!r} (looked in {where}); "
+            f"run `sam3d weights list` to see what is there, or import one: {WHERE_TO_GET}"
+        )
+    return folder
 
 
 def verify(model_dir: str | Path) -> list[str]:
@@ -183,27 +202,33 @@ def verify(model_dir: str | Path) -> list[str]:
 
 
 def list_models() -> list[dict]:
-    root = models_dir()
-    out = []
-    for m in sorted(root.glob("*/manifest.json")) if root.is_dir() else []:
-        data = json.loads(m.read_text())
-        size = sum(r["bytes"] for r in data["files"].values())
-        out.append(
-            {
-                "name": m.parent.name,
-                "folder": str(m.parent),
-                "bytes": size,
-                "imported_at": data.get("imported_at"),
-                "source": data.get("source"),
-            }
-        )
-    return out
+    """The usable imported models (a folder whose manifest cannot be read is left out: see `list_broken`)."""
+    return [
+        {
+            "name": folder.name,
+            "folder": str(folder),
+            "bytes": folder_bytes(data),
+            "imported_at": data.get("imported_at"),
+            "source": data.get("source"),
+        }
+        for folder, data, problem in scan_models(models_dir())
+        if data is not None
+    ]
+
+
+def list_broken() -> list[dict]:
+    """Model folders whose manifest cannot be read: name, folder and the problem (with the fix)."""
+    return [
+        {"name": folder.name, "folder": str(folder), "problem": problem}
+        for folder, data, problem in scan_models(models_dir())
+        if data is None
+    ]
 
 
 def remove(name: str) -> Path:
-    folder = resolve_model_dir(name)
-    shutil.rmtree(folder)
-    return folder
+    """Delete the imported model `name` (a name, looked up only in the models folder): the files its manifest
+    lists, the manifest, then the folder if nothing else is in it."""
+    return remove_model_folder(models_dir(), name, "model")
 
 
 def _load_stage_state(model_dir: str | Path, stage: str, cls: type, components, check_hashes: bool):
@@ -221,7 +246,7 @@ def _load_stage_state(model_dir: str | Path, stage: str, cls: type, components, 
                 + "; ".join(problems)
                 + ". Re-import the official folder with `sam3d weights import`."
             )
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = read_manifest(folder)
     cfg = load_json(cls, folder / f"{stage}.json")
     state: dict[str, torch.Tensor] = {}
     for comp in components:
