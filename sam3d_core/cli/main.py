@@ -8,6 +8,7 @@ import sys
 from sam3d_core.cli.app import add_app_parser
 from sam3d_core.cli.data import add_data_parser
 from sam3d_core.cli.doctor import add_doctor_parser
+from sam3d_core.cli.eval import add_eval_parser
 from sam3d_core.cli.reconstruct import add_reconstruct_parsers
 from sam3d_core.cli.segment import add_segment_parser
 from sam3d_core.cli.serve import add_serve_parser
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_app_parser(sub)
     add_data_parser(sub)
+    add_eval_parser(sub)
     return p
 
 

@@ -1,0 +1,164 @@
+"""`sam3d eval` end to end on a tiny dataset of primitives: the tiny model and the baselines on the CPU, both
+result files, and bad inputs (each a one-line error with exit code 2, or a counted failure)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import Counter
+
+import numpy as np
+import pytest
+from eval_samples import make_sample, write_dataset
+
+from sam3d_core.cli.main import main
+from sam3d_core.data.sample import ShardWriter
+
+FAST = ["--points", "3000", "--emd-points", "128"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("ds") / "samples", count=6, seed=0, size=80)
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(["eval", *map(str, argv)])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_eval_tiny_model_and_baselines_write_both_files(dataset, tmp_path, capsys):
+    out = tmp_path / "results"
+    rc, stdout, stderr = _run(
+        capsys, dataset, "--out", out, "--model", "tiny,box,ellipsoid", "--limit", "2", "--steps", "1", *FAST
+    )
+    assert rc == 0, stderr
+    assert stdout.split() == [str(out / "results.json"), str(out / "results.md")]
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]  # no temporary left over
+    res = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in res["models"]] == ["tiny", "box", "ellipsoid"]
+    assert res["dataset"]["samples"] == 6 and res["dataset"]["evaluated"] == 2
+    for m in res["models"]:
+        assert [s["sample_id"] for s in m["samples"]] == ["box-000", "ellipsoid-001"]
+        assert [s["status"] for s in m["samples"]] == ["ok", "ok"], [s.get("error") for s in m["samples"]]
+        overall = m["aggregates"]["overall"]
+        assert overall["n"] == 2 and overall["failed"] == 0
+        assert overall["f1"] == pytest.approx(np.mean([s["metrics"]["f1"] for s in m["samples"]]))
+        assert 0.0 <= overall["viou"] <= 1.0 and overall["add_s"] > 0.0
+    tiny, box = res["models"][0], res["models"][1]
+    assert tiny["samples"][0]["points"]["prediction_points"] == "voxels"
+    assert tiny["samples"][0]["prediction"]["pointmap"] == "user"  # the sample's point map reached the model
+    assert box["samples"][0]["points"]["prediction_points"] == "mesh"
+    assert tiny["weights"].startswith("random:") and box["weights"] == "none"
+    md = (out / "results.md").read_text()
+    box_row = next(line for line in md.splitlines() if line.startswith("| box | 2 | 0 |"))
+    assert f"{box['aggregates']['overall']['viou']:.4f}" in box_row
+    assert f"| tiny | ellipsoid | 1 | 0 | {tiny['samples'][1]['metrics']['f1']:.4f} |" in md
+    assert "tiny       [" in stderr and "2/2" in stderr  # the progress bar
+
+
+def test_tables_per_group_and_occlusion_level(dataset, tmp_path, capsys):
+    out = tmp_path / "groups"
+    rc, _, stderr = _run(capsys, dataset, "--out", out, "--model", "box,oracle", *FAST)
+    assert rc == 0, stderr
+    res = json.loads((out / "results.json").read_text())
+    for m in res["models"]:
+        agg = m["aggregates"]
+        assert agg["overall"]["n"] == 6
+        assert {g: a["n"] for g, a in agg["by_group"].items()} == {"box": 2, "cylinder": 2, "ellipsoid": 2}
+        hidden = {s["sample_id"]: s["occlusion"] for s in m["samples"]}
+        assert [k for k, v in hidden.items() if v > 0.05] == ["box-003", "ellipsoid-004", "cylinder-005"]
+        levels = Counter(
+            "none (<5%)" if v < 0.05 else "partial (5-40%)" if v < 0.4 else "heavy" for v in hidden.values()
+        )
+        assert {lv: a["n"] for lv, a in agg["by_occlusion"].items()} == dict(levels)
+        assert levels["none (<5%)"] == 3 and levels["heavy"] >= 1
+        heavy = [s["metrics"]["iou3d"] for s in m["samples"] if s["occlusion_level"] == "heavy"]
+        assert agg["by_occlusion"]["heavy"]["iou3d"] == pytest.approx(np.mean(heavy))
+    oracle = res["models"][1]["aggregates"]["overall"]
+    assert oracle["rot_err"] == 0.0 and oracle["add_s_01"] == 1.0 and oracle["iou3d"] > 0.9
+    md = (out / "results.md").read_text()
+    for section in ("## Overall", "## By object group", "## By occlusion level"):
+        assert section in md
+    assert "| oracle | cylinder | 2 | 0 |" in md and "| box | none (<5%) | 3 | 0 |" in md
+
+
+@pytest.mark.slow
+def test_eval_stage2_scores_the_mesh(dataset, tmp_path, capsys):
+    out = tmp_path / "s2"
+    rc, _, stderr = _run(
+        capsys, dataset, "--out", out, "--model", "tiny", "--stage2", "--limit", "1", "--steps", "1",
+        "--max-voxels", "64", *FAST,
+    )  # fmt: skip
+    assert rc == 0, stderr
+    sample = json.loads((out / "results.json").read_text())["models"][0]["samples"][0]
+    assert sample["status"] == "ok", sample.get("error")
+    assert sample["points"]["prediction_points"] == "mesh" and sample["prediction"]["mesh_faces"] > 0
+    assert sample["prediction"]["voxels"] <= 64
+
+
+def test_a_bad_sample_is_counted_and_the_run_goes_on(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    ds = tmp_path / "ds"
+    behind = make_sample(1, "box", rng)
+    behind.translation = behind.translation * [1, 1, -1]  # centre behind the camera: the box cannot be fitted
+    with ShardWriter(ds, samples_per_shard=8) as w:
+        for s in (make_sample(0, "box", rng), behind, make_sample(2, "cylinder", rng)):
+            w.add(s)
+    _corrupt_photo(ds / "shard-00000.safetensors", index=2)
+    rc, _, stderr = _run(capsys, ds, "--out", tmp_path / "out", "--model", "box,oracle", *FAST)
+    assert rc == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    box, oracle = res["models"]
+    assert [s["status"] for s in box["samples"]] == ["ok", "failed", "failed"]
+    assert box["samples"][1]["error"].startswith("predict: ValueError: depth: got -")
+    assert box["samples"][2]["error"].startswith("read: ")  # the photo PNG is garbage
+    assert [s["status"] for s in oracle["samples"]] == ["ok", "ok", "failed"]
+    assert box["failed"] == 2 and box["aggregates"]["overall"] | {} == box["aggregates"]["overall"]
+    assert box["aggregates"]["overall"]["n"] == 1 and box["aggregates"]["overall"]["failed"] == 2
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "## Failures (3)" in md and "`box` / `box-001`: predict: ValueError: depth" in md
+    assert "box: sample 2 failed: predict: ValueError: depth" in stderr
+    assert "3 sample runs failed" in stderr
+
+
+def _corrupt_photo(shard, index: int) -> None:
+    """Overwrite the PNG bytes of sample `index`'s photo in place (same size: the shard still opens)."""
+    data = bytearray(shard.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    start, end = header[f"{index}/photo_png"]["data_offsets"]
+    data[8 + n + start : 8 + n + end] = b"\x00" * (end - start)
+    shard.write_bytes(bytes(data))
+
+
+def test_bad_inputs_get_one_line_and_exit_code_2(dataset, tmp_path, capsys):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "mine.txt").write_text("keep me")
+    cases = [
+        ([tmp_path / "nowhere", "--out", tmp_path / "o1"], "is not a folder"),
+        ([tmp_path, "--out", tmp_path / "o2", "--model", "box"], "has no dataset.json"),
+        ([dataset, "--out", busy, "--model", "box"], "already holds files"),
+        ([dataset, "--out", busy / "mine.txt", "--model", "box"], "is a file"),
+        ([dataset, "--out", tmp_path / "o3", "--model", "no-such-model"], "no imported model 'no-such-model'"),
+        ([dataset, "--out", tmp_path / "o4", "--model", "box,box"], "listed twice"),
+        ([dataset, "--out", tmp_path / "o5", "--model", "box,"], "names separated by commas"),
+        ([dataset, "--out", tmp_path / "o6", "--model", "box", "--limit", "0"], "limit=0"),
+        ([dataset, "--out", tmp_path / "o7", "--model", "box", "--points", "10"], "points=10"),
+    ]
+    for argv, message in cases:
+        rc, _, stderr = _run(capsys, *argv)
+        assert rc == 2, (argv, stderr)
+        assert stderr.startswith("sam3d: error: ") and message in stderr, stderr
+        assert stderr.count("\n") == 1, stderr  # one line, no traceback
+    assert (busy / "mine.txt").read_text() == "keep me"
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 8))  # refused before the folder was made
+
+
+def test_an_empty_dataset_is_refused(tmp_path, capsys):
+    with ShardWriter(tmp_path / "empty"):
+        pass
+    rc, _, stderr = _run(capsys, tmp_path / "empty", "--out", tmp_path / "o", "--model", "box")
+    assert rc == 2 and "no samples in" in stderr
