@@ -104,11 +104,6 @@ def setup_photo_camera(
     return cam_obj
 
 
-def photo_camera(col: bpy.types.Collection) -> bpy.types.Object | None:
-    obj = bpy.data.objects.get(col.get("sam3d_camera", ""))
-    return obj if obj is not None and obj.type == "CAMERA" else None
-
-
 def _mask_props(obj: bpy.types.Object, mask: str | None) -> None:
     if not mask:
         return

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sam3d_core.cli.app import add_app_parser
+from sam3d_core.cli.data import add_data_parser
 from sam3d_core.cli.doctor import add_doctor_parser
 from sam3d_core.cli.reconstruct import add_reconstruct_parsers
 from sam3d_core.cli.segment import add_segment_parser
@@ -31,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_reconstruct_parsers(sub)
     add_doctor_parser(sub)
     add_serve_parser(sub)
+    add_app_parser(sub)
+    add_data_parser(sub)
     return p
 
 

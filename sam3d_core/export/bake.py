@@ -2,6 +2,7 @@
 
     source = VertexColorSource(mesh.vertices, mesh.faces, mesh.vertex_attrs[:, :3])   # the dense FlexiCubes mesh
     texture = bake_texture(low_vertices, low_faces, low_uvs, source, size=1024)      # [1024, 1024, 3] uint8
+    # low_uvs in unwrap_uv's (glTF) convention, the default; convention="trimesh" for v-up UVs
 
     # on a GPU: colour lookup (exact nearest triangle through a uniform grid) and steps 2-4 in torch there
     source = VertexColorSource(..., device="cuda")
@@ -509,16 +510,17 @@ def bake_texture(
     source: ColorSource,
     size: int = 1024,
     padding: int = 4,
-    convention: str = "trimesh",
+    convention: str = "gltf",
     device: str | torch.device | None = None,
 ) -> np.ndarray:
     """Bake `source`'s colours into a [size, size, 3] uint8 sRGB texture for the unwrapped mesh.
 
     vertices [V, 3] and faces [F, 3] (numpy or torch): the low-poly mesh, in the source's frame; uvs [V, 2] in
-    [0, 1], one per vertex (xatlas output: vertices[vmapping], indices, uvs), in `convention` ("trimesh": v = 0
-    at the bottom row; "gltf": v = 0 at the top row; see the module doc). `padding`: gutter texels grown around
-    every chart from the surface (step 3); all texels beyond are filled by push-pull. `device`: where steps 2-4
-    run (torch; None = CPU); the source decides where step 5 runs (`VertexColorSource(..., device=...)`).
+    [0, 1], one per vertex (xatlas output: vertices[vmapping], indices, uvs), in `convention`: "gltf" (the
+    default, what `export.uv.unwrap_uv` returns: v = 0 at the top row) or "trimesh" (v = 0 at the bottom row);
+    see the module doc. `padding`: gutter texels grown around every chart from the surface (step 3); all
+    texels beyond are filled by push-pull. `device`: where steps 2-4 run (torch; None = CPU); the source
+    decides where step 5 runs (`VertexColorSource(..., device=...)`).
     """
     # 1. checks
     vertices, faces, uvs = _numpy(vertices, np.float64), _numpy(faces, np.int64), _numpy(uvs, np.float64)

@@ -30,13 +30,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.sparse_attention import varlen_attention
-from kernels.sparse_conv import build_neighbour_map, submanifold_conv3d
+from kernels.sparse_conv import build_neighbour_map
 from kernels.sparse_resample import downsample2, upsample2
 from sam3d_core.config import SLatFlowConfig
 from sam3d_core.models.layers import (
     FeedForwardNet,
     LayerNorm32,
     MultiHeadRMSNorm,
+    SparseConv3d,
     TimestepEmbedder,
     absolute_position_embedding,
 )
@@ -144,30 +145,6 @@ class SLatGrids:
 # --- layers -------------------------------------------------------------------------------------------
 
 
-class SubMConv3d(nn.Module):
-    """3x3x3 submanifold convolution; weight [Cout, 3, 3, 3, Cin] (spconv layout), bias [Cout]."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_channels, 3, 3, 3, in_channels))
-        self.bias = nn.Parameter(torch.zeros(out_channels))
-        nn.init.normal_(self.weight, std=(27 * in_channels) ** -0.5)
-
-    def forward(self, feats: torch.Tensor, level: SparseLevel) -> torch.Tensor:
-        return submanifold_conv3d(feats, level.coords, self.weight, self.bias, neighbours=level.neighbours)
-
-
-class SparseConv3d(nn.Module):
-    """Holder that gives the official key names (`convN.conv.weight`)."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv = SubMConv3d(in_channels, out_channels)
-
-    def forward(self, feats: torch.Tensor, level: SparseLevel) -> torch.Tensor:
-        return self.conv(feats, level)
-
-
 class SparseResBlock3d(nn.Module):
     """Resample (optional, first) -> LN -> SiLU -> conv -> LN * (1 + scale) + shift -> SiLU -> conv, + skip."""
 
@@ -176,8 +153,8 @@ class SparseResBlock3d(nn.Module):
         self.resample = resample  # None, "down" or "up"
         self.norm1 = LayerNorm32(channels, eps=1e-6)
         self.norm2 = LayerNorm32(out_channels, elementwise_affine=False, eps=1e-6)
-        self.conv1 = SparseConv3d(channels, out_channels)
-        self.conv2 = SparseConv3d(out_channels, out_channels)
+        self.conv1 = SparseConv3d(channels, out_channels, 3)
+        self.conv2 = SparseConv3d(out_channels, out_channels, 3)
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))
         self.skip_connection = nn.Linear(channels, out_channels) if channels != out_channels else nn.Identity()
 
@@ -190,9 +167,9 @@ class SparseResBlock3d(nn.Module):
         else:
             level = grids.fine  # with one io stage every block that does not resample runs at 64^3
         scale, shift = self.emb_layers(emb).to(x.dtype)[level.batch_index].chunk(2, dim=1)  # [N, C_out] each
-        h = self.conv1(F.silu(self.norm1(x)), level)
+        h = self.conv1(F.silu(self.norm1(x)), level.coords, level.neighbours)
         h = torch.addcmul(shift, self.norm2(h), 1 + scale)
-        h = self.conv2(F.silu(h), level)
+        h = self.conv2(F.silu(h), level.coords, level.neighbours)
         return h + self.skip_connection(x)
 
 

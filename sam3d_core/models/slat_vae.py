@@ -18,10 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.sparse_attention import windowed_attention
-from kernels.sparse_conv import build_neighbour_map, submanifold_conv3d
+from kernels.sparse_conv import build_neighbour_map
 from sam3d_core.config import SLatEncoderConfig, SLatGaussianDecoderConfig, SLatMeshDecoderConfig
 from sam3d_core.geometry.gaussians import Gaussians
-from sam3d_core.models.layers import FeedForwardNet, LayerNorm32, absolute_position_embedding
+from sam3d_core.models.layers import FeedForwardNet, LayerNorm32, SparseConv3d, absolute_position_embedding
 
 # Channels per voxel of the FlexiCubes input: sdf 8 | deform 8x3 | weights 21 | color 8x6.
 MESH_FEATS_CHANNELS = 101
@@ -229,32 +229,6 @@ class SparseGroupNorm32(nn.GroupNorm):
             x = feats[rows].float().t()[None]  # [1, C, n]
             out[rows] = F.group_norm(x, self.num_groups, w, b, self.eps)[0].t().to(feats.dtype)
         return out
-
-
-class SparseConv3d(nn.Module):
-    """Submanifold sparse convolution with the official parameter layout `conv.weight [Cout, k, k, k, Cin]`."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel: int):
-        super().__init__()
-        if kernel not in (1, 3):
-            raise ValueError(f"kernel must be 1 or 3; got {kernel}")
-        # A ParameterDict named `conv` reproduces the official key path `<name>.conv.weight` / `.conv.bias`.
-        self.conv = nn.ParameterDict(
-            {
-                "weight": nn.Parameter(torch.empty(out_channels, kernel, kernel, kernel, in_channels)),
-                "bias": nn.Parameter(torch.zeros(out_channels)),
-            }
-        )
-        nn.init.xavier_uniform_(self.conv["weight"].view(out_channels, -1))
-
-    def forward(self, feats: torch.Tensor, coords: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.conv["weight"], self.conv["bias"]
-        if weight.shape[1] == 1:
-            # 1x1x1: spconv 2.x multiplies by the [Cout, 1, 1, 1, Cin] buffer VIEWED as [Cin, Cout] (a reshape,
-            # not a transpose); the checkpoints were trained that way, so we reproduce it.
-            cout = weight.shape[0]
-            return torch.addmm(bias.to(feats.dtype), feats, weight.reshape(-1, cout).to(feats.dtype))
-        return submanifold_conv3d(feats, coords, weight, bias, neighbours=neighbours)
 
 
 class SparseSubdivideBlock3d(nn.Module):

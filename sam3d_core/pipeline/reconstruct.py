@@ -82,13 +82,39 @@ class ObjectResult:
     translation: list[float]
     scale: list[float]
     num_voxels: int
-    mesh: object | None  # export.mesh.TexturedMesh (local frame) or None when stage 2 did not run
+    mesh: object | None  # export.gltf.TexturedMesh (local frame) or None when stage 2 did not run
     gaussians: object | None  # gaussians.Gaussians (local frame) or None
     mask_iou: float | None  # silhouette of the placed mesh (or voxels) vs the mask
     settings: dict = field(default_factory=dict)  # seeds, steps, weights hashes, dtype: provenance
     timings: dict = field(default_factory=dict)  # seconds per stage
     report: dict = field(default_factory=dict)  # mesh clean-up counts
     voxels: np.ndarray | None = None  # [N, 3] int stage-1 voxels (grid coords)
+    # Training targets (preference pairs): ss_latent [8, 16, 16, 16], rotation [3, 3], translation [3], scale [3],
+    # slat_coords [N, 3], slat_feats [N, 8] (numpy); written by export(latents=True) as NAME_latents.safetensors
+    latents: dict | None = None
+
+
+def _with_latents(finish: Callable, latents: dict) -> Callable:
+    """Wrap a `_finish_steps` partial so that its ObjectResult carries the latents."""
+
+    def run(progress: Progress | None = None) -> ObjectResult:
+        res = finish(progress)
+        res.latents = latents
+        return res
+
+    return run
+
+
+def save_latents(path: Path, latents: dict, K: np.ndarray) -> None:
+    """NAME_latents.safetensors: the arrays of `ObjectResult.latents` (float32; slat_coords int64) and, in the
+    metadata, the photo's K (JSON) and the format tag "sam3d-latents" version 1 (read by sam3d_core.data)."""
+    from safetensors.numpy import save_file
+
+    arrays = {
+        k: np.ascontiguousarray(v, dtype=np.int64 if k == "slat_coords" else np.float32) for k, v in latents.items()
+    }
+    meta = {"format": "sam3d-latents", "version": "1", "K": json.dumps(np.asarray(K, np.float64).tolist())}
+    save_file(arrays, str(path), metadata=meta)
 
 
 def _device_default() -> str:
@@ -430,6 +456,14 @@ class Pipeline:
         scale = pose.scale[0].double().cpu().numpy()
         pose4 = frames.pose_matrix(rotation, translation, scale)
         voxels = out1.coords[:, 1:].cpu().numpy()
+        from sam3d_core.models.ss_vae import shape_latent_to_grid
+
+        latents = {
+            "ss_latent": shape_latent_to_grid(out1.latents["shape"].float())[0].cpu().numpy(),
+            "rotation": rotation,
+            "translation": translation,
+            "scale": scale,
+        }
         settings = {"seed": seed, "stage1": dict(out1.settings), "texture_size": texture_size, "faces": faces}
 
         gaussians = None
@@ -448,6 +482,8 @@ class Pipeline:
                     shared=ctx.shared,
                 )
             settings["stage2"] = dict(out2.settings)
+            latents["slat_coords"] = out2.coords[:, 1:].long().cpu().numpy()
+            latents["slat_feats"] = out2.slat_feats.float().cpu().numpy()
             lap("stage2")
             gaussians = out2.gaussians
             dense = out2.mesh
@@ -458,7 +494,7 @@ class Pipeline:
             del out2
         else:
             dense = None
-        return partial(
+        finish = partial(
             self._finish_steps,
             ctx,
             mask,
@@ -475,6 +511,7 @@ class Pipeline:
             lap,
             report,
         )
+        return _with_latents(finish, latents)
 
     def _finish_steps(
         self,
@@ -548,7 +585,7 @@ class Pipeline:
         gpu = self.device if self.device.type == "cuda" else None
         source = VertexColorSource(v, f, colors, device=gpu)
         # export.mesh returns glTF UVs (v = 0 on the top row), which is what the GLB stores.
-        texture = bake_texture(uv.vertices, uv.faces, uv.uvs, source, size=texture_size, convention="gltf", device=gpu)
+        texture = bake_texture(uv.vertices, uv.faces, uv.uvs, source, size=texture_size, device=gpu)
         lap("bake")
         mesh = TexturedMesh(
             vertices=uv.vertices,
@@ -564,10 +601,18 @@ class Pipeline:
     # Files
     # ---------------------------------------------------------------------------------------------
 
-    def export(self, ctx: PhotoContext, results: Sequence[ObjectResult], out: str | Path, masks: bool = True) -> dict:
+    def export(
+        self,
+        ctx: PhotoContext,
+        results: Sequence[ObjectResult],
+        out: str | Path,
+        masks: bool = True,
+        latents: bool = False,
+    ) -> dict:
         """Per object: `NAME.glb` (textured, local frame stored y-up as the official GLBs), `NAME.ply`
         (3DGS Gaussians in the local frame), `NAME_mask.png`; for the photo: `scene.glb` (every object
-        placed, the camera at the origin), `scene.json` (poses, intrinsics, cameras, provenance)."""
+        placed, the camera at the origin), `scene.json` (poses, intrinsics, cameras, provenance).
+        latents=True also writes `NAME_latents.safetensors` (`save_latents`: training pairs from picks)."""
         from PIL import Image
 
         from sam3d_core.export.gltf import save_object_glb, save_scene_glb
@@ -592,6 +637,9 @@ class Pipeline:
             if masks:
                 Image.fromarray(res.mask.astype(np.uint8) * 255).save(out / f"{res.name}_mask.png")
                 rec["mask"] = f"{res.name}_mask.png"
+            if latents and res.latents:
+                save_latents(out / f"{res.name}_latents.safetensors", res.latents, ctx.K)
+                rec["latents"] = f"{res.name}_latents.safetensors"
             objects.append(rec)
         scene = {
             "version": 1,

@@ -129,18 +129,7 @@ class Stage1Pipeline:
 
         shared: a dict kept per photo (e.g. `PhotoContext.shared`); the full-image RGB tokens, which do not
         depend on the object's mask, are computed for the first object and reused for the others."""
-        emb = self.model.condition_embedder
-        views = {
-            k: inputs[k].to(self.dtype)
-            for k in ("image", "rgb_image", "mask", "rgb_image_mask", "pointmap", "rgb_pointmap")
-            if k in inputs
-        }
-        if shared is None:
-            return emb(**views)
-        key = ("stage1", id(self.model), self.dtype, tuple(views["rgb_image"].shape))
-        if key not in shared:
-            shared[key] = emb.embed_one(0, views["rgb_image"], "full")
-        return emb(**views, full_image_block=shared[key])
+        return self.model.condition_embedder.encode(inputs, self.dtype, shared)
 
     def _flow_graphs(self, cond: torch.Tensor) -> FlowGraphs | None:
         if not self.cuda_graphs:

@@ -125,14 +125,7 @@ class Stage2Pipeline:
 
         shared: a dict kept per photo (e.g. `PhotoContext.shared`); the full-image RGB tokens, which do not
         depend on the object's mask, are computed for the first object and reused for the others."""
-        emb = self.model.condition_embedder
-        views = {k: inputs[k].to(self.dtype) for k in ("image", "rgb_image", "mask", "rgb_image_mask") if k in inputs}
-        if shared is None:
-            return emb(**views)
-        key = ("stage2", id(self.model), self.dtype, tuple(views["rgb_image"].shape))
-        if key not in shared:
-            shared[key] = emb.embed_one(0, views["rgb_image"], "full")
-        return emb(**views, full_image_block=shared[key])
+        return self.model.condition_embedder.encode(inputs, self.dtype, shared)
 
     @torch.no_grad()
     def sample(
