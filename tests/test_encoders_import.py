@@ -193,3 +193,36 @@ def test_save_encoder_adds_a_fitted_encoder_and_refuses_to_replace_it(tmp_path):
     with pytest.raises(CheckpointError, match="1 missing tensors: out_layer.2.bias"):
         hub.save_encoder("official", "ss_encoder", SS_CFG, bad, info, overwrite=True)
     assert not list(folder.glob(".*"))  # no temporary files left behind
+
+
+def test_sam3d_data_captures_with_the_imported_encoder_writes_the_latents(tmp_path):
+    """End to end: `sam3d data captures --encoder official` resolves LatentEncoder.load and stores its targets."""
+    from PIL import Image
+
+    from sam3d_core.data.sample import SampleDataset
+    from sam3d_core.geometry import frames
+
+    hub.import_official(_release(tmp_path, encoders=True))
+    cap = tmp_path / "caps" / "cube"
+    cap.mkdir(parents=True)
+    cube = trimesh.creation.box(extents=(0.2, 0.2, 0.2))
+    cube.visual = trimesh.visual.ColorVisuals(cube, vertex_colors=np.tile([200, 40, 40, 255], (8, 1)))
+    K = np.array([[150.0, 0.0, 80.0], [0.0, 150.0, 60.0], [0.0, 0.0, 1.0]])
+    matrix = np.eye(4)
+    matrix[:3, 3] = [0.05, -0.02, 1.0]
+    uv = frames.project_points_opencv(frames.transform_points(matrix, cube.vertices), K)
+    mask = frames.rasterize_triangles(uv, cube.faces, 160, 120)
+    Image.fromarray(np.where(mask[..., None], 200, 40).astype(np.uint8).repeat(3, 2)).save(cap / "photo.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(cap / "mask.png")
+    cube.export(cap / "mesh.obj")
+    (cap / "camera.json").write_text(json.dumps({"K": K.tolist()}))
+    (cap / "pose.json").write_text(json.dumps({"matrix": matrix.tolist(), "convention": "opencv"}))
+    out = tmp_path / "out"
+    assert main(["data", "captures", str(tmp_path / "caps"), "--out", str(out), "--encoder", "official"]) == 0
+    s = SampleDataset(out)[0]
+    assert s.ss_latent.shape == (8, 16, 16, 16) and np.isfinite(s.ss_latent).all()
+    # a surface cube filling the grid: every occupied voxel lies on the outside, so every one is seen
+    assert sorted(s.slat_coords.tolist()) == sorted(s.occupancy.tolist()) and s.slat_feats.shape == (
+        len(s.occupancy),
+        8,
+    )

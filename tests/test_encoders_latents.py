@@ -9,7 +9,17 @@ import torch
 import trimesh
 from PIL import Image
 
-from sam3d_core.data.latents import Albedo, LatentEncoder, Views, project, render_view, sphere_views
+from sam3d_core.data.latents import (
+    DELIT,
+    HEADLIGHT,
+    LatentEncoder,
+    Views,
+    one_colour,
+    project,
+    render,
+    render_mesh,
+    sphere_views,
+)
 from sam3d_core.geometry import frames
 
 LO, HI = 20, 44  # the box covers voxels 20..43 on each axis: its faces lie on voxel boundaries
@@ -84,13 +94,11 @@ def _first_hit(origin: np.ndarray, dirs: np.ndarray, tri: np.ndarray) -> np.ndar
 
 def test_rendered_depth_matches_ray_casting_and_the_silhouette_matches_frames(encoder):
     mesh = trimesh.creation.icosphere(subdivisions=2, radius=0.35)
-    verts = torch.tensor(mesh.vertices, dtype=torch.float32)
-    faces = torch.tensor(mesh.faces)
-    normals = torch.tensor(mesh.face_normals, dtype=torch.float32)
+    rmesh = render_mesh(mesh)
     views = encoder.views
     s = views.size
     for i in (0, 7):
-        rgb, depth = render_view(verts, faces, normals, Albedo(), views, i)
+        rgb, depth = render(rmesh, views, i, HEADLIGHT)
         w2c = views.world_to_camera[i].double().numpy()
         # silhouette: frames' numpy rasterizer of the same mesh in the PyTorch3D camera frame
         cam_p3d = (mesh.vertices @ w2c[:3, :3].T + w2c[:3, 3]) @ frames.P3D_TO_OPENCV.T
@@ -129,8 +137,7 @@ def test_texture_uv_orientation_and_vertex_colours():
     tex[:4, :, 1] = 255
     visual = trimesh.visual.TextureVisuals(uv=np.array([[0, 0], [1, 0], [1, 1], [0, 1.0]]), image=Image.fromarray(tex))
     mesh = trimesh.Trimesh(quad_v, quad_f, visual=visual, process=False)
-    t = lambda a, dt=torch.float32: torch.tensor(np.asarray(a), dtype=dt)  # noqa: E731
-    rgb, depth = render_view(t(mesh.vertices), t(quad_f, torch.long), t(mesh.face_normals), Albedo.of(mesh), views, 0)
+    rgb, depth = render(render_mesh(mesh), views, 0, DELIT)
     c = size // 2
     q = 6  # well inside each quadrant of the quad (which spans pixels ~ 9..31)
     top_left, top_right = rgb[:, c - q, c - q], rgb[:, c - q, c + q]
@@ -141,8 +148,15 @@ def test_texture_uv_orientation_and_vertex_colours():
     assert float(depth[c, c]) == pytest.approx(2.0, abs=1e-5)
     # vertex colours: interpolated, exact at a constant colour
     coloured = trimesh.Trimesh(quad_v, quad_f, vertex_colors=np.tile([[0, 255, 0, 255]], (4, 1)), process=False)
-    rgb, _ = render_view(t(quad_v), t(quad_f, torch.long), t(coloured.face_normals), Albedo.of(coloured), views, 0)
+    rgb, _ = render(render_mesh(coloured), views, 0, DELIT)
     torch.testing.assert_close(rgb[:, c, c], torch.tensor([0.0, 1.0, 0.0]))
+    # face colours keep each face's colour; one colour everywhere picks the headlight
+    faced = trimesh.Trimesh(quad_v, quad_f, face_colors=[[255, 0, 0, 255], [0, 0, 255, 255]], process=False)
+    rgb, _ = render(render_mesh(faced), views, 0, DELIT)
+    torch.testing.assert_close(rgb[:, c + q, c + q + 2], torch.tensor([1.0, 0.0, 0.0]))  # face 0 is below the diagonal
+    assert (
+        one_colour(render_mesh(coloured)) and not one_colour(render_mesh(faced)) and not one_colour(render_mesh(mesh))
+    )
 
 
 def test_bad_inputs_name_the_problem(encoder):

@@ -20,10 +20,11 @@ Frames and conventions
   views        `num_views` cameras on a sphere of radius `camera_distance` around the origin, yaw / pitch from a
                Hammersley sequence shifted by a `view_seed` draw (TRELLIS render.py), each looking at the origin with
                world +z up, square images of the DINO input size with `fov_degrees`.
-  rendering    our rasterizer (kernels.rasterize; the Triton path on CUDA, the PyTorch reference on CPU). Unlit albedo
-               from the texture (perspective-correct UVs, bilinear), vertex or face colours: the paper's "de-lighted"
-               rendering (C.5). A mesh without colour is drawn grey with a headlight term so that its shape shows.
-               Black background (TRELLIS composites its renders over black). No anti-aliasing.
+  rendering    the training-data renderer (`data.render`, on kernels.rasterize: Triton on CUDA, the PyTorch reference
+               on CPU). Unlit albedo from textures (perspective-correct UVs, bilinear), vertex or face colours: the
+               paper's "de-lighted" rendering (C.5). A mesh of one colour (no texture; or no colour: grey) is lit by a
+               headlight instead, so that its shape shows. Black background (TRELLIS composites its renders over
+               black), 8-bit colours, no anti-aliasing.
   features     DINOv2 `x_prenorm` patch tokens (the last block's output before the final norm, TRELLIS
                extract_feature.py) of every view, sampled bilinearly at each voxel centre's projection (grid_sample,
                align_corners False: pixel u spans [u, u + 1]) and averaged over the views where the voxel is visible:
@@ -41,8 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.rasterize import rasterize
 from sam3d_core.config import LatentEncoderConfig
+from sam3d_core.data.render import Light, Placed, RenderMesh, render_view
 from sam3d_core.models.condition import IMAGENET_MEAN, IMAGENET_STD
 from sam3d_core.models.dinov2 import DinoVisionTransformer
 from sam3d_core.models.slat_vae import SLatEncoder, radical_inverse
@@ -52,7 +53,7 @@ from sam3d_core.registry import encoder_preset
 
 GRID = 64  # the occupancy / SLAT grid
 BOUNDS_TOLERANCE = 0.01  # how far (local units) a vertex may stray outside [-0.5, 0.5]^3
-GREY = 0.8  # albedo of meshes without colour
+GREY = 0.7  # albedo of meshes without colour (as data.meshio)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -103,77 +104,79 @@ def project(points: torch.Tensor, views: Views) -> tuple[torch.Tensor, torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------------
-# Rendering (albedo + depth)
+# Rendering (albedo + depth), through the training-data renderer
 # ---------------------------------------------------------------------------------------------------
 
-
-@dataclass
-class Albedo:
-    """A mesh's colour source, one of: per-vertex rgb [V, 3], per-face rgb [F, 3], (uv [V, 2], texture [3, H, W]
-    with factor [3]); all None: grey with a headlight. Colours in [0, 1]."""
-
-    vertex: torch.Tensor | None = None
-    face: torch.Tensor | None = None
-    uv: torch.Tensor | None = None
-    texture: torch.Tensor | None = None
-    factor: torch.Tensor | None = None
-
-    @classmethod
-    def of(cls, mesh) -> Albedo:
-        """Read trimesh visuals: textures (PBR base colour x factor, or a simple material's image), vertex colours,
-        face colours; a material without an image gives its flat colour."""
-        visual = mesh.visual
-        if visual.kind == "texture":
-            mat = visual.material
-            image = getattr(mat, "baseColorTexture", None)
-            image = getattr(mat, "image", None) if image is None else image
-            factor = getattr(mat, "baseColorFactor", None)
-            factor = getattr(mat, "diffuse", None) if factor is None and image is None else factor
-            rgb = np.ones(3) if factor is None else np.asarray(factor)[:3]
-            rgb = torch.as_tensor(rgb / 255.0 if np.issubdtype(rgb.dtype, np.integer) else rgb).float()  # uint8 RGBA
-            if image is not None and visual.uv is not None and len(visual.uv) == len(mesh.vertices):
-                tex = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-                return cls(uv=torch.as_tensor(np.asarray(visual.uv), dtype=torch.float32), texture=tex, factor=rgb)
-            return cls(face=rgb.expand(len(mesh.faces), 3).clone())
-        if visual.kind == "vertex":
-            return cls(vertex=torch.from_numpy(np.asarray(visual.vertex_colors)[:, :3] / 255.0).float())
-        if visual.kind == "face":
-            return cls(face=torch.from_numpy(np.asarray(visual.face_colors)[:, :3] / 255.0).float())
-        return cls()
+# Light directions point towards the light in the PyTorch3D camera frame: -z is the camera's side.
+DELIT = Light(np.array([0.0, 0.0, -1.0]), ambient=1.0, diffuse=0.0)  # albedo as is (paper C.5)
+HEADLIGHT = Light(np.array([0.0, 0.0, -1.0]), ambient=0.3, diffuse=0.7)  # for meshes of one colour
 
 
-def render_view(
-    vertices: torch.Tensor, faces: torch.Tensor, normals: torch.Tensor, albedo: Albedo, views: Views, index: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One view of a mesh (vertices [V, 3] local, faces [F, 3], face normals [F, 3]) -> rgb [3, S, S] in [0, 1] and
-    depth [S, S] (camera z, inf where empty)."""
+def render_mesh(mesh, device: str | torch.device = "cpu") -> RenderMesh:
+    """A trimesh.Trimesh (texture: PBR base colour x factor, or a simple material's image; vertex or face colours;
+    none: grey) or a `data.meshio.Asset` (vertex colours and any number of textures) -> RenderMesh on `device`."""
+    if hasattr(mesh, "colors") and hasattr(mesh, "textures"):  # a meshio.Asset
+        return RenderMesh.from_asset(mesh, device)
+    v = np.asarray(mesh.vertices, dtype=np.float32)
+    f = np.asarray(mesh.faces, dtype=np.int64)
+    visual, grey = getattr(mesh, "visual", None), np.full((len(v), 3), GREY, np.float32)
+    kind = getattr(visual, "kind", None)
+    if kind == "vertex":
+        return _render_mesh(v, f, np.asarray(visual.vertex_colors, np.float32)[:, :3] / 255.0, device)
+    if kind == "face":  # unshare the vertices so that each face keeps its colour
+        fc = np.asarray(visual.face_colors, np.float32)[:, :3] / 255.0
+        return _render_mesh(v[f].reshape(-1, 3), np.arange(3 * len(f)).reshape(-1, 3), np.repeat(fc, 3, 0), device)
+    if kind != "texture":
+        return _render_mesh(v, f, grey, device)
+    mat = visual.material
+    image = getattr(mat, "baseColorTexture", None)
+    image = getattr(mat, "image", None) if image is None else image
+    factor = getattr(mat, "baseColorFactor", None)
+    factor = getattr(mat, "diffuse", None) if factor is None and image is None else factor
+    rgb = np.ones(3) if factor is None else np.asarray(factor)[:3]
+    rgb = (rgb / 255.0 if np.issubdtype(rgb.dtype, np.integer) else rgb).astype(np.float32)  # uint8 RGBA usually
+    colours = np.broadcast_to(rgb, (len(v), 3)).copy()
+    if image is None or visual.uv is None or len(visual.uv) != len(v):
+        return _render_mesh(v, f, colours, device)
+    tex = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    uv = np.asarray(visual.uv, np.float32)
+    return _render_mesh(v, f, colours, device, uv, np.zeros(len(f), np.int64), tex)
+
+
+def _render_mesh(v, f, colours, device, uvs=None, face_texture=None, texture=None) -> RenderMesh:
+    t = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
+    return RenderMesh(
+        t(v),
+        t(f, torch.int64),
+        t(colours),
+        None if uvs is None else t(uvs),
+        None if face_texture is None else t(face_texture, torch.int64),
+        () if texture is None else (t(texture),),
+    )
+
+
+def one_colour(mesh: RenderMesh) -> bool:
+    """No texture and a single vertex colour: an unlit render would show a flat silhouette."""
+    return mesh.uvs is None and bool((mesh.colors == mesh.colors[:1]).all())
+
+
+def render(mesh: RenderMesh, views: Views, index: int, light: Light) -> tuple[torch.Tensor, torch.Tensor]:
+    """View `index` of a mesh in the local frame -> rgb [3, S, S] float in [0, 1] (black background) and depth
+    [S, S] (camera z, inf where empty), on the mesh's device."""
+    w2c = views.world_to_camera[index].double().cpu().numpy()
+    flip = np.diag([-1.0, -1.0, 1.0])  # OpenCV camera -> PyTorch3D camera
+    rotation_rowvec, translation = (flip @ w2c[:3, :3]).T, flip @ w2c[:3, 3]
     s = views.size
-    one = Views(views.world_to_camera[index : index + 1], views.K, s)
-    uv, z = project(vertices, one)  # [1, V, 2], [1, V]
-    # The rasterizer interpolates linearly in screen space, where 1/z is exact; smaller key = nearer.
-    raster = rasterize(torch.cat([uv[0], -1.0 / z[0, :, None]], dim=1), faces, s, s)
-    hit = raster.mask  # [S, S]
-    fid = raster.face_id[hit].long()  # [P]
-    corner = faces.long()[fid]  # [P, 3]
-    inv_z = (raster.bary[hit] / z[0][corner]).sum(1)  # [P] 1 / depth
-    depth = torch.full((s, s), math.inf, device=vertices.device)
-    depth[hit] = 1.0 / inv_z
-    w = raster.bary[hit] / z[0][corner] / inv_z[:, None]  # [P, 3] perspective-correct weights
-    if albedo.uv is not None:
-        uv_pix = (albedo.uv[corner] * w[..., None]).sum(1) % 1.0  # [P, 2], repeat wrapping
-        grid = torch.stack([uv_pix[:, 0] * 2 - 1, (1 - uv_pix[:, 1]) * 2 - 1], dim=1)  # UV v points up
-        colour = F.grid_sample(albedo.texture[None], grid[None, None], align_corners=False)[0, :, 0].T
-        colour = colour * albedo.factor
-    elif albedo.vertex is not None:
-        colour = (albedo.vertex[corner] * w[..., None]).sum(1)
-    elif albedo.face is not None:
-        colour = albedo.face[fid]
-    else:  # no colour: grey, lit from the camera so that the shape reads
-        facing = (normals[fid] @ one.world_to_camera[0, :3, :3].T)[:, 2].abs()  # |n . view axis|
-        colour = (GREY * (0.3 + 0.7 * facing))[:, None].expand(-1, 3)
-    rgb = torch.zeros(3, s, s, device=vertices.device)
-    rgb[:, hit] = colour.T.clamp(0, 1)
-    return rgb, depth
+    view = render_view(
+        [Placed(mesh, rotation_rowvec, translation, 1.0)],
+        views.K.double().cpu().numpy(),
+        s,
+        s,
+        light,
+        amodal=False,
+        to_numpy=False,
+    )
+    return view.rgb.permute(2, 0, 1).float() / 255.0, view.depth
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -254,6 +257,11 @@ class LatentEncoder:
         enc = cls(cfg, *nets, device=device, weights_id=f"ss:{ss_id} slat:{slat_id}")
         return enc if num_views is None else enc.with_views(num_views)
 
+    @classmethod
+    def load(cls, name: str, device: str | torch.device = "cpu") -> LatentEncoder:
+        """`from_imported(name)` with the official 150 views: what `sam3d data ... --encoder NAME` resolves."""
+        return cls.from_imported(name, device=device)
+
     def with_views(self, num_views: int, view_seed: int | None = None) -> LatentEncoder:
         """The same networks with another camera set (fewer views: faster, noisier features)."""
         seed = self.cfg.view_seed if view_seed is None else view_seed
@@ -277,10 +285,8 @@ class LatentEncoder:
         view have count 0 and features 0.
         """
         dev, s = self.device, self.cfg.dino.image_size
-        vertices = torch.as_tensor(np.asarray(mesh.vertices, dtype=np.float32), device=dev)
-        faces = torch.as_tensor(np.asarray(mesh.faces, dtype=np.int64), device=dev)
-        normals = torch.as_tensor(np.asarray(mesh.face_normals, dtype=np.float32), device=dev)
-        albedo = Albedo(**{k: None if v is None else v.to(dev) for k, v in vars(Albedo.of(mesh)).items()})
+        rmesh = render_mesh(mesh, dev)
+        light = HEADLIGHT if one_colour(rmesh) else DELIT
         views = Views(self.views.world_to_camera.to(dev), self.views.K.to(dev), s)
         centres = (torch.as_tensor(occupancy, device=dev).float() + 0.5) / GRID - 0.5  # [N, 3]
         uv, z = project(centres, views)  # [V, N, 2], [V, N]
@@ -291,7 +297,7 @@ class LatentEncoder:
         side = s // self.cfg.dino.patch_size
         for start in range(0, self.cfg.num_views, self.cfg.views_per_batch):
             idx = range(start, min(start + self.cfg.views_per_batch, self.cfg.num_views))
-            rendered = [render_view(vertices, faces, normals, albedo, views, i) for i in idx]
+            rendered = [render(rmesh, views, i, light) for i in idx]
             rgb = torch.stack([r[0] for r in rendered])  # [B, 3, S, S]
             tokens = self.dino.forward_features((rgb - mean) / std)["x_prenorm"]  # [B, 1 + R + P, C]
             fmap = tokens[:, 1 + self.cfg.dino.num_register_tokens :].transpose(1, 2).reshape(len(idx), c, side, side)
@@ -311,8 +317,9 @@ class LatentEncoder:
 
     @torch.no_grad()
     def encode_sample(self, mesh, occupancy: np.ndarray) -> dict[str, np.ndarray]:
-        """mesh (trimesh.Trimesh in the local frame [-0.5, 0.5]^3, z up), occupancy [N, 3] int voxel indices on the
-        64^3 grid -> dict(ss_latent [8, 16, 16, 16] float32, slat_coords [M, 3] int64, slat_feats [M, 8] float32).
+        """mesh (trimesh.Trimesh in the local frame [-0.5, 0.5]^3, z up; or a `data.meshio.Asset`, whose textures
+        it keeps), occupancy [N, 3] int voxel indices on the 64^3 grid
+        -> dict(ss_latent [8, 16, 16, 16] float32, slat_coords [M, 3] int64, slat_feats [M, 8] float32).
 
         Raises ValueError naming the problem for a mesh without faces or outside the local frame, bad occupancy, or
         an occupancy that no view sees (not made from this mesh?).
