@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from sam3d_core.cli.encoders import add_fit_encoder_parser
 from sam3d_core.cli.segment import path_arg
 from sam3d_core.inputs import depth
 from sam3d_core.inputs.depth import MOGE_DEFAULT_WEIGHTS, import_depth_weights
@@ -35,6 +36,8 @@ def cmd_weights(args: argparse.Namespace) -> int:
             f"into {rep.folder} in {time.perf_counter() - t0:.1f} s"
             + (f"; {rep.ignored_keys} other entries ignored" if rep.ignored_keys else "")
         )
+        for note in rep.notes:
+            print(f"note: {note}")
     elif args.action == "list":
         models = hub.list_models()
         sams = sam_weights.list_sam()
@@ -233,4 +236,5 @@ def add_weights_parser(subparsers) -> argparse.ArgumentParser:
     add_weights_sam_parser(wsub)
     add_download_parser(wsub)
     add_depth_parser(wsub)
+    add_fit_encoder_parser(wsub)
     return w

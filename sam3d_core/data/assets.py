@@ -128,7 +128,7 @@ def prepare_asset(
     if reason := guard.mesh_reason(asset.sha256, path, occ):
         raise PermissionError(reason)
     try:
-        latents = encode_latents(encoder, asset.trimesh, occ)
+        latents = encode_latents(encoder, asset, occ)  # the Asset: geometry, colours and textures
     except Exception as e:  # the encoder is someone else's code: one failure must not stop the build
         raise EncoderFailed(f"the latent encoder failed on it ({type(e).__name__}: {e})") from None
     parts = Path(rel).parts

@@ -24,7 +24,10 @@ PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 class LatentEncoderLike(Protocol):
-    """What a builder needs from a latent encoder (implemented by `sam3d_core.data.latents.LatentEncoder`)."""
+    """What a builder needs from a latent encoder (implemented by `sam3d_core.data.latents.LatentEncoder`).
+
+    mesh: the `meshio.Asset` in the local frame (its colours and textures feed the SLAT features), or a
+    trimesh.Trimesh."""
 
     def encode_sample(self, mesh, occupancy: np.ndarray) -> dict[str, np.ndarray]: ...
 

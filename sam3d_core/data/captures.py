@@ -168,7 +168,7 @@ def capture_sample(folder: Path, settings: CaptureSettings, encoder: LatentEncod
         R, t, s = fit.rotation, fit.translation, fit.scale
         prov |= {"pose_source": "fitted", "fit_iou": round(fit.iou, 4), "fit_evaluations": fit.evaluations}
     try:
-        latents = encode_latents(encoder, asset.trimesh, occ)
+        latents = encode_latents(encoder, asset, occ)  # the Asset: geometry, colours and textures
     except Exception as e:  # the encoder is someone else's code: one failure must not stop the build
         raise CaptureError("encoder failed", f"{type(e).__name__}: {e}") from None
     licence_path = folder / "licence.txt"

@@ -1,10 +1,11 @@
-"""SLAT decoders: the shared swin sparse transformer, the Gaussian decoder and the mesh decoder network.
+"""SLAT VAE: the shared swin sparse transformer, the encoder, the Gaussian decoder and the mesh decoder network.
 
 A structured latent (SLAT) is a set of active voxels on the 64³ grid, `coords [N, 4]` int (batch, x, y, z),
 with `feats [N, 8]` (de-normalised). Both decoders run the same sparse transformer over the voxels
 (shifted-window self-attention, window 8, shift 4 on odd blocks). The Gaussian decoder turns each voxel
 into `num_gaussians` 3D Gaussians; the mesh decoder subdivides twice to the 256³ grid and predicts the
-101 FlexiCubes channels per fine voxel (the FlexiCubes extraction itself lives elsewhere).
+101 FlexiCubes channels per fine voxel (the FlexiCubes extraction itself lives elsewhere). The encoder runs the
+same transformer over per-voxel DINO features (1024-d) and gives each voxel's latent mean and log-variance.
 Parameter names match the official flat checkpoints (strict load).
 """
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from kernels.sparse_attention import windowed_attention
 from kernels.sparse_conv import build_neighbour_map
-from sam3d_core.config import SLatGaussianDecoderConfig, SLatMeshDecoderConfig
+from sam3d_core.config import SLatEncoderConfig, SLatGaussianDecoderConfig, SLatMeshDecoderConfig
 from sam3d_core.geometry.gaussians import Gaussians
 from sam3d_core.models.layers import FeedForwardNet, LayerNorm32, SparseConv3d, absolute_position_embedding
 
@@ -98,6 +99,34 @@ class SparseTransformerBase(nn.Module):
         for block in self.blocks:
             h = block(h, coords)
         return h
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoder
+# ---------------------------------------------------------------------------------------------------
+
+
+class SLatEncoder(SparseTransformerBase):
+    """Per-voxel features [N, in_channels] on the 64³ grid -> (mean, logvar) [N, 8] each (official `SLatEncoder`).
+
+    The shared transformer, a LayerNorm without affine parameters, then `out_layer` to 2 * latent_channels.
+    The mean is the (de-normalised) SLAT the decoders read. Official keys: 2 + 8 per block + 2 tensors.
+    """
+
+    def __init__(self, cfg: SLatEncoderConfig):
+        super().__init__(
+            cfg.in_channels, cfg.model_channels, cfg.num_blocks, cfg.num_heads, cfg.mlp_ratio, cfg.window_size
+        )
+        self.cfg = cfg
+        self.out_layer = nn.Linear(cfg.model_channels, 2 * cfg.latent_channels)
+
+    def forward(self, feats: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats [N, in_channels], coords [N, 4] int (batch, x, y, z) -> float32 (mean, logvar), [N, 8] each."""
+        h = super().forward(feats.to(self.input_layer.weight.dtype), coords).float()
+        h = F.layer_norm(h, h.shape[-1:])  # eps 1e-5, no affine
+        h = self.out_layer(h.to(self.out_layer.weight.dtype)).float()  # [N, 2 * C_lat]
+        mean, logvar = h.chunk(2, dim=-1)
+        return mean, logvar
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from sam3d_core.config import (
     POSE_LATENTS,
@@ -26,10 +27,12 @@ from sam3d_core.config import (
     PointmapEmbedConfig,
     PreprocessConfig,
     SamplerConfig,
+    SLatEncoderConfig,
     SLatFlowConfig,
     SLatGaussianDecoderConfig,
     SLatMeshDecoderConfig,
     SSDecoderConfig,
+    SSEncoderConfig,
     SSFlowConfig,
     Stage1Config,
     Stage2Config,
@@ -84,6 +87,12 @@ STAGE2_COMPONENTS = (
     Component("slat_decoder_gs", None, (("", "decoder_gs."),), "SLatGaussianDecoderTdfyWrapper"),
     Component("slat_decoder_mesh", None, (("", "decoder_mesh."),), "SLatMeshDecoderTdfyWrapper"),
 )
+
+
+# The encoders (released after the first revision, whose encoder files were empty): flat state dicts, loaded
+# by the official pipeline with state_dict_key None, as the decoders. Our modules are the encoders themselves.
+SS_ENCODER_COMPONENTS = (Component("ss_encoder", None, (("", ""),), "SparseStructureEncoderTdfyWrapper"),)
+SLAT_ENCODER_COMPONENTS = (Component("slat_encoder", None, (("", ""),), "SLatEncoderTdfyWrapper"),)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +409,64 @@ def mesh_decoder_config(data: dict, where: str) -> SLatMeshDecoderConfig:
     return SLatMeshDecoderConfig(**_swin(data, where), use_color=use_color)
 
 
+def encoder_files(folder: Path, name: str) -> tuple[Path, Path]:
+    """(YAML, weights) of encoder `name` ("ss_encoder" | "slat_encoder"): pipeline.yaml's `<name>_config_path` /
+    `<name>_ckpt_path` where it names them, else `<name>.yaml` and `<name>.ckpt` (or a non-empty
+    `<name>.safetensors` when the .ckpt is absent or empty; the official loader reads either)."""
+    pipeline = {}
+    if (folder / "pipeline.yaml").is_file():
+        pipeline = read_yaml(folder / "pipeline.yaml")
+    yaml_path = folder / str(pipeline.get(f"{name}_config_path") or f"{name}.yaml")
+    weights = folder / str(pipeline.get(f"{name}_ckpt_path") or f"{name}.ckpt")
+    alt = weights.with_suffix(".safetensors")
+    if (not weights.is_file() or weights.stat().st_size == 0) and alt.is_file() and alt.stat().st_size:
+        weights = alt
+    return yaml_path, weights
+
+
+def ss_encoder_config(data: dict, where: str) -> SSEncoderConfig:
+    _check_target(data, "SparseStructureEncoderTdfyWrapper", where)
+    if data.get("norm_type", "layer") != "layer":
+        raise CheckpointError(f"{where}: norm_type {data.get('norm_type')!r} unsupported (expected 'layer')")
+    return SSEncoderConfig(
+        in_channels=int(data.get("in_channels", 1)),
+        latent_channels=int(_get(data, "latent_channels", where)),
+        channels=tuple(int(c) for c in _get(data, "channels", where)),
+        num_res_blocks=int(_get(data, "num_res_blocks", where)),
+        num_res_blocks_middle=int(data.get("num_res_blocks_middle", 2)),
+    )
+
+
+def slat_encoder_config(data: dict, where: str) -> SLatEncoderConfig:
+    _check_target(data, "SLatEncoderTdfyWrapper", where)
+    if data.get("attn_mode", "swin") != "swin":
+        raise CheckpointError(f"{where}: attn_mode {data.get('attn_mode')!r} unsupported (expected 'swin')")
+    if data.get("pe_mode", "ape") != "ape" or data.get("qk_rms_norm", False):
+        raise CheckpointError(f"{where}: only pe_mode 'ape' without qk_rms_norm is supported")
+    width = int(_get(data, "model_channels", where))
+    return SLatEncoderConfig(
+        resolution=int(_get(data, "resolution", where)),
+        in_channels=int(_get(data, "in_channels", where)),
+        model_channels=width,
+        latent_channels=int(_get(data, "latent_channels", where)),
+        num_blocks=int(_get(data, "num_blocks", where)),
+        # the official default when the YAML gives no head count: 64 channels per head
+        num_heads=int(data.get("num_heads") or width // int(data.get("num_head_channels", 64))),
+        mlp_ratio=float(data.get("mlp_ratio", 4)),
+        window_size=int(data.get("window_size", 8)),
+    )
+
+
+def ss_encoder_config_from_official(folder: Path) -> SSEncoderConfig:
+    yaml_path, _ = encoder_files(folder, "ss_encoder")
+    return ss_encoder_config(read_yaml(yaml_path), yaml_path.name)
+
+
+def slat_encoder_config_from_official(folder: Path) -> SLatEncoderConfig:
+    yaml_path, _ = encoder_files(folder, "slat_encoder")
+    return slat_encoder_config(read_yaml(yaml_path), yaml_path.name)
+
+
 def stage2_config_from_official(folder: Path) -> Stage2Config:
     """Read pipeline.yaml, slat_generator.yaml and the Gaussian and mesh decoder YAMLs."""
     pipeline = read_yaml(folder / "pipeline.yaml")
@@ -445,9 +512,15 @@ def stage2_config_from_official(folder: Path) -> Stage2Config:
 
 
 def load_official_checkpoint(path: Path) -> dict:
-    """torch.load with weights_only=True (never unpickles code) and mmap (no RAM copy of 6 GB files)."""
+    """torch.load with weights_only=True (never unpickles code) and mmap (no RAM copy of 6 GB files); a
+    `.safetensors` file (offered for the encoders) through safetensors."""
     if not path.is_file():
         raise CheckpointError(f"missing {path.name} in {path.parent}; {WHERE_TO_GET}")
+    if path.suffix == ".safetensors":  # tensors only by design (the official loader accepts these too)
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises SafetensorError or OSError on a damaged file
+            raise CheckpointError(f"{path} cannot be read ({e}); it is corrupt or truncated: re-download it") from None
     if not zipfile.is_zipfile(path):
         raise CheckpointError(
             f"{path} ({path.stat().st_size} bytes) is truncated or not a PyTorch checkpoint "
