@@ -9,6 +9,7 @@ from sam3d_core.cli.doctor import add_doctor_parser
 from sam3d_core.cli.reconstruct import add_reconstruct_parsers
 from sam3d_core.cli.segment import add_segment_parser
 from sam3d_core.cli.serve import add_serve_parser
+from sam3d_core.cli.train import add_train_parser
 from sam3d_core.cli.weights import add_weights_parser
 from sam3d_core.inputs.imageio import InputError
 from sam3d_core.pipeline.errors import ReconstructionError
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_reconstruct_parsers(sub)
     add_doctor_parser(sub)
     add_serve_parser(sub)
+    add_train_parser(sub)
     return p
 
 
