@@ -76,3 +76,21 @@ def tiny(name: str, data: Path, output: Path, **kw):
         grad_checkpointing=False,
     )
     return recipe(name, **{**base, **kw}).check()
+
+
+def objective_and_batch(name: str, n: int = 2, seed: int = 0, **kw):
+    """(Objective, Batch, Draws) of recipe `name` at the tiny preset, on n fixed samples, on the CPU."""
+    import torch
+
+    from sam3d_core.training.data import Collate
+    from sam3d_core.training.loop import build_objective, load_base
+    from sam3d_core.training.objective import draw
+
+    cfg = recipe(name, base="random", preset="tiny", data=("unused",), output="unused", **kw).check()
+    stage_model, _ = load_base(cfg)
+    obj = build_objective(cfg, stage_model)
+    batch = Collate(stage_model.cfg, cfg.stage, pairs=cfg.objective == "dpo")(
+        [make_sample(i, pairs=cfg.objective == "dpo") for i in range(n)]
+    )
+    draws = draw(cfg, stage_model.cfg, batch, torch.Generator().manual_seed(seed))
+    return obj, batch, draws

@@ -22,8 +22,8 @@ def _fmt_time(s: float) -> str:
 class ProgressBar:
     """step / steps, loss, samples per second and ETA on one line of stderr (a line per 5% when not a tty)."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
         self.tty = stream.isatty()
         self.last_pct = -1
         self.t0 = time.perf_counter()

@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,8 +168,11 @@ def latest(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load(path: Path, signature: dict) -> tuple[RunState, dict, dict | None, dict]:
-    """(state, trainable tensors, EMA tensors or None, optimizer state) of a checkpoint; RNG states restored.
+def load(path: Path, signature: dict) -> tuple[RunState, dict, dict | None, dict, Callable[[], None]]:
+    """(state, trainable tensors, EMA tensors or None, optimizer state, restore_rng) of a checkpoint.
+
+    restore_rng() sets the generators to their saved states; call it just before the first resumed step
+    (after anything that draws at start-up, such as creating the data-loader iterator, as the saving run did).
 
     A checkpoint whose signature differs from `signature` (another stage, model, base weights or set of
     trained parameters) is refused with the differences named.
@@ -192,9 +196,9 @@ def load(path: Path, signature: dict) -> tuple[RunState, dict, dict | None, dict
     trainable = load_bytes((path / "trainable.safetensors").read_bytes())
     ema = load_bytes((path / "ema.safetensors").read_bytes()) if (path / "ema.safetensors").is_file() else None
     optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    _set_rng_state(load_bytes((path / "rng.safetensors").read_bytes()), info["rng"])
+    rng = load_bytes((path / "rng.safetensors").read_bytes())
     state = RunState(info["step"], info["data_position"], theirs, info.get("metrics", {}), info.get("elapsed_s", 0.0))
-    return state, trainable, ema, optimizer
+    return state, trainable, ema, optimizer, lambda: _set_rng_state(rng, info["rng"])
 
 
 def _short(v) -> str:

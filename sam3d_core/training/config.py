@@ -210,6 +210,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         lr=1e-5,
         batch_size=6,
         ema_decay=0.0,
+        grad_checkpointing=True,  # chosen + rejected: twice the activations of SFT
         time_sampler="uniform",
         p_uncond=0.0,
         pointmap_dropout=0.0,
@@ -223,6 +224,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         lr=5e-6,
         batch_size=3,
         ema_decay=0.0,
+        grad_checkpointing=True,
         time_sampler="uniform",
         p_uncond=0.0,
     ),

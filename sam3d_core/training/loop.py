@@ -18,11 +18,13 @@ import hashlib
 import json
 import math
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
@@ -272,35 +274,45 @@ def _run_micro(model, batch, draws, device, cfg, sync_ctx, accum: int) -> tuple[
     return loss.detach().float(), parts
 
 
+def _first_sample(batch, draws, stage: int):
+    """The micro-batch cut to its first sample (to measure one sample's activations)."""
+    if stage == 1:
+        target = {k: v[:1] for k, v in batch.target.items()}
+        rejected = None if batch.rejected is None else {k: v[:1] for k, v in batch.rejected.items()}
+        noise = {k: v[:1] for k, v in draws.noise.items()}
+    else:
+        keep = batch.target["coords"][:, 0] == 0
+        target = {k: v[keep] for k, v in batch.target.items()}
+        noise = {"chosen": draws.noise["chosen"][keep.to(draws.noise["chosen"].device)]}
+        rejected = None
+        if batch.rejected is not None:
+            rkeep = batch.rejected["coords"][:, 0] == 0
+            rejected = {k: v[rkeep] for k, v in batch.rejected.items()}
+            noise["rejected"] = draws.noise["rejected"][rkeep.to(draws.noise["rejected"].device)]
+    one = dataclasses.replace(
+        batch, views={k: v[:1] for k, v in batch.views.items()}, target=target, rejected=rejected, ids=batch.ids[:1]
+    )
+    one_draws = dataclasses.replace(
+        draws, t=draws.t[:1], noise=noise, keep_cond=draws.keep_cond[:1], keep_pointmap=draws.keep_pointmap[:1],
+        d=draws.d[:1],
+    )  # fmt: skip
+    return one, one_draws
+
+
 def _oom_message(model, batch, draws, device, cfg, d, micro: int, footprint: memory.Footprint) -> str:
     """After an out-of-memory error: measure one sample's activations and name the setting that fits."""
     model.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    one = dataclasses.replace(
-        batch,
-        views={k: v[:1] for k, v in batch.views.items()},
-        target={k: v[:1] for k, v in batch.target.items()} if cfg.stage == 1 else batch.target,
-        rejected=None if batch.rejected is None or cfg.stage == 2 else {k: v[:1] for k, v in batch.rejected.items()},
-        ids=batch.ids[:1],
-    )
     per_sample = None
-    if cfg.stage == 1:
-        try:
-            one_draws = dataclasses.replace(
-                draws,
-                t=draws.t[:1],
-                noise={k: v[:1] for k, v in draws.noise.items()},
-                keep_cond=draws.keep_cond[:1],
-                keep_pointmap=draws.keep_pointmap[:1],
-                d=draws.d[:1],
-            )
-            _run_micro(model, one, one_draws, device, cfg, contextlib.nullcontext(), 1)
-            per_sample = torch.cuda.max_memory_allocated(device) - base
-        except torch.OutOfMemoryError:
-            per_sample = None
-        model.zero_grad(set_to_none=True)
+    try:
+        one, one_draws = _first_sample(batch, draws, cfg.stage)
+        _run_micro(model, one, one_draws, device, cfg, contextlib.nullcontext(), 1)
+        per_sample = torch.cuda.max_memory_allocated(device) - base
+    except torch.OutOfMemoryError:
+        per_sample = None
+    model.zero_grad(set_to_none=True)
     total = torch.cuda.get_device_properties(device).total_memory
     return memory.fit_advice(
         total,
@@ -339,10 +351,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: Progre
         )
     accum = cfg.batch_size // (micro * d.world)
     run = _check_run_dir(cfg, resume)
-    distributed.barrier(d)
-    if d.main:
-        run.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(run / RUN_FILE, {"format": "sam3d-train-run", "config": to_mapping(cfg)})
+
+    # every draw outside the per-micro-batch generators (peft's adapter initialisation, LoRA dropout) is seeded
+    random.seed(cfg.seed + d.rank)
+    np.random.seed(cfg.seed + d.rank)
+    torch.manual_seed(cfg.seed * 1000 + d.rank)  # DDP then copies rank 0's initial weights to the others
 
     # 2. data (the first sample is converted now: a missing target fails before the model loads)
     train_ds = open_dataset(cfg.data, "data")
@@ -350,6 +363,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: Progre
     stage_model, base = load_base(cfg)
     collate = Collate(stage_model.cfg, cfg.stage, pairs=cfg.objective == "dpo")
     collate([train_ds[0]])
+    distributed.barrier(d)
+    if d.main:  # the run folder is made once the inputs are known to be usable
+        run.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(run / RUN_FILE, {"format": "sam3d-train-run", "config": to_mapping(cfg)})
 
     # 3. the model
     obj = build_objective(cfg, stage_model)
@@ -374,10 +391,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: Progre
     sd_opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
     # 5. resume
-    start, elapsed, last = 0, 0.0, {}
+    start, elapsed, last, restore_rng = 0, 0.0, {}, None
     ckpt = checkpoint.latest(run) if resume else None
     if ckpt is not None:
-        state, trainable, ema_state, opt_state = checkpoint.load(ckpt, signature)
+        state, trainable, ema_state, opt_state, restore_rng = checkpoint.load(ckpt, signature)
         set_model_state_dict(model, trainable, options=StateDictOptions(full_state_dict=True, strict=False))
         set_optimizer_state_dict(
             model, optimizer, opt_state["optimizer"], options=StateDictOptions(full_state_dict=True)
@@ -421,7 +438,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: Progre
 
     # 6. the steps
     loss_value = float("nan")
-    it = iter(loader)
+    it = iter(loader)  # draws a seed from the global generator, in the first run as in a resumed one
+    if restore_rng is not None:
+        restore_rng()
     t_start = time.perf_counter() - elapsed
     t_window, n_window = time.perf_counter(), 0
     for step in range(start, cfg.steps):
@@ -439,7 +458,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: Progre
             except torch.OutOfMemoryError:
                 if step != start:
                     raise
-                raise memory.GPUTooSmall(_oom_message(model, batch, draws, d.device, cfg, d, micro, fp)) from None
+                loss = None  # measured below, once the failed pass's tensors are released
+            if loss is None:
+                raise memory.GPUTooSmall(_oom_message(model, batch, draws, d.device, cfg, d, micro, fp))
             total_loss += loss / accum
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0) + v.float() / accum
@@ -448,6 +469,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: Progre
             if cfg.grad_clip > 0
             else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         )
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm of sharded gradients is a DTensor
+            grad_norm = grad_norm.full_tensor()
         stats = distributed.mean(torch.stack([total_loss, grad_norm.float().to(d.device)]), d)
         loss_value, norm_value = (float(x) for x in stats.tolist())
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):

@@ -63,27 +63,28 @@ def fit_advice(
     )
     if per_sample is not None and static + per_sample <= usable:
         fit = max(1, int((usable - static) // per_sample))
-        fit = min(fit, micro_batch - 1)
+        fit = max(1, min(fit, micro_batch - 1))
         accum = -(-batch_size // (fit * world))
         return (
             f"{head} and one sample's activations {per_sample / GiB:.1f} GiB. micro_batch = {fit} fits: set "
             f"micro_batch = {fit} (batch_size = {batch_size} is kept by accumulating {accum} micro-batches"
-            f"{'' if batch_size % (fit * world) == 0 else '; choose a batch_size divisible by micro_batch x processes'})"
+            + ("" if batch_size % (fit * world) == 0 else "; choose a batch_size divisible by micro_batch x processes")
+            + ")"
             + ("" if checkpointing else ", or set grad_checkpointing = true to fit more samples per pass")
             + "."
         )
     options = []
     if not checkpointing:
         options.append("grad_checkpointing = true (recompute activations in the backward pass)")
-    if not lora:
+    if not lora and static > 0.3 * usable:
         options.append("params = 'lora' (trains adapters only: no full-size gradients or optimizer state)")
-    if not fsdp:
+    if not fsdp and static > 0.5 * usable:  # FSDP shards weights and optimizer state, not activations
         n = max(2, -(-int(static) // int(max(usable - (per_sample or 0), 1))) + 1)
         options.append(f"shard the model over {n}+ GPUs: torchrun --nproc-per-node {n} ... with distributed = 'fsdp'")
     if not options:
-        options.append("a GPU with more memory")
-    why = f" and one sample's activations {per_sample / GiB:.1f} GiB" if per_sample is not None else " and one sample"
-    return f"{head}{why} do not fit even at micro_batch = 1. Use " + "; or ".join(options) + "."
+        options.append("fewer voxels or tokens per sample, or a GPU with more memory")
+    what = f"one sample's activations ({per_sample / GiB:.1f} GiB)" if per_sample is not None else "one sample"
+    return f"{head}, and {what} does not fit on top of them even at micro_batch = 1. Use " + "; or ".join(options) + "."
 
 
 def static_advice(total: int, fp: Footprint, world: int, fsdp: bool, lora: bool, device_name: str) -> str | None:
