@@ -44,7 +44,7 @@ def base_state(cfg):
         ("dpo-stage1", {}),
         ("shortcut-stage1", {"shortcut_prob": 1.0, "shortcut_cfg_prob": 1.0}),
         ("sft-stage2", {"grad_checkpointing": True}),
-        ("dpo-stage2", {}),
+        ("dpo-stage2", {"grad_checkpointing": True}),
         ("dpo-stage2", {"params": "full"}),  # the reference is then a frozen copy
     ],
 )

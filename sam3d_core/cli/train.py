@@ -24,7 +24,7 @@ class ProgressBar:
 
     def __init__(self, stream=None):
         self.stream = stream if stream is not None else sys.stderr
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
         self.last_pct = -1
         self.t0 = time.perf_counter()
 

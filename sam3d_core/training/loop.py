@@ -578,7 +578,9 @@ def _export(cfg, model, ema, base, run: Path, d, data_info, steps, elapsed, last
         else:
             adapter = peft_model
     else:
-        stage_model.load_state_dict(trained, strict=False)
+        unexpected = stage_model.load_state_dict(trained, strict=False).unexpected_keys
+        if unexpected:
+            raise CheckpointError(f"trained tensors {unexpected[:3]} are not weights of the stage-{cfg.stage} model")
     card = output.model_card(
         cfg.model_name, to_mapping(cfg), base, data_info, steps, steps * cfg.batch_size,
         torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu", d.world, elapsed,
