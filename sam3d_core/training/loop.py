@@ -608,6 +608,11 @@ def _evaluate(cfg, model, ema, base, run: Path, d, metrics: Metrics, step: int) 
     The evaluation package is built separately; when it is absent the hook records that it was skipped.
     Protocol: sam3d_core.evaluation.evaluate(model_dir, data_dir) -> {metric: value}.
     """
+    if d.main:  # one evaluated copy of the weights at a time (each is the size of the model)
+        import shutil
+
+        for old in run.glob("eval-*"):
+            shutil.rmtree(old, ignore_errors=True)
     folder = _export(cfg, model, ema, base, run, d, train_ds_info(cfg), step, 0.0, {}, folder_name=f"eval-{step:06d}")
     if not d.main:
         return {}
