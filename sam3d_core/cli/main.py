@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sam3d_core.cli.batch import add_batch_parser
 from sam3d_core.cli.doctor import add_doctor_parser
 from sam3d_core.cli.reconstruct import add_reconstruct_parsers
 from sam3d_core.cli.segment import add_segment_parser
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_reconstruct_parsers(sub)
     add_doctor_parser(sub)
     add_serve_parser(sub)
+    add_batch_parser(sub)
     return p
 
 

@@ -643,8 +643,14 @@ def simplify_piece(vertices: np.ndarray, faces: np.ndarray, target: int) -> tupl
     f = np.ascontiguousarray(faces, dtype=np.int32)
     if len(f) <= target:
         return v.astype(np.float32), f
-    with _SIMPLIFY_LOCK:
-        v2, f2 = simplify(v, f, target_count=max(int(target), 4), preserve_border=True)
+    try:
+        with _SIMPLIFY_LOCK:
+            v2, f2 = simplify(v, f, target_count=max(int(target), 4), preserve_border=True)
+    except TypeError as e:  # preserve_border came with fast-simplification 0.2.0
+        raise ImportError(
+            f"decimating in parts needs fast-simplification >= 0.2.0 (preserve_border): {e}. "
+            "pip install -U 'fast-simplification>=0.2.0'"
+        ) from None
     return v2.astype(np.float32), f2.astype(np.int32)
 
 
