@@ -111,6 +111,74 @@ def _device_default() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def open_photo(
+    photo: str | Path | Photo,
+    *,
+    K: np.ndarray | None = None,
+    fov_deg: float | None = None,
+    depth: np.ndarray | None = None,
+    pointmap: np.ndarray | None = None,
+    depth_model: str | None = "auto",
+    device: str | torch.device = "cpu",
+) -> PhotoContext:
+    """Check the photo and fix its camera once.
+
+    Point map, the first that applies: `pointmap` ("user"); `depth` back-projected with K ("depth"); a
+    depth model's (`sam3d_core.inputs.depth`; source: the model's, e.g. "moge (...)"); else a plane at unit
+    distance ("fallback plane": layout in relative units). `depth_model`: "auto" (the first available
+    adapter; none installed = the plane, cheaply), None or "none" (never), or a registered name (that
+    adapter; InputError when it is unknown or unusable).
+    Intrinsics, the first that applies: `K` or `fov_deg` ("user"); the photo's EXIF focal length
+    ("exif"); the depth model's K when its point map is used ("depth_model"); a 60 degree horizontal
+    field of view ("default_fov").
+    """
+    from sam3d_core.inputs.camera import pointmap_from_depth, resolve_intrinsics
+    from sam3d_core.inputs.depth import DepthModelError, load_depth_model, run_depth_model
+
+    ph = photo if isinstance(photo, Photo) else load_photo(photo)
+    K, source = resolve_intrinsics(ph, K=K, fov=fov_deg)
+    h, w = ph.height, ph.width
+    named = depth_model not in (None, "none", "auto")
+    if named and (pointmap is not None or depth is not None):
+        given = "point map" if pointmap is not None else "depth map"
+        raise InputError(
+            f"depth_model={depth_model!r} was asked for but a {given} was given too; pass one of "
+            "them (depth_model='none' or 'auto' uses the given one)",
+            field="depth_model",
+        )
+    if pointmap is not None:
+        pm = np.asarray(pointmap, dtype=np.float32)
+        if pm.shape != (h, w, 3):
+            raise InputError(
+                f"point map has shape {pm.shape} but the photo is {w}x{h}; expected [{h}, {w}, 3] "
+                "in the PyTorch3D camera frame (x left, y up, z forward)",
+                field="pointmap",
+            )
+        pm_source = "user"
+    elif depth is not None:
+        d = np.asarray(depth, dtype=np.float32)
+        if d.shape != (h, w):
+            raise InputError(
+                f"depth map is {d.shape[1] if d.ndim > 1 else '?'}x{d.shape[0]} but the photo is "
+                f"{w}x{h}; give a depth map of the photo's size (metres along the view axis)",
+                field="depth",
+            )
+        pm, pm_source = pointmap_from_depth(d, K), "depth"
+    else:
+        try:
+            model, _ = load_depth_model(depth_model, device=str(device))
+        except DepthModelError as e:
+            raise InputError(str(e), field="depth_model", details={"depth_model": depth_model}) from None
+        if model is not None:
+            res = run_depth_model(model, ph.rgb)
+            pm, pm_source = res.pointmap_p3d, res.source
+            if source == "default_fov" and res.K is not None:  # user K and EXIF stay first
+                K, source = res.K, "depth_model"
+        else:
+            pm, pm_source = pointmap_from_depth(np.ones((h, w), np.float32), K), "fallback plane"
+    return PhotoContext(ph, np.asarray(K, dtype=np.float64), source, pm, pm_source)
+
+
 class Pipeline:
     """Stage 1 + stage 2 + post-processing, loaded once, for any number of photos and objects."""
 
@@ -226,62 +294,10 @@ class Pipeline:
         pointmap: np.ndarray | None = None,
         depth_model: str | None = "auto",
     ) -> PhotoContext:
-        """Check the photo and fix its camera once.
-
-        Point map, the first that applies: `pointmap` ("user"); `depth` back-projected with K ("depth"); a
-        depth model's (`sam3d_core.inputs.depth`; source: the model's, e.g. "moge (...)"); else a plane at unit
-        distance ("fallback plane": layout in relative units). `depth_model`: "auto" (the first available
-        adapter; none installed = the plane, cheaply), None or "none" (never), or a registered name (that
-        adapter; InputError when it is unknown or unusable).
-        Intrinsics, the first that applies: `K` or `fov_deg` ("user"); the photo's EXIF focal length
-        ("exif"); the depth model's K when its point map is used ("depth_model"); a 60 degree horizontal
-        field of view ("default_fov").
-        """
-        from sam3d_core.inputs.camera import pointmap_from_depth, resolve_intrinsics
-        from sam3d_core.inputs.depth import DepthModelError, load_depth_model, run_depth_model
-
-        ph = photo if isinstance(photo, Photo) else load_photo(photo)
-        K, source = resolve_intrinsics(ph, K=K, fov=fov_deg)
-        h, w = ph.height, ph.width
-        named = depth_model not in (None, "none", "auto")
-        if named and (pointmap is not None or depth is not None):
-            given = "point map" if pointmap is not None else "depth map"
-            raise InputError(
-                f"depth_model={depth_model!r} was asked for but a {given} was given too; pass one of "
-                "them (depth_model='none' or 'auto' uses the given one)",
-                field="depth_model",
-            )
-        if pointmap is not None:
-            pm = np.asarray(pointmap, dtype=np.float32)
-            if pm.shape != (h, w, 3):
-                raise InputError(
-                    f"point map has shape {pm.shape} but the photo is {w}x{h}; expected [{h}, {w}, 3] "
-                    "in the PyTorch3D camera frame (x left, y up, z forward)",
-                    field="pointmap",
-                )
-            pm_source = "user"
-        elif depth is not None:
-            d = np.asarray(depth, dtype=np.float32)
-            if d.shape != (h, w):
-                raise InputError(
-                    f"depth map is {d.shape[1] if d.ndim > 1 else '?'}x{d.shape[0]} but the photo is "
-                    f"{w}x{h}; give a depth map of the photo's size (metres along the view axis)",
-                    field="depth",
-                )
-            pm, pm_source = pointmap_from_depth(d, K), "depth"
-        else:
-            try:
-                model, _ = load_depth_model(depth_model, device=str(self.device))
-            except DepthModelError as e:
-                raise InputError(str(e), field="depth_model", details={"depth_model": depth_model}) from None
-            if model is not None:
-                res = run_depth_model(model, ph.rgb)
-                pm, pm_source = res.pointmap_p3d, res.source
-                if source == "default_fov" and res.K is not None:  # user K and EXIF stay first
-                    K, source = res.K, "depth_model"
-            else:
-                pm, pm_source = pointmap_from_depth(np.ones((h, w), np.float32), K), "fallback plane"
-        return PhotoContext(ph, np.asarray(K, dtype=np.float64), source, pm, pm_source)
+        """Check the photo and fix its camera once (`open_photo`, a depth model on this pipeline's device)."""
+        return open_photo(
+            photo, K=K, fov_deg=fov_deg, depth=depth, pointmap=pointmap, depth_model=depth_model, device=self.device
+        )
 
     def load_mask(self, ctx: PhotoContext, mask) -> np.ndarray:
         return load_mask(mask, ctx.photo)
@@ -477,9 +493,11 @@ class Pipeline:
             shared["preprocess"] = lap("preprocess")
             sampler = s1.cfg.sampler
             report("stage1", 0, steps or (sampler.shortcut_steps if fast else sampler.steps))
-            outs1 = s1.sample_batch(
-                inputs, cond, seeds=seeds, steps=steps, shortcut=fast, progress=lambda i, k: report("stage1", i, k)
-            )
+            opts1 = dict(steps=steps, shortcut=fast, progress=lambda i, k: report("stage1", i, k))
+            if n == 1:  # (the same computation as a batch of one)
+                outs1 = [s1.sample(inputs[0], cond, seed=seeds[0], **opts1)]
+            else:
+                outs1 = s1.sample_batch(inputs, cond, seeds=seeds, **opts1)
             del cond, inputs
         shared["stage1_batch"] = lap("stage1")
         records = []
@@ -535,9 +553,11 @@ class Pipeline:
             cond2 = torch.cat([s2.encode(inp, ctx.shared) for inp, _ in prepared])
             coords = [c for _, c in prepared]
             report("stage2", 0, (None if fast else steps) or s2.cfg.sampler.steps)
-            slats = s2.sample_batch(
-                cond2, coords, seeds=seeds, steps=None if fast else steps, progress=lambda i, k: report("stage2", i, k)
-            )
+            opts2 = dict(steps=None if fast else steps, progress=lambda i, k: report("stage2", i, k))
+            if n == 1:
+                slats = [s2.sample(cond2, coords[0], seed=seeds[0], **opts2)]
+            else:
+                slats = s2.sample_batch(cond2, coords, seeds=seeds, **opts2)
             del cond2
             shared["stage2_batch"] = lap("stage2")
             sampling = shared["stage2_batch"] / n
