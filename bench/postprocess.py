@@ -308,7 +308,8 @@ def run_after(v, f, c, args, device, pool):
     )
     _sync(device)
     times["bake"] = time.perf_counter() - t
-    keep = ("faces_out", "first_pass_parts", "first_pass_faces", "first_pass_seconds", "uv_seconds", "step_seconds")
+    keep = ("faces_out", "first_pass_parts", "first_pass_faces", "first_pass_seconds", "first_pass_part_seconds")
+    keep += ("seconds", "uv_seconds", "step_seconds")
     return uv, texture, times, {k: report[k] for k in keep if k in report}
 
 

@@ -204,3 +204,80 @@ def test_out_of_memory_in_a_batch_continues_one_at_a_time(pipe, scene, one_at_a_
     assert all(r.gaussians is None for r in got)
     assert [r.timings["batch_objects"] for r in got] == [3, 1, 1]
     _assert_same_objects(got, one_at_a_time)
+
+
+# --- on a CUDA GPU (the lead's machine): batched runs agree with one-at-a-time ones ---------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_stage1_batch_agrees_with_one_at_a_time(scene, monkeypatch):
+    """float32 with TF32 off: cuBLAS may pick other kernels for other batch sizes, so close rather than equal."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    rgb, masks, pointmap = scene
+    s1 = Stage1Pipeline.from_random(replace(stage1_preset("tiny"), max_voxels=MAX_VOXELS), seed=0, device="cuda")
+    inputs = [s1.prepare(rgb, m, pointmap) for m in masks]
+    conds = [s1.encode(i) for i in inputs]
+    singles = [s1.sample(i, c, seed=s, steps=2) for i, c, s in zip(inputs, conds, SEEDS, strict=True)]
+    batch = s1.sample_batch(inputs, torch.cat(conds), seeds=SEEDS, steps=2)
+    for a, b in zip(batch, singles, strict=True):
+        for k in a.latents:
+            torch.testing.assert_close(a.latents[k], b.latents[k], rtol=1e-4, atol=1e-4, msg=k)
+        ka, kb = (set(map(tuple, o.coords_original[:, 1:].tolist())) for o in (a, b))
+        assert len(ka & kb) / len(ka | kb) > 0.999
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_of_a_batch_replay_exactly(scene):
+    """bf16: the captured graphs of a 3-object batch give what the eager kernels give, bit for bit."""
+    rgb, masks, pointmap = scene
+    cfg = replace(stage1_preset("tiny"), max_voxels=MAX_VOXELS)
+    graphed = Stage1Pipeline.from_random(cfg, seed=0, device="cuda", dtype=torch.bfloat16)
+    eager = Stage1Pipeline.from_random(cfg, seed=0, device="cuda", dtype=torch.bfloat16)
+    eager.cuda_graphs = False
+    assert graphed.cuda_graphs
+    inputs = [graphed.prepare(rgb, m, pointmap) for m in masks]
+    cond = torch.cat([graphed.encode(i) for i in inputs])
+    a = graphed.sample_batch(inputs, cond, seeds=SEEDS, steps=3)
+    b = eager.sample_batch(inputs, cond, seeds=SEEDS, steps=3)
+    one = graphed.sample(inputs[0], cond[:1], seed=SEEDS[0], steps=3)  # another batch size: its own graphs
+    assert len(graphed._graphs) == 2
+    for x, y in zip(a, b, strict=True):
+        for k in x.latents:
+            torch.testing.assert_close(x.latents[k], y.latents[k], rtol=0, atol=0, msg=k)
+    assert one.latents["shape"].shape == (1, 4096, 8)
+
+
+@pytest.mark.gpu
+def test_cuda_stage2_batch_agrees_with_one_at_a_time(scene, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    rgb, masks, pointmap = scene
+    s1 = Stage1Pipeline.from_random(replace(stage1_preset("tiny"), max_voxels=MAX_VOXELS), seed=0, device="cuda")
+    sizes = (120, 57, 23)
+    coords = [s1(rgb, m, pointmap, seed=s, steps=1).coords[:n] for m, s, n in zip(masks, SEEDS, sizes, strict=True)]
+    s2 = Stage2Pipeline.from_random(stage2_preset("tiny"), seed=1, device="cuda")
+    singles = [s2(rgb, m, c, seed=s, steps=2) for m, c, s in zip(masks, coords, SEEDS, strict=True)]
+    batch = s2.batch(rgb, masks, coords, seeds=SEEDS, steps=2)
+    for a, b in zip(batch, singles, strict=True):
+        torch.testing.assert_close(a.slat_feats, b.slat_feats, rtol=1e-4, atol=1e-4)
+        assert abs(len(a.mesh.faces) - len(b.mesh.faces)) <= 0.01 * len(b.mesh.faces)
+
+
+@pytest.mark.gpu
+def test_cuda_floaters_and_split_run_on_the_gpu():
+    """The mesh chain's first steps on CUDA tensors equal their CPU results."""
+    from sam3d_core.export.cleanup import drop_floaters, split_mesh
+
+    trimesh = pytest.importorskip("trimesh")
+    big = trimesh.creation.icosphere(subdivisions=5, radius=0.3)
+    small = trimesh.creation.icosphere(subdivisions=1, radius=0.01)
+    v = np.concatenate([big.vertices, small.vertices + 0.45]).astype(np.float32)
+    f = np.concatenate([big.faces, small.faces + len(big.vertices)])
+    kept = drop_floaters(torch.from_numpy(v).cuda(), torch.from_numpy(f).cuda())
+    assert kept.is_cuda and torch.equal(kept.cpu(), torch.from_numpy(f[: len(big.faces)]))
+    on_gpu = split_mesh(torch.from_numpy(v).cuda(), kept, 4)
+    on_cpu = split_mesh(v, f[: len(big.faces)], 4)
+    for (a, b), (c, d) in zip(on_gpu, on_cpu, strict=True):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)

@@ -118,6 +118,12 @@ def _split_faces(centres: np.ndarray, max_faces: int) -> list[np.ndarray]:
 # the whole chain from the dense stage-2 mesh to an unwrapped low-poly mesh
 
 
+def _simplify_timed(vertices: np.ndarray, faces: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray, float]:
+    t = time.perf_counter()
+    v, f = simplify_piece(vertices, faces, target)
+    return v, f, time.perf_counter() - t
+
+
 def clean_and_unwrap(
     parts: list[tuple[np.ndarray, np.ndarray]],
     target_faces: int | None,
@@ -175,11 +181,17 @@ def decimate_and_unwrap(
         budget = first_pass * target_faces
         jobs = [(pv, pf, math.ceil(len(pf) * budget / len(faces))) for pv, pf in parts]
         if executor is None:
-            parts = [simplify_piece(*job) for job in jobs]
+            timed = [_simplify_timed(*job) for job in jobs]
         else:
-            parts = [fut.result() for fut in [executor.submit(simplify_piece, *job) for job in jobs]]
+            timed = [fut.result() for fut in [executor.submit(_simplify_timed, *job) for job in jobs]]
+        parts = [(pv, pf) for pv, pf, _ in timed]
         report["first_pass_parts"] = n_parts
         report["first_pass_faces"] = int(sum(len(p[1]) for p in parts))
+        # the parts' own decimation times: their sum is the CPU work, their maximum the time with one core each
+        report["first_pass_part_seconds"] = {
+            "sum": round(sum(t for _, _, t in timed), 3),
+            "max": round(max(t for _, _, t in timed), 3),
+        }
     else:
         parts = [(as_numpy(vertices).astype(np.float32), as_numpy(faces).astype(np.int64))]
     report["first_pass_seconds"] = round(time.perf_counter() - t0, 3)

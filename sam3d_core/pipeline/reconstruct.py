@@ -45,6 +45,9 @@ log = logging.getLogger("sam3d.pipeline")
 Progress = Callable[[str, int, int], None]
 TINY_MAX_VOXELS = 2000
 MAX_BATCH = 10  # objects per batched stage-1 / stage-2 run (a 10-object photo is one batch)
+# GPU memory one more object in a batch may take (official configuration, bf16: the stage-1 condition K/V cache is
+# ~1.5 GB per object, plus both stages' activations); a batch is cut to what the free memory holds.
+BATCH_OBJECT_BYTES = 3 * 2**30
 FINISH_THREADS = 4  # objects whose clean-up, UVs and bake run at the same time
 
 
@@ -258,7 +261,7 @@ class Pipeline:
             return
         self.low_vram = on
         if on:  # captured CUDA graphs point at GPU weights that are about to move
-            self.stage1.cuda_graphs, self.stage1._graphs = False, None
+            self.stage1.cuda_graphs, self.stage1._graphs = False, {}
         for stage in (self.stage1, self.stage2):
             if stage is not None:
                 stage.model.to("cpu" if on else self.device)
@@ -367,7 +370,7 @@ class Pipeline:
         pool = ThreadPoolExecutor(threads, thread_name_prefix="sam3d-finish") if overlap else None
         pending: collections.deque = collections.deque()  # finishes running on the pool, in object order
         try:
-            batch = 1 if self.low_vram else max(int(self.max_batch), 1)
+            batch = self._batch_limit()
             for lo in range(0, len(masks), batch):
                 chunk = range(lo, min(lo + batch, len(masks)))
                 seeds = [seed + i for i in chunk]
@@ -393,6 +396,17 @@ class Pipeline:
             if pool is not None:
                 pool.shutdown()
         return results
+
+    def _batch_limit(self) -> int:
+        """Objects per batched run: 1 in low-VRAM mode; else max_batch, cut on a GPU to the objects its free
+        memory holds (BATCH_OBJECT_BYTES each); an out-of-memory error still falls back to one at a time."""
+        if self.low_vram:
+            return 1
+        limit = max(int(self.max_batch), 1)
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info(self.device)
+            limit = max(1, min(limit, int(free // BATCH_OBJECT_BYTES)))
+        return limit
 
     def _gpu_steps_chunk(self, ctx: PhotoContext, masks: list, names: list, seeds: list, opts: dict):
         """Yield `finish` of each object of a chunk: batched (`_gpu_steps_batch`) when there are several, one at

@@ -26,6 +26,7 @@ from sam3d_core.pipeline.preprocess import preprocess_stage1
 from sam3d_core.pipeline.sampling import FlowGraphs, sample_stage1, stage1_noise
 
 Progress = Callable[[int, int], None]
+GRAPH_SETS = 2  # captured CUDA-graph sets kept (each holds its batch's condition cache: ~1.5 GB per object)
 
 
 def _one_object(coords: torch.Tensor, index: int) -> torch.Tensor:
@@ -64,7 +65,7 @@ class Stage1Pipeline:
         self.model = cast_for_inference(model.to(device=device), dtype).eval().requires_grad_(False)
         # CUDA graphs remove the launch overhead that dominates batch-1 sampling (same kernels, same result).
         self.cuda_graphs = torch.device(device).type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._graphs: FlowGraphs | None = None
+        self._graphs: dict[tuple[int, int], FlowGraphs] = {}  # (batch, tokens) -> graphs, the last GRAPH_SETS used
         if compile:  # fuses the norm / modulation / activation glue of the MoT blocks (exact, slower start)
             gen = self.model.generator
             gen.forward_cfg = torch.compile(gen.forward_cfg, fullgraph=True, dynamic=False)
@@ -153,9 +154,11 @@ class Stage1Pipeline:
         if not self.cuda_graphs:
             return None
         key = (cond.shape[0], cond.shape[1])
-        if self._graphs is None or self._graphs.key != key:
-            self._graphs = FlowGraphs(self.model.generator, *key, device=self.device)
-        return self._graphs
+        graphs = self._graphs.pop(key, None) or FlowGraphs(self.model.generator, *key, device=self.device)
+        self._graphs[key] = graphs  # most recent last: one object and a batch of a photo's objects both stay
+        while len(self._graphs) > GRAPH_SETS:
+            del self._graphs[next(iter(self._graphs))]
+        return graphs
 
     @torch.no_grad()
     def sample(
