@@ -1,7 +1,7 @@
 """End to end: photo + mask -> placed, textured object files, at the official configuration (random weights).
 
     python bench/e2e.py [--objects 10] [--low-vram] [--texture-size 1024] [--faces 20000] [--max-batch N]
-                        [--mesh-workers N] [--no-ply] [--steps N] [--out result.json]
+                        [--no-batch-stage2] [--mesh-workers N] [--no-ply] [--steps N] [--out result.json]
 
 Runs `Pipeline.reconstruct` + `Pipeline.export` on the bundled example photo: first one object (after one
 warm-up object, which pays for CUDA graph capture and cuDNN autotuning), then a scene of `--objects`
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's 25 + 25)")
     ap.add_argument("--max-batch", type=int, default=None, help="objects per batched run (1: one at a time)")
+    ap.add_argument("--no-batch-stage2", action="store_true", help="batch stage 1 only (stage 2 one at a time)")
     ap.add_argument("--mesh-workers", type=int, default=None, help="mesh worker processes (default: the pipeline's)")
     ap.add_argument("--no-ply", action="store_true", help="skip the Gaussian decoder and the PLY files")
     ap.add_argument("--max-voxels", type=int, default=None, help="stage-1 voxel cap (default: the preset's)")
@@ -65,6 +66,7 @@ def main() -> None:
         pipe.max_batch = args.max_batch
     if args.mesh_workers is not None:
         pipe.mesh_workers = args.mesh_workers
+    pipe.batch_stage2 = not args.no_batch_stage2
     pipe.warm_up()  # the mesh worker processes (a worker does this while the model loads)
     load_s = time.perf_counter() - t0
     ctx = pipe.open_photo(EXAMPLE_PHOTO)
@@ -104,6 +106,7 @@ def main() -> None:
         "low_vram": args.low_vram,
         "dtype": str(dtype).removeprefix("torch."),
         "max_batch": 1 if args.low_vram else pipe.max_batch,
+        "batch_stage2": pipe.batch_stage2,
         "mesh_workers": pipe.mesh_workers,
         "ply": not args.no_ply,
         "load_s": round(load_s, 2),

@@ -164,15 +164,16 @@ def _assert_same_objects(got, expected) -> None:
 
 
 def test_pipeline_batch_equals_one_at_a_time(pipe, scene, one_at_a_time):
-    """reconstruct() with the objects batched (all three, or in chunks of two) equals one object at a time."""
+    """reconstruct() with the objects batched (all three, or in chunks of two, or stage 1 only) equals one object
+    at a time."""
     ctx = pipe.open_photo(EXAMPLE_PHOTO)
     assert [r.timings["batch_objects"] for r in one_at_a_time] == [1, 1, 1]
-    for batch, sizes in ((10, [3, 3, 3]), (2, [2, 2, 1])):
-        pipe.max_batch = batch
+    for batch, stage2, sizes in ((10, True, [3, 3, 3]), (2, True, [2, 2, 1]), (10, False, [3, 3, 3])):
+        pipe.max_batch, pipe.batch_stage2 = batch, stage2
         try:
             got = pipe.reconstruct(ctx, scene[1], **OPTS)
         finally:
-            pipe.max_batch = 10
+            pipe.max_batch, pipe.batch_stage2 = 10, True
         assert [r.timings["batch_objects"] for r in got] == sizes
         _assert_same_objects(got, one_at_a_time)
         for x, y in zip(got, one_at_a_time, strict=True):
@@ -281,3 +282,27 @@ def test_cuda_floaters_and_split_run_on_the_gpu():
     for (a, b), (c, d) in zip(on_gpu, on_cpu, strict=True):
         np.testing.assert_array_equal(a, c)
         np.testing.assert_array_equal(b, d)
+
+
+@pytest.mark.gpu
+def test_cuda_low_vram_mode_gives_the_same_object_from_pinned_weights(scene):
+    """Low-VRAM mode (weights in pinned host memory, one stage on the GPU at a time, nothing copied back) gives
+    the object of the normal mode, and leaves no weight on the GPU."""
+    rgb, masks, _ = scene
+    pipe, _ = Pipeline.load("tiny", "cuda", max_voxels=100)
+    pipe.mesh_workers = 0
+    ctx = pipe.open_photo(EXAMPLE_PHOTO)
+    opts = dict(seed=3, steps=2, texture_size=64, faces=300)
+    normal = pipe.reconstruct(ctx, masks[:1], **opts)[0]
+    pipe.set_low_vram(True)
+    try:
+        assert all(p.device.type == "cpu" and p.is_pinned() for p in pipe.stage1.model.parameters())
+        low = pipe.reconstruct(ctx, masks[:1], **opts)[0]
+        assert all(p.device.type == "cpu" and p.is_pinned() for p in pipe.stage2.model.parameters())
+        assert pipe.stage1.device.type == "cpu" and pipe.stage2.device.type == "cpu"
+    finally:
+        pipe.set_low_vram(False)
+    assert all(p.is_cuda for p in pipe.stage1.model.parameters())
+    np.testing.assert_array_equal(low.voxels, normal.voxels)
+    np.testing.assert_array_equal(low.mesh.faces, normal.mesh.faces)
+    np.testing.assert_allclose(low.mesh.vertices, normal.mesh.vertices, rtol=0, atol=1e-6)

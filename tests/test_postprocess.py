@@ -152,3 +152,18 @@ def test_small_meshes_skip_the_first_pass():
     v, f = _bumpy_sphere(4)  # 5,120 faces: below 2 x 4 x target
     uv, report = decimate_and_unwrap(v, f, target_faces=1000, texture_size=128)
     assert report["first_pass_parts"] == 0 and len(uv.faces) <= 1000
+
+
+def test_push_pull_in_torch_equals_numpy():
+    """The bake's fill of empty texels, in torch on the GPU path, equals the numpy one (odd sizes too)."""
+    from sam3d_core.export.bake import _push_pull, _push_pull_torch
+
+    rng = np.random.default_rng(0)
+    for shape in ((64, 64), (37, 50)):
+        colour = rng.random((*shape, 3))
+        known = rng.random(shape) > 0.7
+        want = _push_pull(colour, known)
+        got = _push_pull_torch(torch.from_numpy(colour), torch.from_numpy(known)).numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(np.round(got * 255), np.round(want * 255))
+        assert np.isfinite(got).all()

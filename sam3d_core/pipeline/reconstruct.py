@@ -51,6 +51,26 @@ BATCH_OBJECT_BYTES = 3 * 2**30
 FINISH_THREADS = 4  # objects whose clean-up, UVs and bake run at the same time
 
 
+def _pin_weights(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Put a CPU module's parameters and buffers in pinned (page-locked) memory; their tensors by name, or None
+    when pinning fails (no CUDA, or the OS limit on locked memory): uploads then read pageable memory."""
+    try:
+        host = {}
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            t.data = t.data.pin_memory()
+            host[name] = t.data
+        return host
+    except RuntimeError as e:
+        log.warning("low-VRAM mode: could not pin the weights (%s); uploads will be slower", e)
+        return None
+
+
+def _point_at(model: torch.nn.Module, host: dict[str, torch.Tensor]) -> None:
+    """Every parameter and buffer of `model` back on its host tensor (no copy: the weights did not change)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        t.data = host[name]
+
+
 def default_mesh_workers() -> int:
     """Worker processes for the mesh chain: this process's share of the cores (torchrun's LOCAL_WORLD_SIZE
     processes share a host) minus one for its own thread, at most 16; 0 (run it in-process) below 4 cores."""
@@ -193,9 +213,14 @@ class Pipeline:
         self.low_vram = False
         self.overlap = True  # several objects: CPU post-processing of one overlaps the next one's GPU stages
         self.max_batch = MAX_BATCH  # objects sampled together (1 in low-VRAM mode)
+        # Stage 2 batched too. On a GPU one object's conditional and unconditional halves are equal-length
+        # attention segments (cuDNN's dense kernel); a batch of objects of different sizes takes the varlen
+        # kernel instead, so whether batching stage 2 pays is measured (bench/e2e.py --no-batch-stage2).
+        self.batch_stage2 = True
         self.mesh_workers = default_mesh_workers()  # processes for decimation, clean-up and UVs (0: in-process)
         self._pool: ProcessPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._host_weights: dict[int, dict[str, torch.Tensor]] = {}  # low-VRAM: pinned CPU copy of each stage
         if low_vram:
             self.set_low_vram(True)
 
@@ -255,7 +280,7 @@ class Pipeline:
         return "+".join(ids)
 
     def set_low_vram(self, on: bool) -> None:
-        """Low-VRAM mode: networks live on the CPU and each stage visits the GPU alone."""
+        """Low-VRAM mode: networks live on the CPU (in pinned memory) and each stage visits the GPU alone."""
         if on == self.low_vram or self.device.type != "cuda":
             self.low_vram = on and self.device.type == "cuda"
             return
@@ -266,20 +291,30 @@ class Pipeline:
             if stage is not None:
                 stage.model.to("cpu" if on else self.device)
                 stage.device = torch.device("cpu" if on else self.device)
+                if on:
+                    self._host_weights[id(stage)] = _pin_weights(stage.model)
+        if not on:
+            self._host_weights.clear()
         torch.cuda.empty_cache()
 
     @contextlib.contextmanager
     def _on_gpu(self, stage):
-        """Move one stage's networks to the GPU for the duration (low-VRAM mode only)."""
+        """Move one stage's networks to the GPU for the duration (low-VRAM mode only). The upload reads the
+        weights from pinned memory (asynchronous, about twice as fast as from pageable memory); on the way
+        back the weights are not copied: every tensor points at its pinned host copy again."""
         if not self.low_vram or stage is None:
             yield
             return
-        stage.model.to(self.device)
+        host = self._host_weights.get(id(stage))
+        stage.model.to(self.device, non_blocking=host is not None)
         stage.device = self.device
         try:
             yield
         finally:
-            stage.model.to("cpu")
+            if host is not None:
+                _point_at(stage.model, host)
+            else:
+                stage.model.to("cpu")
             stage.device = torch.device("cpu")
             torch.cuda.empty_cache()
 
@@ -568,8 +603,8 @@ class Pipeline:
             coords = [c for _, c in prepared]
             report("stage2", 0, (None if fast else steps) or s2.cfg.sampler.steps)
             opts2 = dict(steps=None if fast else steps, progress=lambda i, k: report("stage2", i, k))
-            if n == 1:
-                slats = [s2.sample(cond2, coords[0], seed=seeds[0], **opts2)]
+            if n == 1 or not self.batch_stage2:  # (the same result either way)
+                slats = [s2.sample(cond2[i : i + 1], coords[i], seed=seeds[i], **opts2) for i in range(n)]
             else:
                 slats = s2.sample_batch(cond2, coords, seeds=seeds, **opts2)
             del cond2
