@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from sam3d_core.cli.app import add_app_parser
+from sam3d_core.cli.batch import add_batch_parser
 from sam3d_core.cli.data import add_data_parser
 from sam3d_core.cli.doctor import add_doctor_parser
 from sam3d_core.cli.eval import add_eval_parser
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_eval_parser(sub)
     add_train_parser(sub)
+    add_batch_parser(sub)
     return p
 
 

@@ -11,6 +11,7 @@ descriptor 1 is pointed at stderr, so stray prints (ours, a library's, C code's)
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import sys
@@ -141,8 +142,16 @@ def _bad_input(e) -> BadInput:
 
 
 class Worker:
-    def __init__(self, model: LoadedModel, out: BinaryIO):
+    def __init__(self, model: LoadedModel, out: BinaryIO, loader=None, device: str | None = None):
+        """`loader`: a function returning the LoadedModel, run on a thread when `serve` starts (the model then
+        loads while the user opens a photo and clicks: open_photo / segment are answered meanwhile, hello once
+        the model is there, reconstruct jobs wait for it). Without it, `model` is the loaded model."""
         self.model = model
+        self._loader = loader
+        self._device = device  # for photos opened before the model has loaded (a depth model runs there)
+        self._ready = threading.Event()
+        if loader is None:
+            self._ready.set()
         self._out = out
         self._write_lock = threading.Lock()
         self._cv = threading.Condition()
@@ -259,12 +268,23 @@ class Worker:
             "dtype": str(pipe.stage1.dtype).removeprefix("torch.") if pipe is not None else None,
             "low_vram": bool(pipe.low_vram) if pipe is not None else None,
             "ready": pipe is not None,
+            "loading": not self._ready.is_set(),
             "model_error": None
             if self.model.error is None
             else {"code": self.model.error.code, "message": self.model.error.message},
         }
 
     def _on_hello(self, req: dict) -> None:
+        if not self._ready.is_set():  # "hello" means ready: answer it when the model is there
+            threading.Thread(target=self._hello_when_ready, args=(req,), name="sam3d-hello", daemon=True).start()
+            return
+        self._hello(req)
+
+    def _hello_when_ready(self, req: dict) -> None:
+        self._ready.wait()
+        self._hello(req)
+
+    def _hello(self, req: dict) -> None:
         from sam3d_core.version import __version__
 
         self.send(
@@ -302,7 +322,7 @@ class Worker:
         )
 
     def _on_reconstruct(self, req: dict) -> None:
-        if self.model.error is not None:
+        if self._ready.is_set() and self.model.error is not None:
             raise self.model.error
         with self._cv:
             if req["id"] in self._ids:
@@ -360,7 +380,9 @@ class Worker:
                 job = self._queue.popleft()
                 self._running = job
             try:
-                final = self.run_job(job)
+                self._ready.wait()  # a job sent while the model loads starts once it is there
+                error = self.model.error
+                final = error.to_message(job.id) if error is not None else self.run_job(job)
             finally:
                 with self._cv:  # before the answer goes out, so a status sent after it never sees this job
                     self._running = None
@@ -430,8 +452,12 @@ class Worker:
         with self._photo_lock:
             ctx = self._photos.get(key)
         if ctx is None:
+            from sam3d_core.pipeline.reconstruct import open_photo
+
+            pipe = self.model.pipe
+            device = pipe.device if pipe is not None else (self._device or _default_device())
             try:
-                ctx = self.model.pipe.open_photo(p, fov_deg=fov)
+                ctx = open_photo(p, fov_deg=fov, device=device)  # also while the model loads
             except InputError as e:
                 raise _bad_input(e) from None
             with self._photo_lock:
@@ -561,7 +587,7 @@ class Worker:
         self._interactive(req)
 
     def _interactive(self, req: dict) -> None:
-        if self.model.error is not None:
+        if self._ready.is_set() and self.model.error is not None:
             raise self.model.error
         with self._icv:
             self._iqueue.append(req)
@@ -705,7 +731,19 @@ class Worker:
         )
 
     # -- main thread ---------------------------------------------------------------------------
+    def _load(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.model = self._loader()
+            if self.model.pipe is not None:
+                self.model.pipe.warm_up()  # the mesh worker processes, before the first object needs them
+        finally:
+            self._ready.set()
+        log.info("model: %s (%.1f s, loaded while serving)", self.model.description, time.perf_counter() - t0)
+
     def serve(self, stdin: BinaryIO, stop_timeout: float = 60.0) -> int:
+        if self._loader is not None and not self._ready.is_set():
+            threading.Thread(target=self._load, name="sam3d-load", daemon=True).start()
         jobs = threading.Thread(target=self.job_loop, name="sam3d-job", daemon=True)
         reader = threading.Thread(target=self.read_loop, args=(stdin,), name="sam3d-reader", daemon=True)
         interactive = threading.Thread(target=self.interactive_loop, name="sam3d-interactive", daemon=True)
@@ -744,6 +782,12 @@ def _skip_line(stdin: BinaryIO, chunk: int = 1 << 16) -> int:
             return dropped
 
 
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _free_gpu_memory() -> None:
     try:
         import torch
@@ -764,16 +808,9 @@ def main(
     """Run the worker on this process's stdin/stdout until `shutdown` or stdin EOF. Returns the exit code."""
     out = protect_stdout()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="sam3d serve: %(message)s", force=True)
-    t0 = time.perf_counter()
-    loaded = load_model(model, device, low_vram=low_vram, max_voxels=max_voxels)
-    log.info(
-        "model: %s (%.1f s); protocol v%d on stdin/stdout, pid %d",
-        loaded.description,
-        time.perf_counter() - t0,
-        P.PROTOCOL_VERSION,
-        os.getpid(),
-    )
-    worker = Worker(loaded, out)
+    log.info("loading the model; protocol v%d on stdin/stdout, pid %d", P.PROTOCOL_VERSION, os.getpid())
+    loader = functools.partial(load_model, model, device, low_vram=low_vram, max_voxels=max_voxels)
+    worker = Worker(LoadedModel(None, "loading"), out, loader=loader, device=device)
     code = worker.serve(stdin if stdin is not None else sys.stdin.buffer)
     out.flush()
     if stdin is None:  # the real process: leave without interpreter finalisation (see below)
