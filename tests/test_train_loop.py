@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from train_fixture import make_dataset, tiny
 
-from sam3d_core.data.sample import SampleError, ShardWriter
+from sam3d_core.data.sample import SampleDataset, SampleError, ShardWriter
 from sam3d_core.models.ss_flow import latent_shapes
 from sam3d_core.training import checkpoint
 from sam3d_core.training.config import ConfigError
@@ -240,16 +240,18 @@ def test_the_cli_trains_and_reports_errors_in_one_line(data, tmp_path, capsys):
     assert 'objective = "dpo"' in capsys.readouterr().out
 
 
-def test_validation_and_the_optional_eval_hook_fill_the_metrics_and_the_model_card(data, tmp_path):
+def test_validation_and_the_eval_hook_fill_the_metrics_and_the_model_card(data, tmp_path):
     cfg = tiny(
-        "sft-stage2", data, tmp_path / "run", steps=2, val_data=(str(data),), val_every=1, val_batches=2,
+        "sft-stage1", data, tmp_path / "run", steps=2, val_data=(str(data),), val_every=1, val_batches=2,
         eval_every=2, eval_data=str(data),
     )  # fmt: skip
     result = train(cfg)
     lines = records(result.run_dir)
     val = [r["val_loss"] for r in lines if "val_loss" in r]
     assert len(val) == 2 and val[0] != val[1]  # fixed batches and draws: the change is the model's
-    evals = [r for r in lines if r.get("event") == "eval_skipped" or any(k.startswith("eval_") for k in r)]
-    assert evals, "the eval hook neither ran sam3d eval nor recorded that it was skipped"
+    evals = [r for r in lines if "eval_n" in r]  # `sam3d eval` ran on the exported weights at step 2
+    assert len(evals) == 1 and evals[0]["step"] == 2
+    assert evals[0]["eval_n"] + evals[0]["eval_failed"] == len(SampleDataset(data))
+    assert any(k.startswith("eval_") and k not in ("eval_n", "eval_failed") for k in evals[0]), evals[0]
     assert (result.run_dir / "eval-000002" / "manifest.json").is_file()  # the weights it evaluated
     assert f"| val_loss | {val[-1]:.6g} |" in (result.weights / "README.md").read_text()

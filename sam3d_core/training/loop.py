@@ -603,11 +603,10 @@ def _export(cfg, model, ema, base, run: Path, d, data_info, steps, elapsed, last
 
 
 def _evaluate(cfg, model, ema, base, run: Path, d, metrics: Metrics, step: int) -> dict:
-    """Optional: export the current weights and run `sam3d eval` on eval_data (sam3d_core.evaluation).
+    """Export the current weights and run `sam3d eval` (sam3d_core.evaluation) on eval_data with them: the
+    overall means of the paper's metrics go to the metrics log as eval_<metric>."""
+    from sam3d_core.evaluation.run import EvalSettings, evaluate, make_predictors, open_dataset
 
-    The evaluation package is built separately; when it is absent the hook records that it was skipped.
-    Protocol: sam3d_core.evaluation.evaluate(model_dir, data_dir) -> {metric: value}.
-    """
     if d.main:  # one evaluated copy of the weights at a time (each is the size of the model)
         import shutil
 
@@ -616,14 +615,13 @@ def _evaluate(cfg, model, ema, base, run: Path, d, metrics: Metrics, step: int) 
     folder = _export(cfg, model, ema, base, run, d, train_ds_info(cfg), step, 0.0, {}, folder_name=f"eval-{step:06d}")
     if not d.main:
         return {}
-    try:
-        import importlib
-
-        evaluate = importlib.import_module("sam3d_core.evaluation").evaluate
-    except (ImportError, AttributeError):
-        metrics.write({"event": "eval_skipped", "step": step, "why": "sam3d_core.evaluation.evaluate is not available"})
+    if not (folder / "stage1.json").is_file():  # a stage-2 run without a base model: nothing places the object
+        why = "the exported weights have no stage 1 (set base_model to evaluate a stage-2 run)"
+        metrics.write({"event": "eval_skipped", "step": step, "why": why})
         return {}
-    result = evaluate(folder, cfg.eval_data)
-    scores = {f"eval_{k}": float(v) for k, v in dict(result).items() if isinstance(v, (int, float))}
+    settings = EvalSettings(device=str(next(model.parameters()).device)).check()
+    result = evaluate(open_dataset(cfg.eval_data), make_predictors([str(folder)], settings), settings)
+    overall = result["models"][0]["aggregates"]["overall"]
+    scores = {f"eval_{k}": float(v) for k, v in overall.items() if isinstance(v, (int, float))}
     metrics.write({"step": step, **scores})
     return scores
