@@ -134,7 +134,8 @@ def test_stage2_sample_batch_keeps_objects_apart(stage2, scene, voxel_sets):
 @pytest.fixture(scope="module")
 def pipe():
     p, _ = Pipeline.load("tiny", "cpu", max_voxels=100)
-    p.mesh_workers = 0
+    assert p.max_batch == 1  # the CPU default: a batch is no faster there
+    p.mesh_workers, p.max_batch = 0, 10
     return p
 
 

@@ -212,11 +212,14 @@ class Pipeline:
         self.device = stage1.device
         self.low_vram = False
         self.overlap = True  # several objects: CPU post-processing of one overlaps the next one's GPU stages
-        self.max_batch = MAX_BATCH  # objects sampled together (1 in low-VRAM mode)
+        # Objects sampled together: MAX_BATCH on a GPU (1 in low-VRAM mode); 1 on a CPU, where a batch brings
+        # nothing (compute-bound: 10 tiny objects took 84.5 s batched, 74.8 s one at a time; docs/benchmarks.md).
+        self.max_batch = MAX_BATCH if self.device.type == "cuda" else 1
         # Stage 2 batched too. On a GPU one object's conditional and unconditional halves are equal-length
         # attention segments (cuDNN's dense kernel); a batch of objects of different sizes takes the varlen
         # kernel instead, so whether batching stage 2 pays is measured (bench/e2e.py --no-batch-stage2).
         self.batch_stage2 = True
+        self.uv_piece_faces = 5000  # xatlas charts pieces of this many faces on its threads (unwrap_uv)
         self.mesh_workers = default_mesh_workers()  # processes for decimation, clean-up and UVs (0: in-process)
         self._pool: ProcessPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -704,6 +707,7 @@ class Pipeline:
                 target_faces=faces,
                 texture_size=texture_size,
                 executor=self._mesh_pool(),
+                uv_piece_faces=self.uv_piece_faces,
             )
             v = dense.vertices.detach().float().cpu().numpy()
             f = dense.faces.detach().cpu().numpy().astype(np.int64)
