@@ -181,6 +181,20 @@ def test_pipeline_batch_equals_one_at_a_time(pipe, scene, one_at_a_time):
             assert torch.equal(x.gaussians.get_xyz, y.gaussians.get_xyz)
 
 
+def test_mesh_worker_processes_give_the_same_objects(pipe, scene, one_at_a_time):
+    """The mesh chain in the pipeline's worker processes (spawned, warmed up while the networks run) gives the
+    objects of the in-process chain."""
+    pipe.mesh_workers = 2
+    try:
+        got = pipe.reconstruct(pipe.open_photo(EXAMPLE_PHOTO), scene[1], **OPTS)
+        assert pipe._pool is not None and len(pipe._warm) == 2 and all(f.result() for f in pipe._warm)
+    finally:
+        pipe.close()
+        pipe.mesh_workers = 0
+    assert pipe._pool is None
+    _assert_same_objects(got, one_at_a_time)
+
+
 def test_out_of_memory_in_a_batch_continues_one_at_a_time(pipe, scene, one_at_a_time, monkeypatch):
     """A CUDA out-of-memory error in the batched stages (driven on the CPU): the objects not yet handed over go
     one at a time, with the same results."""

@@ -223,6 +223,7 @@ class Pipeline:
         self.mesh_workers = default_mesh_workers()  # processes for decimation, clean-up and UVs (0: in-process)
         self._pool: ProcessPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._warm: list | None = None  # the warm-up tasks sent to the mesh workers
         self._host_weights: dict[int, dict[str, torch.Tensor]] = {}  # low-VRAM: pinned CPU copy of each stage
         if low_vram:
             self.set_low_vram(True)
@@ -378,6 +379,8 @@ class Pipeline:
         if len(names) != len(masks):
             raise ValueError(f"got {len(names)} names for {len(masks)} masks; give one name per mask")
         results: list[ObjectResult] = []
+        if stage2 and self.stage2 is not None:
+            self.warm_up(wait=False)  # the mesh worker processes start while the networks run
 
         def deliver(res: ObjectResult) -> None:
             results.append(res)
@@ -745,20 +748,26 @@ class Pipeline:
                 )
             return self._pool
 
-    def warm_up(self) -> None:
-        """Start the mesh worker processes and import their libraries now (a worker calls this at start, so
-        the first object does not wait for them)."""
+    def warm_up(self, wait: bool = True) -> None:
+        """Start the mesh worker processes and import their libraries now (a worker calls this at start, and
+        `reconstruct` without waiting, so they are up by the time the first mesh exists)."""
         from sam3d_core.export.uv import worker_ready
 
         pool = self._mesh_pool()
-        if pool is not None:
-            for fut in [pool.submit(worker_ready) for _ in range(self.mesh_workers)]:
+        if pool is None or self._warm is not None:
+            if wait and self._warm is not None:
+                for fut in self._warm:
+                    fut.result()
+            return
+        self._warm = [pool.submit(worker_ready) for _ in range(self.mesh_workers)]
+        if wait:
+            for fut in self._warm:
                 fut.result()
 
     def close(self) -> None:
         """Stop the mesh worker processes (they also stop when this process exits)."""
         with self._pool_lock:
-            pool, self._pool = self._pool, None
+            pool, self._pool, self._warm = self._pool, None, None
         if pool is not None:
             pool.shutdown(cancel_futures=True)
 
