@@ -294,7 +294,13 @@ def run_after(v, f, c, args, device, pool):
     _sync(device)
     with ThreadPoolExecutor(1) as side:
         chain = side.submit(
-            decimate_and_unwrap, vt, ft, target_faces=args.faces, texture_size=args.texture_size, executor=pool
+            decimate_and_unwrap,
+            vt,
+            ft,
+            target_faces=args.faces,
+            texture_size=args.texture_size,
+            executor=pool,
+            uv_piece_faces=args.uv_piece_faces,
         )
         t_source = time.perf_counter()
         vn, fn, cn = vt.float().cpu().numpy(), ft.cpu().numpy().astype(np.int64), ct.clamp(0, 1).cpu().numpy()
@@ -311,6 +317,26 @@ def run_after(v, f, c, args, device, pool):
     keep = ("faces_out", "first_pass_parts", "first_pass_faces", "first_pass_seconds", "first_pass_part_seconds")
     keep += ("seconds", "uv_seconds", "step_seconds")
     return uv, texture, times, {k: report[k] for k in keep if k in report}
+
+
+def chain_only(v, f, c, chain: str, args, pool) -> tuple[float, float, dict]:
+    """The mesh chain alone (no colour source, no bake): (wall s, CPU s of this process and its threads, report).
+    With --workers 0 the CPU seconds are the chain's whole work; the first pass's parts could run side by side."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    if chain == "before":
+        cleaned = clean_mesh(v, f, c, target_faces=args.faces)
+        unwrap_uv(cleaned.vertices, cleaned.faces, texture_size=args.texture_size, piece_faces=5000)
+        report = {}
+    else:
+        _, report = decimate_and_unwrap(
+            v,
+            f,
+            target_faces=args.faces,
+            texture_size=args.texture_size,
+            executor=pool,
+            uv_piece_faces=args.uv_piece_faces,
+        )
+    return time.perf_counter() - wall, time.process_time() - cpu, report
 
 
 def _sync(device) -> None:
@@ -421,7 +447,9 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=None, help="folder for the generated meshes (npz)")
     ap.add_argument("--samples", type=int, default=100000, help="surface samples per quality measure")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--uv-piece-faces", type=int, default=5000, help="after chain: xatlas piece size (pipeline's)")
     ap.add_argument("--no-quality", action="store_true")
+    ap.add_argument("--chain-only", action="store_true", help="time the mesh chain alone (no bake), wall and CPU")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     specs = args.mesh + [str(p) for p in args.obj] or ["noise"]
@@ -449,6 +477,17 @@ def main() -> None:
         )
         entry = results["meshes"][name] = {"dense_faces": int(len(f))}
         for chain in args.chain.split(","):
+            if args.chain_only:
+                timed = [chain_only(v, f, c, chain, args, pool) for _ in range(args.repeats)]
+                part = timed[-1][2].get("first_pass_part_seconds")
+                entry[chain] = {
+                    "wall_s_min": round(min(t[0] for t in timed), 3),
+                    "cpu_s_min": round(min(t[1] for t in timed), 3),
+                }
+                if part:
+                    entry[chain]["first_pass_parts_s"] = part
+                print(f"  {chain:<6} {json.dumps(entry[chain])}", flush=True)
+                continue
             runs = []
             for _ in range(args.repeats):
                 cpu = time.process_time()

@@ -134,7 +134,8 @@ def test_stage2_sample_batch_keeps_objects_apart(stage2, scene, voxel_sets):
 @pytest.fixture(scope="module")
 def pipe():
     p, _ = Pipeline.load("tiny", "cpu", max_voxels=100)
-    p.mesh_workers = 0
+    assert p.max_batch == 1  # the CPU default: a batch is no faster there
+    p.mesh_workers, p.max_batch = 0, 10
     return p
 
 
@@ -178,6 +179,20 @@ def test_pipeline_batch_equals_one_at_a_time(pipe, scene, one_at_a_time):
         _assert_same_objects(got, one_at_a_time)
         for x, y in zip(got, one_at_a_time, strict=True):
             assert torch.equal(x.gaussians.get_xyz, y.gaussians.get_xyz)
+
+
+def test_mesh_worker_processes_give_the_same_objects(pipe, scene, one_at_a_time):
+    """The mesh chain in the pipeline's worker processes (spawned, warmed up while the networks run) gives the
+    objects of the in-process chain."""
+    pipe.mesh_workers = 2
+    try:
+        got = pipe.reconstruct(pipe.open_photo(EXAMPLE_PHOTO), scene[1], **OPTS)
+        assert pipe._pool is not None and len(pipe._warm) == 2 and all(f.result() for f in pipe._warm)
+    finally:
+        pipe.close()
+        pipe.mesh_workers = 0
+    assert pipe._pool is None
+    _assert_same_objects(got, one_at_a_time)
 
 
 def test_out_of_memory_in_a_batch_continues_one_at_a_time(pipe, scene, one_at_a_time, monkeypatch):

@@ -234,14 +234,18 @@ class Pipeline:
         self.device = stage1.device
         self.low_vram = False
         self.overlap = True  # several objects: CPU post-processing of one overlaps the next one's GPU stages
-        self.max_batch = MAX_BATCH  # objects sampled together (1 in low-VRAM mode)
+        # Objects sampled together: MAX_BATCH on a GPU (1 in low-VRAM mode); 1 on a CPU, where a batch brings
+        # nothing (compute-bound: 10 tiny objects took 84.5 s batched, 74.8 s one at a time; docs/benchmarks.md).
+        self.max_batch = MAX_BATCH if self.device.type == "cuda" else 1
         # Stage 2 batched too. On a GPU one object's conditional and unconditional halves are equal-length
         # attention segments (cuDNN's dense kernel); a batch of objects of different sizes takes the varlen
         # kernel instead, so whether batching stage 2 pays is measured (bench/e2e.py --no-batch-stage2).
         self.batch_stage2 = True
+        self.uv_piece_faces = 5000  # xatlas charts pieces of this many faces on its threads (unwrap_uv)
         self.mesh_workers = default_mesh_workers()  # processes for decimation, clean-up and UVs (0: in-process)
         self._pool: ProcessPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._warm: list | None = None  # the warm-up tasks sent to the mesh workers
         self._host_weights: dict[int, dict[str, torch.Tensor]] = {}  # low-VRAM: pinned CPU copy of each stage
         if low_vram:
             self.set_low_vram(True)
@@ -397,6 +401,8 @@ class Pipeline:
         if len(names) != len(masks):
             raise ValueError(f"got {len(names)} names for {len(masks)} masks; give one name per mask")
         results: list[ObjectResult] = []
+        if stage2 and self.stage2 is not None:
+            self.warm_up(wait=False)  # the mesh worker processes start while the networks run
 
         def deliver(res: ObjectResult) -> None:
             results.append(res)
@@ -737,6 +743,7 @@ class Pipeline:
                 target_faces=faces,
                 texture_size=texture_size,
                 executor=self._mesh_pool(),
+                uv_piece_faces=self.uv_piece_faces,
             )
             v = dense.vertices.detach().float().cpu().numpy()
             f = dense.faces.detach().cpu().numpy().astype(np.int64)
@@ -774,20 +781,26 @@ class Pipeline:
                 )
             return self._pool
 
-    def warm_up(self) -> None:
-        """Start the mesh worker processes and import their libraries now (a worker calls this at start, so
-        the first object does not wait for them)."""
+    def warm_up(self, wait: bool = True) -> None:
+        """Start the mesh worker processes and import their libraries now (a worker calls this at start, and
+        `reconstruct` without waiting, so they are up by the time the first mesh exists)."""
         from sam3d_core.export.uv import worker_ready
 
         pool = self._mesh_pool()
-        if pool is not None:
-            for fut in [pool.submit(worker_ready) for _ in range(self.mesh_workers)]:
+        if pool is None or self._warm is not None:
+            if wait and self._warm is not None:
+                for fut in self._warm:
+                    fut.result()
+            return
+        self._warm = [pool.submit(worker_ready) for _ in range(self.mesh_workers)]
+        if wait:
+            for fut in self._warm:
                 fut.result()
 
     def close(self) -> None:
         """Stop the mesh worker processes (they also stop when this process exits)."""
         with self._pool_lock:
-            pool, self._pool = self._pool, None
+            pool, self._pool, self._warm = self._pool, None, None
         if pool is not None:
             pool.shutdown(cancel_futures=True)
 
