@@ -38,7 +38,7 @@ install-blender: $(BSTAMP)
 # The main job on the bundled example: photo -> placed, textured object (GLB, scene GLB, scene.json, mask IoU),
 # then the .blend (matched camera, photo, placed objects) and its Cycles render composited over the photo.
 demo: $(STAMP) $(BSTAMP)
-	$(PY) -m sam3d_core.cli demo --out demo_out
+	$(PY) -m sam3d_core.cli demo --out demo_out --overwrite  # replaces only our earlier demo_out results
 	$(MAKE) demo-blend
 
 # demo_out/scene.json (from `make demo`) -> demo_out/scene.blend + demo_out/render.png: the matched camera,

@@ -214,6 +214,74 @@ class SLatMeshDecoderConfig:
     use_color: bool = True
 
 
+@dataclass(frozen=True)
+class SSEncoderConfig:
+    """Sparse-structure VAE encoder: 64^3 occupancy -> 16^3 x 8 latent mean and log-variance (dense 3D CNN).
+
+    The mirror of `SSDecoderConfig`: channels run from the fine level to the coarse one.
+    """
+
+    in_channels: int = 1
+    latent_channels: int = 8
+    channels: tuple[int, ...] = (32, 128, 512)
+    num_res_blocks: int = 2
+    num_res_blocks_middle: int = 2
+
+
+@dataclass(frozen=True)
+class SLatEncoderConfig:
+    """SLAT VAE encoder: per-voxel DINO features [N, in_channels] -> latent mean and log-variance [N, 8].
+
+    A swin sparse transformer like the SLAT decoders (window 8, shift 4 on odd blocks), on the 64^3 grid.
+    """
+
+    resolution: int = 64
+    in_channels: int = 1024  # the DINO width (ViT-L/14)
+    model_channels: int = 768
+    latent_channels: int = 8
+    num_blocks: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    window_size: int = 8
+
+
+@dataclass(frozen=True)
+class LatentEncoderConfig:
+    """The target-latent recipe: both encoders, the DINO whose patch features feed the SLAT encoder, the views.
+
+    Views (TRELLIS `render.py` conventions): `num_views` cameras on a sphere of radius `camera_distance`
+    around the origin of the local frame, spread by a Hammersley sequence shifted by `view_seed`, each looking
+    at the origin with world +z up and a square image of `dino.image_size` pixels with `fov_degrees`.
+    A voxel is visible in a view when its centre is within `depth_tolerance` (local units) of the rendered
+    surface depth at its pixel (paper C.6.1).
+    """
+
+    ss_encoder: SSEncoderConfig = field(default_factory=SSEncoderConfig)
+    slat_encoder: SLatEncoderConfig = field(default_factory=SLatEncoderConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    num_views: int = 150
+    fov_degrees: float = 40.0
+    camera_distance: float = 2.0
+    depth_tolerance: float = 1.0 / 64  # one voxel edge: a surface voxel's centre may lie behind the surface
+    view_seed: int = 0
+    views_per_batch: int = 8  # DINO batch
+
+    def check(self) -> None:
+        """Raise ValueError when the parts do not fit together."""
+        if self.slat_encoder.in_channels != self.dino.embed_dim:
+            raise ValueError(
+                f"slat_encoder.in_channels {self.slat_encoder.in_channels} != DINO embed_dim {self.dino.embed_dim}; "
+                "the SLAT encoder reads DINO patch features, so both widths must match"
+            )
+        if self.num_views < 1 or self.views_per_batch < 1:
+            raise ValueError(f"num_views {self.num_views} and views_per_batch {self.views_per_batch} must be >= 1")
+        if not 0.0 < self.fov_degrees < 180.0 or not self.camera_distance > 0.8660254:
+            raise ValueError(
+                f"fov_degrees {self.fov_degrees} must lie in (0, 180) and camera_distance {self.camera_distance} "
+                "beyond the local cube's corners (> sqrt(3) / 2)"
+            )
+
+
 SLAT_MEAN = (0.12211431, 0.37204156, -1.26521907, -2.05276058, -3.10432536, -0.11294304, -0.85146744, 0.45506954)
 SLAT_STD = (2.37326008, 2.13174402, 2.2413953, 2.30589401, 2.1191894, 1.8969511, 2.41684989, 2.08374642)
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 from sam3d_core.config import (
     ConditionConfig,
     DinoConfig,
+    LatentEncoderConfig,
     PointmapEmbedConfig,
     PreprocessConfig,
+    SLatEncoderConfig,
     SLatFlowConfig,
     SLatGaussianDecoderConfig,
     SLatMeshDecoderConfig,
     SSDecoderConfig,
+    SSEncoderConfig,
     SSFlowConfig,
     Stage1Config,
     Stage2Config,
@@ -58,3 +61,24 @@ def stage1_preset(name: str) -> Stage1Config:
         return STAGE1_PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown stage-1 preset {name!r}; choose one of {sorted(STAGE1_PRESETS)}") from None
+
+
+ENCODER_PRESETS: dict[str, LatentEncoderConfig] = {
+    # TRELLIS's ss_enc_conv3d_16l8 and slat_enc_swin8_B_64l8 sizes (the official decoders' mirrors), DINOv2 ViT-L/14
+    # at 518 px, 150 views as TRELLIS's dataset toolkit.
+    "official": LatentEncoderConfig(),
+    # The tiny stage-1 decoder's mirror and the tiny stage-2 DINO, few views: CPU tests in seconds.
+    "tiny": LatentEncoderConfig(
+        ss_encoder=SSEncoderConfig(channels=(8, 16, 32)),
+        slat_encoder=SLatEncoderConfig(in_channels=64, model_channels=64, num_blocks=2, num_heads=2),
+        dino=DinoConfig(image_size=70, embed_dim=64, depth=2, num_heads=2),
+        num_views=6,
+    ),
+}
+
+
+def encoder_preset(name: str) -> LatentEncoderConfig:
+    try:
+        return ENCODER_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown encoder preset {name!r}; choose one of {sorted(ENCODER_PRESETS)}") from None

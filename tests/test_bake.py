@@ -70,7 +70,7 @@ def case() -> Case:
     vmapping, faces, uvs = atlas[0]
     vertices = low_v[vmapping].astype(np.float64)
     source = VertexColorSource(dense.vertices, dense.faces, colour_fn(dense.vertices))
-    texture = bake_texture(vertices, faces, uvs, source, size=SIZE, padding=PADDING)
+    texture = bake_texture(vertices, faces, uvs, source, size=SIZE, padding=PADDING, convention="trimesh")
     return Case(dense.vertices, dense.faces, vertices, faces.astype(np.int64), uvs.astype(np.float64), texture)
 
 
@@ -119,7 +119,9 @@ def test_chart_borders_read_the_surface_not_the_background(case):
 
 def test_gutter_texels_are_filled_from_their_chart(case):
     size = 128  # band-free colours (a gutter texel at the band's edge may legitimately differ from all neighbours)
-    tex = bake_texture(case.vertices, case.faces, case.uvs, _smooth_source(case), size=size, padding=PADDING)
+    tex = bake_texture(
+        case.vertices, case.faces, case.uvs, _smooth_source(case), size=size, padding=PADDING, convention="trimesh"
+    )
     xy = np.stack([case.uvs[:, 0], 1 - case.uvs[:, 1]], 1) * size
     pos = torch.from_numpy(np.concatenate([xy, np.zeros((len(xy), 1))], 1)).float()
     covered = rasterize(pos, torch.from_numpy(case.faces), size, size).mask.numpy()
@@ -142,7 +144,9 @@ def test_gutter_texels_are_filled_from_their_chart(case):
 def test_gltf_convention_is_the_trimesh_one_flipped(case):
     flipped = np.stack([case.uvs[:, 0], 1 - case.uvs[:, 1]], 1)
     tex = bake_texture(case.vertices, case.faces, flipped, _smooth_source(case), size=64, padding=2, convention="gltf")
-    ref = bake_texture(case.vertices, case.faces, case.uvs, _smooth_source(case), size=64, padding=2)
+    ref = bake_texture(
+        case.vertices, case.faces, case.uvs, _smooth_source(case), size=64, padding=2, convention="trimesh"
+    )
     np.testing.assert_array_equal(tex, ref)
     _, uv = surface_samples(case, 100)
     np.testing.assert_allclose(
@@ -178,7 +182,9 @@ def test_gaussian_source(case):
         _rotation=torch.from_numpy(rng.normal(scale=0.3, size=(n, 4))).float(),
         _opacity=(logit(torch.tensor(0.8)) - logit(torch.tensor(0.1))).expand(n, 1).clone(),
     )
-    tex = bake_texture(case.vertices, case.faces, case.uvs, GaussianSource(gaussians), size=128, padding=2)
+    tex = bake_texture(
+        case.vertices, case.faces, case.uvs, GaussianSource(gaussians), size=128, padding=2, convention="trimesh"
+    )
     points, uv = surface_samples(case, 5000, seed=4)
     err = np.abs(sample_texture(tex, uv) - colour_fn(points)) * 255
     assert err[away_from_band_edges(points)].mean() < 4
@@ -282,7 +288,9 @@ def test_torch_source_matches_the_scipy_reference(case):
 
 def test_bake_with_the_torch_path_matches_the_reference_bake(case):
     fast = VertexColorSource(case.dense_v, case.dense_f, colour_fn(case.dense_v), device="cpu")
-    tex = bake_texture(case.vertices, case.faces, case.uvs, fast, size=SIZE, padding=PADDING, device="cpu")
+    tex = bake_texture(
+        case.vertices, case.faces, case.uvs, fast, size=SIZE, padding=PADDING, device="cpu", convention="trimesh"
+    )
     diff = np.abs(tex.astype(int) - case.texture.astype(int)).max(-1)
     assert (diff <= 1).mean() > 0.999  # float32 vs float64 rounding; the sharp band's edge may differ by more
     points, uv = surface_samples(case, 20000)

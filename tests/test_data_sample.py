@@ -116,3 +116,14 @@ def test_truncated_shard_is_reported(tmp_path):
         SampleDataset(tmp_path / "ds")
     with pytest.raises(SampleError, match="has no dataset.json"):
         SampleDataset(tmp_path)
+
+
+def test_samples_sharing_an_array_are_written(tmp_path):
+    a, b = make_sample(0), make_sample(1)
+    b.occupancy = a.occupancy  # one array in two samples: each gets its own copy on disk
+    b.pointmap = a.pointmap
+    with ShardWriter(tmp_path / "ds") as w:
+        w.add(a)
+        w.add(b)
+    ds = SampleDataset(tmp_path / "ds")
+    np.testing.assert_array_equal(ds[1].occupancy, a.occupancy)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -107,3 +108,60 @@ def test_cuda_stage2_chain_matches_official(tmp_path, monkeypatch):
     mesh = pipe.decode_mesh(slat, coords)
     assert mesh.faces.shape == data["mesh/faces"].shape
     torch.testing.assert_close(mesh.vertices.cpu(), data["mesh/vertices"], rtol=1e-3, atol=1e-3)
+
+
+def test_cuda_low_vram_mode_matches_normal_mode():
+    """Low-VRAM mode moves the networks to the CPU and one stage at a time to the GPU: same objects, and the
+    networks really leave the GPU between stages."""
+    from sam3d_core.cli.reconstruct import EXAMPLE_MASK, EXAMPLE_PHOTO
+    from sam3d_core.pipeline.reconstruct import Pipeline
+
+    pipe, _ = Pipeline.load("tiny", "cuda")
+    ctx = pipe.open_photo(EXAMPLE_PHOTO)
+    kw = dict(seed=3, steps=3, texture_size=128, faces=1000)
+    normal = pipe.reconstruct(ctx, [EXAMPLE_MASK], **kw)[0]
+    pipe.set_low_vram(True)
+    assert pipe.low_vram
+    assert all(p.device.type == "cpu" for p in pipe.stage1.model.parameters())
+    assert all(p.device.type == "cpu" for p in pipe.stage2.model.parameters())
+    low = pipe.reconstruct(ctx, [EXAMPLE_MASK], **kw)[0]
+    assert all(p.device.type == "cpu" for p in pipe.stage1.model.parameters())  # back on the CPU afterwards
+    np.testing.assert_allclose(low.pose_matrix, normal.pose_matrix, rtol=1e-3, atol=1e-3)
+    assert low.num_voxels == normal.num_voxels
+    pipe.set_low_vram(False)
+    assert all(p.device.type == "cuda" for p in pipe.stage1.model.parameters())
+
+
+def test_cuda_worker_vram_preset_switches_low_vram(tmp_path):
+    """The worker's `vram` request field ("low" / "high") switches the pipeline's mode and stays in effect."""
+    import os
+    import sys
+
+    from sam3d_core.cli.reconstruct import EXAMPLE_MASK, EXAMPLE_PHOTO
+    from sam3d_core.serve.client import WorkerClient
+
+    env = dict(os.environ, SAM3D_HOME=str(tmp_path / "home"))
+    args = ("-m", "sam3d_core.cli", "serve", "--model", "tiny", "--device", "cuda")
+    with WorkerClient(sys.executable, args=args, env=env) as client:
+        job = client.reconstruct(
+            photo=str(EXAMPLE_PHOTO),
+            mask=str(EXAMPLE_MASK),
+            out=str(tmp_path / "a"),
+            steps=2,
+            vram="low",
+            texture_size=128,
+            faces=1000,
+        )
+        assert job.result(timeout=600)["type"] == "result"
+        assert client.status()["low_vram"] is True
+        job = client.reconstruct(
+            photo=str(EXAMPLE_PHOTO),
+            mask=str(EXAMPLE_MASK),
+            out=str(tmp_path / "b"),
+            steps=2,
+            vram="high",
+            texture_size=128,
+            faces=1000,
+        )
+        assert job.result(timeout=600)["type"] == "result"
+        assert client.status()["low_vram"] is False

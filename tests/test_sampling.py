@@ -132,7 +132,9 @@ def test_shortcut_mode_runs_and_differs(model):
     noise = stage1_noise(1, model.cfg, torch.Generator().manual_seed(4))
     short = sample_stage1(model, cond, noise, SAMPLER, shortcut=True)
     ref = sample_stage1(model, cond, noise, SAMPLER, shortcut=True, use_fast_path=False)
-    assert all(torch.allclose(short[k], ref[k], rtol=1e-5, atol=1e-6) for k in ref)
+    assert sorted(short) == sorted(ref) and len(ref) == 5
+    for k in ref:
+        torch.testing.assert_close(short[k], ref[k], rtol=1e-5, atol=1e-6)
     plain = sample_stage1(model, cond, noise, SAMPLER, steps=4, cfg_strength=0.0)  # same grid, d = 0
     assert not torch.allclose(short["shape"], plain["shape"])
 
@@ -143,7 +145,9 @@ def test_bfloat16_model_samples_in_float32_state(model):
     bf16 = bf16.to(torch.bfloat16).eval()
     noise = stage1_noise(1, model.cfg, torch.Generator().manual_seed(5))
     out = sample_stage1(bf16, _cond(model).to(torch.bfloat16), noise, SAMPLER, steps=6)
-    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in out.values())
+    assert len(out) == 5
+    for k, v in out.items():
+        assert v.dtype == torch.float32 and torch.isfinite(v).all(), k
 
 
 def test_bad_arguments_raise(model):
@@ -175,7 +179,10 @@ def test_official_schedule_and_noise():
     assert torch.equal(data["shortcut/d_steps"], torch.full((4,), 0.25, dtype=torch.float64))
     torch.manual_seed(42)  # the fixture's sampling seed, global CPU generator
     noise = stage1_noise(1, stage1_preset("tiny").flow)
-    assert all(torch.equal(noise[k], v) for k, v in group(data, "sample/noise/").items())
+    expected = group(data, "sample/noise/")
+    assert sorted(expected) == sorted(noise) and len(noise) == 5  # shape + the 4 pose latents
+    for k, v in expected.items():
+        assert torch.equal(noise[k], v), k
 
 
 @torch.no_grad()
@@ -183,7 +190,9 @@ def test_official_shortcut_sample():
     model, data = load_official_generator()
     noise = group(data, "sample/noise/")
     out = sample_stage1(model, data["cond/tokens"], noise, SAMPLER, shortcut=True)
-    for k, ref in group(data, "shortcut/final/").items():
+    expected = group(data, "shortcut/final/")
+    assert sorted(expected) == sorted(out) and len(out) == 5  # the fixture holds every latent
+    for k, ref in expected.items():
         assert (out[k] - ref).abs().max() <= 1e-5 * ref.abs().max(), k
 
 
@@ -193,5 +202,7 @@ def test_official_full_default_sample():
     """25 steps, 19 of them guided (about 20 s on a 2-core CPU: 44 DiT passes at 4096 tokens)."""
     model, data = load_official_generator()
     out = sample_stage1(model, data["cond/tokens"], group(data, "sample/noise/"), SAMPLER)
-    for k, ref in group(data, "sample/final/").items():
+    expected = group(data, "sample/final/")
+    assert sorted(expected) == sorted(out) and len(out) == 5
+    for k, ref in expected.items():
         assert (out[k] - ref).abs().max() <= 1e-5 * ref.abs().max(), k

@@ -62,8 +62,8 @@ def test_skip_connection_uses_the_spconv_1x1_view():
     """spconv's 1x1x1 path multiplies by the [Cout,1,1,1,Cin] weight viewed as [Cin, Cout] (no transpose)."""
     conv = SparseConv3d(3, 2, 1)
     with torch.no_grad():
-        conv.conv["weight"].copy_(torch.arange(6.0).reshape(2, 1, 1, 1, 3))
-        conv.conv["bias"].zero_()
+        conv.conv.weight.copy_(torch.arange(6.0).reshape(2, 1, 1, 1, 3))
+        conv.conv.bias.zero_()
     x = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     out = conv(x, torch.zeros(2, 4, dtype=torch.int32), neighbours=torch.empty(0))
     assert out.tolist() == [[0.0, 1.0], [4.0, 5.0]]

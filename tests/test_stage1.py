@@ -79,7 +79,7 @@ def test_encode_once_sample_many(pipe, example):
 
 def test_empty_mask_is_a_clear_error(pipe, example):
     image, mask, pointmap = example
-    with pytest.raises(ValueError, match="mask"):
+    with pytest.raises(ValueError, match="mask: got an empty mask"):
         pipe(image, np.zeros_like(mask), pointmap, steps=1)
 
 

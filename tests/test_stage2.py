@@ -186,7 +186,7 @@ def test_bad_voxels_and_options_are_clear_errors(tiny2, example):
         tiny2(image, mask, torch.cat([good, good[:1]]), steps=1)
     with pytest.raises(ValueError, match="decode"):
         tiny2(image, mask, good, steps=1, decode=("gaussians",))
-    with pytest.raises(ValueError, match="mask"):
+    with pytest.raises(ValueError, match="mask: got an empty mask"):
         tiny2(image, np.zeros_like(mask), good, steps=1)
 
 

@@ -7,13 +7,19 @@ through the stdlib-only client vendored into `worker_client/` by `make addon`. P
 
 from __future__ import annotations
 
-_MODULES = ("properties", "preferences", "operators", "panels")
+_MODULES = ("properties", "preferences", "operators", "panels", "install")
 
 
 def _modules():
     import importlib
 
     return [importlib.import_module(f".{name}", __package__) for name in _MODULES]
+
+
+def importlib_module(name: str):
+    import importlib
+
+    return importlib.import_module(f".{name}", __package__)
 
 
 def register() -> None:
@@ -34,6 +40,7 @@ def unregister() -> None:
     from . import overlay, properties, session
 
     session.shutdown()
+    importlib_module("install").unregister()
     overlay.unregister()
     for mod in reversed(_modules()[1:]):
         for cls in reversed(mod.CLASSES):

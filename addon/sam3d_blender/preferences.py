@@ -89,6 +89,10 @@ class SAM3D_Preferences(bpy.types.AddonPreferences):
                 else "No sam3d environment found: set the Worker Python",
                 icon="INFO",
             )
+            if not found:
+                from . import install
+
+                install.draw(col, context)
         col.prop(self, "weights_dir")
         col.prop(self, "model")
         row = col.row()

@@ -14,6 +14,7 @@ import bpy
 from mathutils import Matrix
 
 from .core.camera import check_camera
+from .core.photo import check_photo_size
 from .core.scene_io import ObjectEntry
 
 COLLECTION_PREFIX = "SAM3D "
@@ -41,13 +42,15 @@ def photo_collection(context: bpy.types.Context, photo: str, create: bool = True
 
 
 def load_photo(photo: str) -> bpy.types.Image:
-    """The photo as a Blender image (reused when already loaded)."""
+    """The photo as a Blender image (reused when already loaded). A photo above the worker's pixel limit is refused
+    (core.photo.PhotoTooLarge, a ValueError) before it is loaded."""
     path = os.path.abspath(photo)
     for img in bpy.data.images:
         if img.filepath and os.path.abspath(bpy.path.abspath(img.filepath)) == path:
             return img
     if not os.path.isfile(path):
         raise FileNotFoundError(f"photo {path!r} does not exist; choose an existing image file")
+    check_photo_size(path)  # the worker's pixel limit, from the header, before Blender decodes anything
     try:
         return bpy.data.images.load(path, check_existing=True)
     except RuntimeError as e:
@@ -102,11 +105,6 @@ def setup_photo_camera(
     col["sam3d_camera"] = cam_obj.name
     context.scene.camera = cam_obj
     return cam_obj
-
-
-def photo_camera(col: bpy.types.Collection) -> bpy.types.Object | None:
-    obj = bpy.data.objects.get(col.get("sam3d_camera", ""))
-    return obj if obj is not None and obj.type == "CAMERA" else None
 
 
 def _mask_props(obj: bpy.types.Object, mask: str | None) -> None:

@@ -131,15 +131,27 @@ def run_until_idle(timeout: float = 60.0, poll_s: float = 0.02) -> bool:
     return True
 
 
+_PRIVATE_DIR: list[str] = []  # this Blender session's private temporary folder, made on first use
+
+
+def private_dir() -> str:
+    """A folder only this user can enter, with an unpredictable name (tempfile.mkdtemp), made once per session:
+    no other user can plant a link where our masks are written."""
+    if not _PRIVATE_DIR or not os.path.isdir(_PRIVATE_DIR[0]):
+        _PRIVATE_DIR[:] = [tempfile.mkdtemp(prefix="sam3d_blender_")]
+    return _PRIVATE_DIR[0]
+
+
 def work_dir(scene: bpy.types.Scene, photo: str, prefs=None) -> str:
-    """Folder for one photo's masks and objects: the preference, else next to the .blend, else temporary."""
+    """Folder for one photo's masks and objects: the preference, else next to the .blend, else a private temporary
+    folder (never a predictable path in the shared temporary folder)."""
     stem = os.path.splitext(os.path.basename(photo))[0] or "photo"
     if prefs is not None and prefs.output_dir:
         base = bpy.path.abspath(prefs.output_dir)
     elif bpy.data.filepath:
         base = os.path.join(os.path.dirname(bpy.data.filepath), "sam3d")
     else:
-        base = os.path.join(tempfile.gettempdir(), "sam3d_blender")
+        base = private_dir()
     path = os.path.join(base, stem)
     os.makedirs(path, exist_ok=True)
     return path

@@ -205,6 +205,7 @@ def request_segment(context: bpy.types.Context) -> None:
         "type": "segment",
         "photo": props.photo,
         "out": out,
+        "overwrite": True,  # drafts are scratch: the worker replaces only a mask it wrote (never another file)
         "points": [[p.x, p.y, p.label] for p in props.prompts],
         "box": list(props.box) if props.use_box else None,
     }
@@ -274,13 +275,20 @@ def add_mask_file(context: bpy.types.Context, mask: str, name: str = "", keep_pr
         raise FileNotFoundError(f"mask file {mask!r} does not exist")
     name = name or f"object_{len(props.items)}"
     dst = os.path.join(work_dir(context.scene, props.photo, preferences.get()), f"mask_{uuid.uuid4().hex[:8]}.png")
-    shutil.copyfile(mask, dst)  # the job reads it later: keep a copy that later clicks do not overwrite
+    _copy_to_new_file(mask, dst)  # the job reads it later: keep a copy that later clicks do not overwrite
     item = new_item(props, name, dst)
     if not keep_prompts:
         props.prompts.clear()
         props.use_box = False
         props.draft_mask = props.draft_info = ""
     return item
+
+
+def _copy_to_new_file(src: str, dst: str) -> None:
+    """Copy into a file that must not exist yet (O_EXCL: never through a link planted at `dst`)."""
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+    with open(src, "rb") as fsrc, os.fdopen(fd, "wb") as fdst:
+        shutil.copyfileobj(fsrc, fdst)
 
 
 class SegmentAllTask(Task):

@@ -46,7 +46,7 @@ def _subm_conv3d_kernel(
     b_ptr,  # [COUT] or a dummy pointer
     out_ptr,  # [N, COUT] contiguous
     N,
-    CIN,
+    CIN: tl.constexpr,  # compile-time: the channel loop unrolls, and Triton's interpreter needs a plain int here
     COUT,
     HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr,

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from sam3d_core.cli.segment import parse_box, parse_point
+from sam3d_core.cli.segment import check_clicks, parse_box, parse_point, path_arg
+from sam3d_core.export.output import output_folder
 from sam3d_core.inputs.imageio import load_mask, load_photo
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -51,7 +53,18 @@ class StageBar:
 
 
 def add_model_args(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--out", default="sam3d_out", help="output folder (created)")
+    sp.add_argument(
+        "--out",
+        default="sam3d_out",
+        type=path_arg("--out"),
+        help="output folder: a new or empty one, or one with earlier results (new files are added beside them with "
+        "a numbered suffix; nothing is replaced)",
+    )
+    sp.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace our own earlier results in --out (the files its scene.json lists); nothing else is replaced",
+    )
     sp.add_argument("--model", default=None, help="an imported model name, or 'tiny' (default: the best available)")
     sp.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     sp.add_argument("--seed", type=int, default=42, help="seed of the first object; object i uses seed + i")
@@ -72,7 +85,12 @@ def add_model_args(sp: argparse.ArgumentParser) -> None:
         default=None,
         help="horizontal field of view in degrees when the photo has no EXIF focal length (default 60)",
     )
-    sp.add_argument("--depth", default=None, help="a depth map (.npy, metres, the photo's size) for metric layout")
+    sp.add_argument(
+        "--depth",
+        default=None,
+        type=path_arg("--depth"),
+        help="a depth map (.npy, metres, the photo's size) for metric layout",
+    )
     sp.add_argument(
         "--depth-model",
         default="auto",
@@ -88,23 +106,53 @@ def _check_sizes(args) -> None:
         raise ValueError(f"--texture-size {args.texture_size}: expected 64..8192 (1024 is a good default)")
     if not 100 <= args.faces <= 2_000_000:
         raise ValueError(f"--faces {args.faces}: expected 100..2000000 (20000 is a good default)")
+    check_common(args)
+
+
+def check_common(args) -> None:
+    """Options shared by reconstruct, scene, demo and stage1, checked before anything is loaded."""
     if args.steps is not None and not 1 <= args.steps <= 1000:
         raise ValueError(f"--steps {args.steps}: expected 1..1000")
-    if args.max_voxels is not None and args.max_voxels < 16:
+    if getattr(args, "max_voxels", None) is not None and not 16 <= args.max_voxels <= 10_000_000:
         raise ValueError(f"--max-voxels {args.max_voxels}: expected at least 16 (default: the model's cap)")
+    if not -(2**63) < args.seed < 2**63:
+        raise ValueError(f"--seed {args.seed}: expected an integer within +-2**63")
+    fov = getattr(args, "fov", None)
+    if fov is not None and not (math.isfinite(fov) and 1.0 <= fov <= 179.0):
+        raise ValueError(f"--fov {fov}: expected a horizontal field of view of 1..179 degrees")
+    if getattr(args, "max_objects", 1) < 1:
+        raise ValueError(f"--max-objects {args.max_objects}: expected at least 1")
+
+
+def _inputs(args) -> list:
+    return [args.photo, *(getattr(args, "mask", None) or []), getattr(args, "depth", None)]
 
 
 def _open(args):
+    """(pipeline, photo context) for the options of `add_model_args`; see `_prepare`."""
+    pipe, ctx, _, _ = _prepare(args)
+    return pipe, ctx
+
+
+def _prepare(args, objects: int = 1):
+    """Inputs and the output folder checked (cheap, before anything loads), then the model and the photo's camera.
+    Returns (pipeline, photo context, output folder, the --mask masks checked)."""
+    from sam3d_core.inputs.depth import check_depth_map, load_depth_file
     from sam3d_core.pipeline.reconstruct import Pipeline
 
     _check_sizes(args)
+    photo = load_photo(args.photo)
+    depth = check_depth_map(load_depth_file(args.depth), photo.width, photo.height) if args.depth else None
+    masks = [load_mask(m, photo) for m in getattr(args, "mask", None) or ()]
+    overwrite = getattr(args, "overwrite", False)
+    folder = output_folder(args.out, overwrite=overwrite, inputs=_inputs(args), what="--out folder")
     pipe, which = Pipeline.load(
         args.model, args.device, low_vram=args.low_vram, compile=args.compile, max_voxels=args.max_voxels
     )
     print(f"model: {which}", file=sys.stderr)
-    depth = np.load(args.depth) if args.depth else None
+    folder.check_room(pipe.estimate_bytes(objects, texture_size=args.texture_size, faces=args.faces))
     depth_model = getattr(args, "depth_model", "auto")
-    ctx = pipe.open_photo(args.photo, fov_deg=args.fov, depth=depth, depth_model=depth_model)
+    ctx = pipe.open_photo(photo, fov_deg=args.fov, depth=depth, depth_model=depth_model)
     why = ""
     if ctx.pointmap_source == "fallback plane":
         why = "; layout in relative units"
@@ -117,10 +165,10 @@ def _open(args):
         f"(fx {ctx.K[0, 0]:.1f} px); point map: {ctx.pointmap_source}{why}",
         file=sys.stderr,
     )
-    return pipe, ctx
+    return pipe, ctx, folder, masks
 
 
-def _run(pipe, ctx, masks, names, args) -> int:
+def _run(pipe, ctx, masks, names, args, folder) -> int:
     bar = StageBar()
     t0 = time.perf_counter()
 
@@ -145,13 +193,19 @@ def _run(pipe, ctx, masks, names, args) -> int:
         progress=bar,
         on_object=done,
     )
-    scene = pipe.export(ctx, results, args.out)
+    scene = pipe.export(ctx, results, folder)
     dt = time.perf_counter() - t0
     print(
-        f"wrote {len(results)} object(s) to {args.out} in {dt:.1f} s ({dt / max(len(results), 1):.1f} s per "
-        f"object): scene.json" + (", scene.glb" if "scene_glb" in scene else ""),
+        f"wrote {len(results)} object(s) to {folder.path} in {dt:.1f} s ({dt / max(len(results), 1):.1f} s per "
+        f"object): {scene['scene_json']}" + (f", {scene['scene_glb']}" if "scene_glb" in scene else ""),
         file=sys.stderr,
     )
+    if scene["scene_json"] != "scene.json":
+        print(
+            f"note: {folder.path} already held results; these were added beside them with a numbered suffix "
+            "(--overwrite replaces our earlier results instead)",
+            file=sys.stderr,
+        )
     for o in scene["objects"]:
         print(
             f"  {o['name']}: "
@@ -168,23 +222,28 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         raise ValueError(
             "say which object: --mask M.png (one per object), or --point X,Y [--point X,Y,-] and/or --box X0,Y0,X1,Y1"
         )
-    pipe, ctx = _open(args)
+    prompt = None
+    if not args.mask:
+        check_clicks(args.point, args.box)
+        prompt = Prompt(points=tuple(args.point or ()), box=args.box)
+    pipe, ctx, folder, masks = _prepare(args, objects=max(1, len(args.mask or ())))
     if args.mask:
-        masks = [pipe.load_mask(ctx, m) for m in args.mask]
         names = [f"object_{i}" for i in range(len(masks))]
     else:
+        prompt.validate(ctx.height, ctx.width)
         seg = load_segmenter("auto")
         print(f"segmenter: {seg.name}", file=sys.stderr)
         seg.set_image(ctx.photo.rgb)
-        cand = seg.predict(Prompt(points=tuple(args.point or ()), box=args.box))[0]
+        cand = seg.predict(prompt)[0]
         masks, names = [pipe.load_mask(ctx, cand.mask)], ["object_0"]
-    return _run(pipe, ctx, masks, names, args)
+    return _run(pipe, ctx, masks, names, args, folder)
 
 
 def cmd_scene(args: argparse.Namespace) -> int:
     from sam3d_core.segment import load_segmenter
 
-    pipe, ctx = _open(args)
+    args.mask = None
+    pipe, ctx, folder, _ = _prepare(args, objects=args.max_objects)
     seg = load_segmenter("auto")
     print(f"segmenter: {seg.name}", file=sys.stderr)
     seg.set_image(ctx.photo.rgb)
@@ -195,18 +254,22 @@ def cmd_scene(args: argparse.Namespace) -> int:
             "`sam3d reconstruct PHOTO --point X,Y` instead"
         )
     masks = [pipe.load_mask(ctx, c.mask) for c in cands]
-    return _run(pipe, ctx, masks, [f"object_{i}" for i in range(len(masks))], args)
+    return _run(pipe, ctx, masks, [f"object_{i}" for i in range(len(masks))], args, folder)
 
 
 def cmd_stage1(args: argparse.Namespace) -> int:
     from sam3d_core.export.voxels import save_voxels_glb
     from sam3d_core.inputs.camera import fallback_pointmap
     from sam3d_core.pipeline.stage1 import Stage1Pipeline
+    from sam3d_core.version import __version__
 
+    check_common(args)
     photo = load_photo(args.photo)
     image, mask = photo.rgb, load_mask(args.mask, photo)
+    folder = output_folder(args.out, overwrite=args.overwrite, inputs=[args.photo, args.mask], what="--out folder")
     pipe, which = Stage1Pipeline.best_available(args.model, args.device, args.compile)
     print(f"model: {which}")
+    folder.check_room(pipe.cfg.max_voxels * 400 + (1 << 20))  # the voxel GLB and scene.json
     pointmap, K = fallback_pointmap(*image.shape[:2])
     print("point map: none given; a plane at unit distance with a 60 degree field of view (relative units)")
     t0 = time.perf_counter()
@@ -220,32 +283,32 @@ def cmd_stage1(args: argparse.Namespace) -> int:
         progress=lambda i, n: print(f"\rstage 1: step {i}/{n}", end="", flush=True),
     )
     print(f"\rstage 1: {len(out.coords)} voxels in {time.perf_counter() - t0:.1f} s")
-    outdir = Path(args.out)
-    outdir.mkdir(parents=True, exist_ok=True)
     pose = out.pose
     trans, scale = pose.translation[0].cpu().numpy(), pose.scale[0].cpu().numpy()
-    glb = save_voxels_glb(
-        outdir / "object_0_voxels.glb", out.coords[:, 1:].cpu().numpy(), pose.as_matrix()[0].cpu().numpy()
-    )
-    record = {
-        "frame": "PyTorch3D camera (x left, y up, z forward); the GLB is in glTF camera space (camera at the "
-        "origin looking down -z)",
-        "intrinsics": np.asarray(K).tolist(),
-        "image_size": list(image.shape[:2]),
-        "objects": [
-            {
-                "glb": glb.name,
-                "num_voxels": int(len(out.coords)),
-                "rotation_wxyz": pose.quaternion[0].tolist(),
-                "translation": trans.tolist(),
-                "scale": scale.tolist(),
-                "settings": out.settings,
-            }
-        ],
-        "model": which,
-    }
-    (outdir / "scene.json").write_text(json.dumps(record, indent=2))
-    print(f"wrote {glb} and {outdir / 'scene.json'}")
+    with folder.writer() as w:  # all or nothing, nothing of the user's replaced (export/output.py)
+        scene_json = w.claim("scene", (".json",), last=True) + ".json"
+        glb = w.claim("object_0", ("_voxels.glb",)) + "_voxels.glb"
+        save_voxels_glb(w.staged(glb), out.coords[:, 1:].cpu().numpy(), pose.as_matrix()[0].cpu().numpy())
+        record = {
+            "generator": f"sam3d {__version__}",
+            "frame": "PyTorch3D camera (x left, y up, z forward); the GLB is in glTF camera space (camera at the "
+            "origin looking down -z)",
+            "intrinsics": np.asarray(K).tolist(),
+            "image_size": list(image.shape[:2]),
+            "objects": [
+                {
+                    "glb": glb,
+                    "num_voxels": int(len(out.coords)),
+                    "rotation_wxyz": pose.quaternion[0].tolist(),
+                    "translation": trans.tolist(),
+                    "scale": scale.tolist(),
+                    "settings": out.settings,
+                }
+            ],
+            "model": which,
+        }
+        w.staged(scene_json).write_text(json.dumps(record, indent=2))
+    print(f"wrote {folder.path / glb} and {folder.path / scene_json}")
     return 0
 
 
@@ -257,8 +320,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def add_reconstruct_parsers(sub) -> None:
     r = sub.add_parser("reconstruct", help="photo + mask(s) or clicks -> placed, textured objects")
-    r.add_argument("photo")
-    r.add_argument("--mask", action="append", default=None, help="mask PNG of one object (repeat for more)")
+    r.add_argument("photo", type=path_arg("photo"))
+    r.add_argument(
+        "--mask",
+        action="append",
+        default=None,
+        type=path_arg("--mask"),
+        help="mask PNG of one object (repeat for more)",
+    )
     r.add_argument(
         "--point",
         action="append",
@@ -271,17 +340,18 @@ def add_reconstruct_parsers(sub) -> None:
     r.set_defaults(func=cmd_reconstruct)
 
     s = sub.add_parser("scene", help="every object of a photo -> placed, textured objects")
-    s.add_argument("photo")
+    s.add_argument("photo", type=path_arg("photo"))
     s.add_argument("--max-objects", type=int, default=5)
     add_model_args(s)
     s.set_defaults(func=cmd_scene)
 
     s1 = sub.add_parser("stage1", help="coarse shape + layout of one masked object (voxels only)")
-    s1.add_argument("photo")
-    s1.add_argument("--mask", required=True)
+    s1.add_argument("photo", type=path_arg("photo"))
+    s1.add_argument("--mask", required=True, type=path_arg("--mask"))
     s1.add_argument("--steps", type=int, default=None)
     s1.add_argument("--fast", action="store_true", help="shortcut mode: few steps, no CFG")
-    s1.add_argument("--out", default="sam3d_out")
+    s1.add_argument("--out", default="sam3d_out", type=path_arg("--out"), help="output folder (see reconstruct --out)")
+    s1.add_argument("--overwrite", action="store_true", help="replace our own earlier results in --out")
     s1.add_argument("--model", default=None, help="an imported model name, or 'tiny'")
     s1.add_argument("--device", default=None)
     s1.add_argument("--seed", type=int, default=42)

@@ -27,6 +27,16 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from sam3d_core.serve import worker
 
+    if args.max_voxels is not None and not 16 <= args.max_voxels <= 10_000_000:
+        raise ValueError(f"--max-voxels {args.max_voxels}: expected at least 16 (default: the model's cap)")
+    if args.device is not None:
+        import torch
+
+        try:
+            torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"--device {args.device!r}: expected cpu, cuda or cuda:N") from None
+
     return worker.main(model=args.model, device=args.device, low_vram=args.low_vram, max_voxels=args.max_voxels)
 
 

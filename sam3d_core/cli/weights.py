@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from sam3d_core.cli.encoders import add_fit_encoder_parser
+from sam3d_core.cli.segment import path_arg
 from sam3d_core.inputs import depth
 from sam3d_core.inputs.depth import MOGE_DEFAULT_WEIGHTS, import_depth_weights
 from sam3d_core.segment import weights as sam_weights
@@ -26,47 +28,64 @@ from sam3d_core.weights.store import CheckpointError
 def cmd_weights(args: argparse.Namespace) -> int:
     if args.action == "import":
         t0 = time.perf_counter()
-        rep = hub.import_official(args.folder, name=args.name, root=args.root, overwrite=args.overwrite)
+        root = Path(args.root) if args.root else None
+        rep = hub.import_official(args.folder, name=args.name, root=root, overwrite=args.overwrite)
         print(
             f"imported {' + '.join(rep.stages)}: {rep.num_tensors} tensors "
             f"({rep.num_parameters / 1e6:.1f} M parameters) "
             f"into {rep.folder} in {time.perf_counter() - t0:.1f} s"
             + (f"; {rep.ignored_keys} other entries ignored" if rep.ignored_keys else "")
         )
+        for note in rep.notes:
+            print(f"note: {note}")
     elif args.action == "list":
         models = hub.list_models()
         sams = sam_weights.list_sam()
-        if not models and not sams:
+        depths = depth.list_depth_weights()
+        broken = (
+            [("sam3d", b) for b in hub.list_broken()]
+            + [("sam", b) for b in sam_weights.list_sam(broken=True)]
+            + [("depth", b) for b in depth.list_depth_weights(broken=True)]
+        )
+        if not models and not sams and not depths and not broken:
             print(
                 f"no models in {store.data_dir()}; import SAM 3D weights with `sam3d weights import FOLDER` "
                 "and SAM weights with `sam3d weights import-sam FILE`"
             )
         for m in models:
             print(f"sam3d  {m['name']:<16} {m['bytes'] / 1e9:6.2f} GB  {m['folder']}  (from {m['source']})")
-        for m in depth.list_depth_weights():
+        for m in depths:
             print(f"depth  {m.get('name', '?'):<16} {m.get('bytes', 0) / 1e9:6.2f} GB  {m.get('folder', '')}")
         for m in sams:
             print(f"{m.get('kind', 'sam'):<6} {m['name']:<16} {m.get('bytes', 0) / 1e9:6.2f} GB  {m.get('folder', '')}")
+        for kind, b in broken:  # listed, skipped everywhere else, never fatal
+            print(f"BROKEN {kind:<6} {b['name']:<16} {b['folder']}: {b['problem']}")
     elif args.action == "verify":
-        problems = _on_either(args.name, hub.verify, sam_weights.verify)
+        problems = _on_store(args.name, hub.verify, sam_weights.verify, depth.verify_depth_weights)
         for p in problems:
             print(f"FAIL {p}")
         print("ok" if not problems else f"{len(problems)} problem(s); re-import the model")
         return 0 if not problems else 1
     elif args.action == "remove":
-        print(f"removed {_on_either(args.name, hub.remove, sam_weights.remove)}")
+        print(f"removed {_on_store(args.name, hub.remove, sam_weights.remove, depth.remove_depth_weights)}")
     return 0
 
 
-def _on_either(name: str, sam3d_fn, sam_fn):
-    """Apply to the SAM 3D model called `name`, else to the SAM checkpoint of that name."""
-    try:
-        return sam3d_fn(name)
-    except CheckpointError as first:
-        try:
-            return sam_fn(name)
-        except (CheckpointError, FileNotFoundError):
-            raise first from None
+def _on_store(name: str, sam3d_fn, sam_fn, depth_fn):
+    """Apply to the SAM 3D model called `name`, else the SAM checkpoint, else the depth weights of that name.
+    `name` is a name (checked), looked up only inside the data folder."""
+    name = store.check_model_name(name)
+    for root, fn in (
+        (store.models_dir(), sam3d_fn),
+        (sam_weights.segment_dir(), sam_fn),
+        (depth.depth_dir(), depth_fn),
+    ):
+        if (root / name / "manifest.json").is_file() and not (root / name).is_symlink():
+            return fn(name)
+    raise CheckpointError(
+        f"no imported model {name!r} (SAM 3D, SAM or depth) in {store.data_dir()}; "
+        "`sam3d weights list` shows what is there"
+    )
 
 
 def cmd_import_sam(args: argparse.Namespace) -> int:
@@ -80,7 +99,7 @@ def add_weights_sam_parser(weights_subparsers) -> argparse.ArgumentParser:
     s = weights_subparsers.add_parser(
         "import-sam", help="import a segment-anything (.pth) or SAM 2 (.pt) checkpoint, or its .safetensors"
     )
-    s.add_argument("file")
+    s.add_argument("file", type=path_arg("FILE"))
     s.add_argument(
         "--name",
         default=None,
@@ -108,7 +127,11 @@ def add_depth_parser(weights_subparsers):
         help="import MoGe v1 depth-model weights (model.pt of "
         "Ruicheng/moge-vitl, or a folder holding it) for metric point maps",
     )
-    s.add_argument("file", help="model.pt, a folder holding it, or model.safetensors with config.json beside it")
+    s.add_argument(
+        "file",
+        type=path_arg("FILE"),
+        help="model.pt, a folder holding it, or model.safetensors with config.json beside it",
+    )
     s.add_argument("--name", default=MOGE_DEFAULT_WEIGHTS, help=f"default {MOGE_DEFAULT_WEIGHTS}")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_import_depth)
@@ -200,9 +223,11 @@ def add_weights_parser(subparsers) -> argparse.ArgumentParser:
     w = subparsers.add_parser("weights", help="import, list, verify or remove model weights (offline)")
     wsub = w.add_subparsers(dest="action", required=True)
     wi = wsub.add_parser("import", help="convert an official checkpoint folder (YAML + .ckpt)")
-    wi.add_argument("folder")
-    wi.add_argument("--name", default="official")
-    wi.add_argument("--root", type=Path, default=None, help="models folder (default: the user data folder)")
+    wi.add_argument("folder", type=path_arg("FOLDER"))
+    wi.add_argument("--name", default="official", help="a name (not a path) for the model (default: official)")
+    wi.add_argument(
+        "--root", type=path_arg("--root"), default=None, help="models folder (default: the user data folder)"
+    )
     wi.add_argument("--overwrite", action="store_true")
     wsub.add_parser("list")
     for action in ("verify", "remove"):
@@ -211,4 +236,5 @@ def add_weights_parser(subparsers) -> argparse.ArgumentParser:
     add_weights_sam_parser(wsub)
     add_download_parser(wsub)
     add_depth_parser(wsub)
+    add_fit_encoder_parser(wsub)
     return w

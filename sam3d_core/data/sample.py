@@ -166,6 +166,11 @@ def _shape(a: Any, name: str, shape: tuple, dtype) -> np.ndarray:
     return a
 
 
+def _tensor(a: np.ndarray, dtype=None) -> torch.Tensor:
+    """A private copy: safetensors refuses tensors that share memory (two samples built from one array)."""
+    return torch.from_numpy(np.array(a, dtype=dtype, copy=True, order="C"))
+
+
 def _png(a: np.ndarray) -> torch.Tensor:
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG", compress_level=3)
@@ -184,22 +189,22 @@ def encode(sample: Sample, index: int) -> tuple[dict[str, torch.Tensor], str]:
     out = {
         p + "photo_png": _png(s.photo),
         p + "mask_png": _png(s.mask.astype(np.uint8) * 255),
-        p + "occupancy": torch.from_numpy(np.ascontiguousarray(s.occupancy, dtype=np.uint8)),
+        p + "occupancy": _tensor(s.occupancy, dtype=np.uint8),
     }
     if s.amodal_mask is not None:
         out[p + "amodal_png"] = _png(s.amodal_mask.astype(np.uint8) * 255)
     if s.pointmap is not None:
-        out[p + "pointmap"] = torch.from_numpy(np.ascontiguousarray(s.pointmap))
+        out[p + "pointmap"] = _tensor(s.pointmap)
     if s.ss_latent is not None:
-        out[p + "ss_latent"] = torch.from_numpy(np.ascontiguousarray(s.ss_latent))
+        out[p + "ss_latent"] = _tensor(s.ss_latent)
     if s.slat_coords is not None:
-        out[p + "slat_coords"] = torch.from_numpy(np.ascontiguousarray(s.slat_coords, dtype=np.uint8))
-        out[p + "slat_feats"] = torch.from_numpy(np.ascontiguousarray(s.slat_feats))
+        out[p + "slat_coords"] = _tensor(s.slat_coords, dtype=np.uint8)
+        out[p + "slat_feats"] = _tensor(s.slat_feats)
     if s.surface_points is not None:
-        out[p + "surface_points"] = torch.from_numpy(np.ascontiguousarray(s.surface_points))
+        out[p + "surface_points"] = _tensor(s.surface_points)
     for k, v in (s.rejected or {}).items():
         dtype = np.uint8 if k == "slat_coords" else np.float32
-        out[p + "rejected/" + k] = torch.from_numpy(np.ascontiguousarray(v, dtype=dtype))
+        out[p + "rejected/" + k] = _tensor(v, dtype=dtype)
     return out, json.dumps(s.record())
 
 

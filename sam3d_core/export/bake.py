@@ -2,6 +2,7 @@
 
     source = VertexColorSource(mesh.vertices, mesh.faces, mesh.vertex_attrs[:, :3])   # the dense FlexiCubes mesh
     texture = bake_texture(low_vertices, low_faces, low_uvs, source, size=1024)      # [1024, 1024, 3] uint8
+    # low_uvs in unwrap_uv's (glTF) convention, the default; convention="trimesh" for v-up UVs
 
     # on a GPU: colour lookup (exact nearest triangle through a uniform grid) and steps 2-4 in torch there
     source = VertexColorSource(..., device="cuda")
@@ -369,11 +370,7 @@ class VertexColorSource:
     def colors(self, points: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
         points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
         if self.device is not None:
-            p = torch.from_numpy(points).to(self.device, torch.float32)
-            max_pairs = 1 << 22 if self.device.type == "cuda" else 1 << 19
-            face, bary = self._grid.nearest(p, max_pairs)
-            out = (bary[:, :, None] * self._colors_t[self._faces_t[face]]).sum(1)  # [N, 3]
-            return out.cpu().numpy()
+            return self.colors_tensor(torch.from_numpy(points)).cpu().numpy()
         out = np.empty((points.shape[0], 3), np.float32)
         for lo in range(0, points.shape[0], chunk):
             p = points[lo : lo + chunk]
@@ -386,6 +383,16 @@ class VertexColorSource:
             face, w = cand[rows, best], bary[rows, best]  # [N], [N, 3]
             out[lo : lo + chunk] = np.einsum("nk,nkc->nc", w, self.vertex_colors[self.faces[face]])
         return out
+
+    def colors_tensor(self, points: torch.Tensor) -> torch.Tensor:
+        """`colors` for a torch tensor of points [N, 3], answered on this source's device (device sources only):
+        the bake keeps its texels there."""
+        if self.device is None:
+            raise ValueError("colors_tensor needs a device source: VertexColorSource(..., device='cuda')")
+        p = points.to(self.device, torch.float32)
+        max_pairs = 1 << 22 if self.device.type == "cuda" else 1 << 19
+        face, bary = self._grid.nearest(p, max_pairs)
+        return (bary[:, :, None] * self._colors_t[self._faces_t[face]]).sum(1)  # [N, 3] float32
 
 
 class GaussianSource:
@@ -502,6 +509,30 @@ def _push_pull(color: np.ndarray, known: np.ndarray) -> np.ndarray:
     return filled
 
 
+def _push_pull_torch(color: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """`_push_pull` in torch, on the tensors' device: color [H, W, 3] float64, known [H, W] bool."""
+    levels = [(color * known[..., None], known.to(color.dtype))]
+    while max(levels[-1][1].shape) > 1:
+        c, w = levels[-1]
+        h, wd = w.shape
+        c = torch.nn.functional.pad(c, (0, 0, 0, wd % 2, 0, h % 2))
+        w = torch.nn.functional.pad(w, (0, wd % 2, 0, h % 2))
+        levels.append(
+            (
+                c.reshape(c.shape[0] // 2, 2, c.shape[1] // 2, 2, -1).sum((1, 3)),
+                w.reshape(w.shape[0] // 2, 2, w.shape[1] // 2, 2).sum((1, 3)),
+            )
+        )
+    filled = None
+    for c, w in reversed(levels):
+        mean = c / w[..., None]
+        if filled is not None:
+            up = filled.repeat_interleave(2, 0).repeat_interleave(2, 1)[: w.shape[0], : w.shape[1]]
+            mean = torch.where(w[..., None] > 0, mean, up)
+        filled = mean
+    return filled
+
+
 def bake_texture(
     vertices,
     faces,
@@ -509,16 +540,17 @@ def bake_texture(
     source: ColorSource,
     size: int = 1024,
     padding: int = 4,
-    convention: str = "trimesh",
+    convention: str = "gltf",
     device: str | torch.device | None = None,
 ) -> np.ndarray:
     """Bake `source`'s colours into a [size, size, 3] uint8 sRGB texture for the unwrapped mesh.
 
     vertices [V, 3] and faces [F, 3] (numpy or torch): the low-poly mesh, in the source's frame; uvs [V, 2] in
-    [0, 1], one per vertex (xatlas output: vertices[vmapping], indices, uvs), in `convention` ("trimesh": v = 0
-    at the bottom row; "gltf": v = 0 at the top row; see the module doc). `padding`: gutter texels grown around
-    every chart from the surface (step 3); all texels beyond are filled by push-pull. `device`: where steps 2-4
-    run (torch; None = CPU); the source decides where step 5 runs (`VertexColorSource(..., device=...)`).
+    [0, 1], one per vertex (xatlas output: vertices[vmapping], indices, uvs), in `convention`: "gltf" (the
+    default, what `export.uv.unwrap_uv` returns: v = 0 at the top row) or "trimesh" (v = 0 at the bottom row);
+    see the module doc. `padding`: gutter texels grown around every chart from the surface (step 3); all
+    texels beyond are filled by push-pull. `device`: where steps 2-4 run (torch; None = CPU); the source
+    decides where step 5 runs (`VertexColorSource(..., device=...)`).
     """
     # 1. checks
     vertices, faces, uvs = _numpy(vertices, np.float64), _numpy(faces, np.int64), _numpy(uvs, np.float64)
@@ -555,6 +587,12 @@ def bake_texture(
     known = face >= 0
     corners = torch.from_numpy(vertices).to(dev)[faces_t[face[known]]]  # [N, 3, 3]
     points = torch.bmm(bary[known].double()[:, None, :], corners)[:, 0]  # [N, 3]
+    if dev.type == "cuda" and getattr(source, "device", None) == dev and hasattr(source, "colors_tensor"):
+        # everything stays on the GPU: lookup, push-pull, quantisation; one copy of the uint8 texture back
+        color_t = torch.zeros((size, size, 3), dtype=torch.float64, device=dev)
+        color_t[known] = source.colors_tensor(points).double()
+        color_t = _push_pull_torch(color_t, known)
+        return torch.clamp(torch.round(color_t * 255.0), 0, 255).to(torch.uint8).cpu().numpy()
     known = known.cpu().numpy()
     color = np.zeros((size, size, 3), np.float64)
     color[known] = source.colors(points.cpu().numpy())

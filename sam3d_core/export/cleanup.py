@@ -15,15 +15,25 @@ of an [H, W, 3] array. The GLB stores these values unchanged in TEXCOORD_0; trim
 from __future__ import annotations
 
 import importlib
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["CleanMesh", "clean_mesh", "face_area_vectors"]
+__all__ = [
+    "CleanMesh",
+    "clean_mesh",
+    "drop_floaters",
+    "face_area_vectors",
+    "simplify_piece",
+    "split_mesh",
+    "stitch_pieces",
+]
 
 _MERGE_TOLERANCE = 1e-6  # vertices closer than this fraction of the bounding-box diagonal are merged
+_SIMPLIFY_LOCK = threading.Lock()
 
 
 def optional_import(module: str) -> Any:
@@ -509,7 +519,8 @@ def _decimate(
     """Quadric decimation to about `target` faces; colours re-sampled from the nearest input vertex (the
     input is dense, so its nearest vertex is within about one input edge of the output vertex)."""
     simplify = optional_import("fast_simplification").simplify
-    v2, f2 = simplify(v.astype(np.float32), f.astype(np.int32), target_count=target)
+    with _SIMPLIFY_LOCK:  # fast_simplification keeps its mesh in global C++ state: one call at a time per process
+        v2, f2 = simplify(v.astype(np.float32), f.astype(np.int32), target_count=target)
     f2 = f2.astype(np.int64)
     f2, _, _ = _drop_bad_faces(f2, len(v2))
     c2 = None
@@ -519,6 +530,145 @@ def _decimate(
         c2 = c[nearest]
     v2, f2, c2 = _compact(v2.astype(np.float32), f2, c2)
     return v2, f2, c2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decimation in pieces (a first pass that runs on several cores; see `uv.decimate_and_unwrap`)
+
+
+def split_mesh(vertices: Any, faces: Any, pieces: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Cut a mesh into `pieces` parts of about equal face counts: each part is halved at the median face centre
+    along its longest extent, recursively (a k-d split, so the parts are compact and their shared borders short).
+
+    vertices [V, 3] float and faces [F, 3] int, torch tensors (the work runs on their device: the GPU in the
+    pipeline) or numpy arrays -> per part (vertices float32 [V_i, 3], faces int32 [F_i, 3] indexing them), numpy.
+    Every face is in exactly one part; a vertex on a border between parts is copied into each, with the same
+    coordinates (so `stitch_pieces` can join them again). Deterministic.
+    """
+    import torch
+
+    v = torch.as_tensor(vertices).float()
+    f = torch.as_tensor(faces).long()
+    if v.ndim != 2 or v.shape[1] != 3 or f.ndim != 2 or f.shape[1] != 3:
+        raise ValueError(f"vertices {tuple(v.shape)} and faces {tuple(f.shape)}: expected [V, 3] and [F, 3]")
+    if not isinstance(pieces, int) or pieces < 1:
+        raise ValueError(f"pieces={pieces!r}: expected a positive int")
+    centre = (v[f[:, 0]] + v[f[:, 1]] + v[f[:, 2]]) / 3  # [F, 3]
+    groups = [(torch.arange(len(f), device=f.device), pieces)]
+    done = []
+    while groups:
+        idx, count = groups.pop()
+        if count == 1 or len(idx) < 2:
+            done.append(idx)
+            continue
+        c = centre[idx]
+        axis = int(torch.argmax(c.max(0).values - c.min(0).values))
+        order = idx[torch.sort(c[:, axis], stable=True).indices]
+        left = count // 2
+        cut = len(order) * left // count
+        groups += [(order[cut:], count - left), (order[:cut], left)]
+    out = []
+    used = torch.zeros(len(v), dtype=torch.bool, device=v.device)
+    for idx in done:
+        part = f[idx]  # [F_i, 3]
+        used.zero_()
+        used[part.reshape(-1)] = True
+        ids = torch.nonzero(used)[:, 0]
+        remap = torch.cumsum(used, 0) - 1
+        out.append((v[ids].cpu().numpy(), remap[part].to(torch.int32).cpu().numpy()))
+    return out
+
+
+def drop_floaters(vertices: Any, faces: Any, min_ratio: float = 0.01) -> Any:
+    """The faces of `faces` [F, 3] whose vertex-connected component has at least min_ratio x the largest
+    component's area (step 3 of `clean_mesh`, on its own). Torch tensors on a GPU: connected components by
+    hooking and pointer jumping there (milliseconds); otherwise scipy on the CPU. Returns the kept faces, in
+    order, of the input's type and device."""
+    if _is_tensor(faces) and faces.device.type != "cpu":
+        import torch
+
+        v, f = vertices.double(), faces.long()
+        label = _components_torch(len(v), f)  # [V]: the smallest vertex id of each vertex's component
+        area = torch.linalg.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]).norm(dim=1)
+        face_label = label[f[:, 0]]
+        comp_area = torch.zeros(len(v), dtype=area.dtype, device=area.device).index_add_(0, face_label, area)
+        return faces[comp_area[face_label] >= min_ratio * comp_area.max()]
+    v, f = as_numpy(vertices).astype(np.float64), as_numpy(faces).astype(np.int64)
+    kept, _, _, _ = _drop_floaters(v, f, _norm(face_area_vectors(v, f)), min_ratio)
+    if _is_tensor(faces):
+        import torch
+
+        return faces[torch.from_numpy(kept)]
+    return faces[kept]
+
+
+def _is_tensor(x: Any) -> bool:
+    return not isinstance(x, np.ndarray) and hasattr(x, "detach")
+
+
+def as_numpy(x: Any) -> np.ndarray:
+    """A torch tensor (any device) or array-like as a numpy array."""
+    return x.detach().cpu().numpy() if _is_tensor(x) else np.asarray(x)
+
+
+def _components_torch(n_vertices: int, f: Any) -> Any:
+    """Connected components of the vertex graph of faces f [F, 3] (torch): label [V] = the smallest vertex id in
+    each vertex's component. Every tree of a forest hooks its root under the smallest root next to it, then
+    pointer jumping flattens the forest; the number of trees at least halves per round."""
+    import torch
+
+    a = torch.cat([f[:, 0], f[:, 1], f[:, 2]])
+    b = torch.cat([f[:, 1], f[:, 2], f[:, 0]])
+    parent = torch.arange(n_vertices, device=f.device)
+    while True:
+        ra, rb = parent[a], parent[b]
+        low = torch.minimum(ra, rb)
+        hooked = parent.scatter_reduce(0, ra, low, "amin").scatter_reduce(0, rb, low, "amin")
+        while True:  # pointer jumping: every vertex straight under its root
+            up = hooked[hooked]
+            if torch.equal(up, hooked):
+                break
+            hooked = up
+        if torch.equal(hooked, parent):
+            return parent
+        parent = hooked
+
+
+def simplify_piece(vertices: np.ndarray, faces: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """Quadric decimation of one part of a mesh to about `target` faces with its open border kept as it is
+    (fast_simplification's preserve_border: no edge touching a border vertex collapses, so the border vertices
+    keep their exact coordinates and the neighbouring part still fits). -> (vertices float32, faces int32)."""
+    simplify = optional_import("fast_simplification").simplify
+    v = np.ascontiguousarray(vertices, dtype=np.float64)
+    f = np.ascontiguousarray(faces, dtype=np.int32)
+    if len(f) <= target:
+        return v.astype(np.float32), f
+    try:
+        with _SIMPLIFY_LOCK:
+            v2, f2 = simplify(v, f, target_count=max(int(target), 4), preserve_border=True)
+    except TypeError as e:  # preserve_border came with fast-simplification 0.2.0
+        raise ImportError(
+            f"decimating in parts needs fast-simplification >= 0.2.0 (preserve_border): {e}. "
+            "pip install -U 'fast-simplification>=0.2.0'"
+        ) from None
+    return v2.astype(np.float32), f2.astype(np.int32)
+
+
+def stitch_pieces(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Join mesh parts [(vertices [V_i, 3], faces [F_i, 3])] into one mesh, merging vertices with bit-identical
+    coordinates (the copies of a border vertex, which `simplify_piece` leaves untouched). -> (vertices float32
+    [V, 3], faces int64 [F, 3])."""
+    if not parts:
+        raise ValueError("parts is empty; pass at least one (vertices, faces) part")
+    verts = np.concatenate([np.asarray(p[0], dtype=np.float32) for p in parts])
+    offsets = np.cumsum([0] + [len(p[0]) for p in parts[:-1]])
+    faces = np.concatenate([np.asarray(p[1], dtype=np.int64) + o for p, o in zip(parts, offsets, strict=True)])
+    bits = np.ascontiguousarray(verts).view(np.int32)  # equal floats <-> equal bit patterns (no NaN, +0 only)
+    _, first, inverse = np.unique(bits, axis=0, return_index=True, return_inverse=True)
+    keep = np.sort(first)  # first copy of each vertex, in their original order
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return verts[keep], rank[inverse.reshape(-1)][faces]
 
 
 def check_mesh(vertices: Any, faces: Any, colors: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from sam3d_core.export.cleanup import face_area_vectors
+from sam3d_core.export.output import atomic_path
 from sam3d_core.geometry import frames
 
 __all__ = ["TexturedMesh", "save_object_glb", "save_scene_glb", "vertex_normals"]
@@ -265,9 +266,10 @@ class _GlbBuilder:
 
 
 def _write(path: str | Path, data: bytes) -> Path:
+    """Write atomically: a failed write (disk full) leaves no half file, and a link at `path` is replaced."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return path
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sam3d_core.export.output import atomic_path
 from sam3d_core.geometry import frames
 
 # The 6 faces of a unit cube as (axis, side) with their quads, vertices in counter-clockwise order
@@ -63,6 +64,6 @@ def save_voxels_glb(
     material = trimesh.visual.material.PBRMaterial(baseColorFactor=list(color), roughnessFactor=1.0)
     mesh = trimesh.Trimesh(v_gltf, faces, process=False, visual=trimesh.visual.TextureVisuals(material=material))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mesh.export(path)
+    with atomic_path(path) as tmp:  # a failed write leaves no half file; a link at `path` is replaced
+        mesh.export(tmp, file_type="glb")
     return path

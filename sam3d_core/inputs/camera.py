@@ -39,13 +39,17 @@ def pointmap_from_depth(depth: np.ndarray, K: np.ndarray) -> np.ndarray:
     if depth.ndim != 2:
         raise ValueError(f"depth has shape {depth.shape}; expected [H, W]")
     h, w = depth.shape
-    v, u = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
-    x = (u - K[0, 2]) / K[0, 0] * depth
-    y = (v - K[1, 2]) / K[1, 1] * depth
-    pts = np.stack([x, y, depth], axis=-1) @ frames.P3D_TO_OPENCV  # OpenCV -> PyTorch3D (a diagonal flip)
-    bad = ~np.isfinite(depth) | (depth <= 0)
-    pts[bad] = np.inf
-    return pts.astype(np.float32)
+    flip = np.diag(frames.P3D_TO_OPENCV)  # OpenCV -> PyTorch3D is a diagonal flip: a sign per axis, exact
+    assert np.array_equal(frames.P3D_TO_OPENCV, np.diag(flip))
+    u = (np.arange(w) + 0.5 - K[0, 2]) / K[0, 0]  # [W] float64, as the full meshgrid computed it
+    pts = np.empty((h, w, 3), np.float32)
+    for r0 in range(0, h, 512):  # row blocks: float64 temporaries of 512 rows, not of the whole photo (67 MP)
+        d = np.asarray(depth[r0 : r0 + 512], dtype=np.float64)
+        v = (np.arange(r0, r0 + len(d)) + 0.5 - K[1, 2]) / K[1, 1]
+        block = np.stack([u[None, :] * d, v[:, None] * d, d], axis=-1) * flip
+        block[~np.isfinite(d) | (d <= 0)] = np.inf
+        pts[r0 : r0 + len(d)] = block
+    return pts
 
 
 def fallback_pointmap(height: int, width: int, fov_x_deg: float = DEFAULT_FOV_DEG) -> tuple[np.ndarray, np.ndarray]:

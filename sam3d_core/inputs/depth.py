@@ -22,8 +22,6 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.util
 import json
-import pickle
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +177,87 @@ def run_depth_model(model: DepthModel, rgb: np.ndarray) -> DepthResult:
 
 
 # -------------------------------------------------------------------------------------------------
+# A user's depth map (`--depth FILE.npy`): read and checked before any model runs
+# -------------------------------------------------------------------------------------------------
+
+NPY_MAGIC = b"\x93NUMPY"
+MAX_DEPTH_BYTES = 2 << 30  # a float32 depth map of 500 MP; larger files are not depth maps of a photo
+
+
+def load_depth_file(path: str | Path) -> np.ndarray:
+    """A .npy depth map (metres along the view axis, [H, W]) -> float32 array, or InputError naming the problem and
+    the fix. Never unpickles: a file that is not .npy (text, an image, a pickle) is refused as such."""
+    from sam3d_core.inputs.imageio import InputError
+
+    p = Path(path).expanduser()
+    name = str(p)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+        size = p.stat().st_size
+    except (OSError, ValueError) as e:  # missing, a folder, no permission, a NUL byte
+        why = "does not exist" if isinstance(e, FileNotFoundError) else f"cannot be read ({type(e).__name__})"
+        raise InputError(
+            f"depth file {name} {why}; give a .npy depth map (metres, the photo's size)", "depth"
+        ) from None
+    if head != NPY_MAGIC:
+        raise InputError(
+            f"depth file {name} is not a NumPy .npy file (it does not start with the .npy header); save the depth "
+            "map with numpy.save(path, depth) as a float array [H, W] in metres",
+            "depth",
+            {"path": name},
+        )
+    if size > MAX_DEPTH_BYTES:
+        raise InputError(f"depth file {name} is {size} bytes, too large for a depth map of a photo", "depth")
+    try:
+        d = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(
+            f"depth file {name} cannot be read as a numeric .npy array ({str(e)[:120]}); save it with "
+            "numpy.save(path, depth) as a float array [H, W] in metres",
+            "depth",
+            {"path": name},
+        ) from None
+    if not isinstance(d, np.ndarray) or d.dtype.kind not in "fiu" or d.ndim not in (2, 3):
+        raise InputError(
+            f"depth file {name} holds a {getattr(d, 'dtype', type(d))} array of shape {getattr(d, 'shape', '?')}; "
+            "expected a float array [H, W] in metres",
+            "depth",
+            {"path": name},
+        )
+    return d.astype(np.float32)
+
+
+def check_depth_map(depth: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A depth map for a width x height photo -> float32 [H, W], or InputError: the photo's size, and every value
+    finite and > 0 (metres along the view axis). Checked before any model runs."""
+    from sam3d_core.inputs.imageio import InputError
+
+    d = np.asarray(depth, dtype=np.float32)
+    if d.ndim == 3 and d.shape[2] == 1:
+        d = d[:, :, 0]
+    if d.shape != (height, width):
+        got = f"{d.shape[1]}x{d.shape[0]}" if d.ndim == 2 else f"of shape {list(d.shape)}"
+        raise InputError(
+            f"depth map is {got} but the photo is {width}x{height}; give a depth map of the photo's size "
+            "(metres along the view axis)",
+            "depth",
+            {"depth_shape": list(d.shape), "photo_size": [width, height]},
+        )
+    nan, inf = int(np.isnan(d).sum()), int(np.isinf(d).sum())
+    low = int((d[np.isfinite(d)] <= 0).sum())
+    if nan or inf or low:
+        parts = [f"{n} {w}" for n, w in ((nan, "NaN"), (inf, "infinite"), (low, "zero or negative")) if n]
+        raise InputError(
+            f"depth map has {', '.join(parts)} value(s) of {d.size}; every pixel needs a depth in metres > 0: fill "
+            "the holes (e.g. with the nearest valid depth), or leave out --depth",
+            "depth",
+            {"nan": nan, "inf": inf, "non_positive": low},
+        )
+    return d
+
+
+# -------------------------------------------------------------------------------------------------
 # MoGe output -> our frames (pure functions)
 # -------------------------------------------------------------------------------------------------
 
@@ -261,31 +340,36 @@ def _read_moge(path: Path, config_path: Path | None) -> tuple[dict, dict]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from sam3d_core.weights.store import torch_load_refusal
+
     try:
         if path.suffix == ".safetensors":
             obj = load_file(str(path))  # a JSON header and raw buffers: no code
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refused a global: code, or a class it does not know
-        raise _refuse(
-            path,
-            "holds pickled objects other than tensors and plain values and was refused (loading it could run code)",
-        ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, SafetensorError) as e:
-        raise _refuse(
-            path, f"cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:200]}); truncated or corrupt download?"
-        ) from e
+    except SafetensorError as e:
+        raise _refuse(path, f"cannot be read as safetensors ({str(e)[:200]}); truncated or corrupt download?") from None
+    except Exception as e:  # UnpicklingError (code, or not a pickle), RuntimeError, EOFError, KeyError, zip errors
+        why = torch_load_refusal(path, e).removeprefix(path.name + " ")
+        raise _refuse(path, why) from None
     if isinstance(obj, dict) and "model" in obj and "model_config" in obj:  # MoGe's own model.pt layout
         config, state = obj["model_config"], obj["model"]
     elif config_path is not None:
-        config, state = json.loads(config_path.read_text()), obj
+        try:
+            config, state = json.loads(config_path.read_text(encoding="utf-8")), obj
+        except (OSError, ValueError, RecursionError) as e:
+            raise _refuse(config_path, f"is not readable JSON ({str(e)[:160]})") from None
     else:
         raise _refuse(
             path,
             "is neither MoGe's model.pt ({'model': ..., 'model_config': ...}) nor a state dict "
             "with a config.json beside it",
         )
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
         raise _refuse(path, "its 'model' entry is not a state dict (a dict of tensors)")
     if not isinstance(config, dict) or not isinstance(config.get("encoder"), str):
         raise _refuse(
@@ -309,8 +393,9 @@ def import_depth_weights(
     `<root>/<name>/` (root: `depth_dir()`), recording the sha256 of the source and of every file written."""
     from safetensors.torch import save_file
 
-    from sam3d_core.weights.store import sha256_file, staged_folder
+    from sam3d_core.weights.store import check_model_name, sha256_file, staged_folder
 
+    name = check_model_name(name, "depth weights name")
     src = Path(src).expanduser()
     path, config_path = _find_checkpoint(src)
     config, state = _read_moge(path, config_path)
@@ -332,32 +417,62 @@ def import_depth_weights(
     return root / name
 
 
-def list_depth_weights(root: Path | None = None) -> list[dict]:
-    """Imported depth-model weights: name, kind, folder, bytes, source file name."""
+def list_depth_weights(root: Path | None = None, broken: bool = False) -> list[dict]:
+    """Imported depth-model weights: name, kind, folder, bytes, source file name. A folder whose manifest cannot
+    be read is left out; `broken=True` lists only those (name, folder, problem)."""
+    from sam3d_core.weights.store import folder_bytes, scan_models
+
     root = depth_dir() if root is None else Path(root)
     out = []
-    for m in sorted(root.glob("*/manifest.json")) if root.is_dir() else []:
-        data = json.loads(m.read_text())
+    for folder, data, problem in scan_models(root):
+        if broken or data is None:
+            if broken and data is None:
+                out.append({"name": folder.name, "folder": str(folder), "problem": problem})
+            continue
+        source = data.get("source_file")
         out.append(
             {
-                "name": m.parent.name,
+                "name": folder.name,
                 "kind": data.get("kind", "?"),
-                "folder": str(m.parent),
-                "bytes": sum(r["bytes"] for r in data["files"].values()),
-                "source": data["source_file"]["name"],
+                "folder": str(folder),
+                "bytes": folder_bytes(data),
+                "source": source.get("name") if isinstance(source, dict) else None,
             }
         )
     return out
+
+
+def depth_weights_dir(name: str | Path, root: Path | None = None) -> Path:
+    """The folder of imported depth weights: a name is looked up only in `root` (default `depth_dir()`); a path
+    (a Path, or text with a separator) is the folder itself."""
+    from sam3d_core.weights.store import check_model_name
+
+    if isinstance(name, Path) or any(sep in str(name) for sep in ("/", "\\")):
+        return Path(name).expanduser()
+    return (depth_dir() if root is None else Path(root)) / check_model_name(name, "depth weights name")
+
+
+def verify_depth_weights(name: str | Path, root: Path | None = None) -> list[str]:
+    """Problems of imported depth weights (empty = intact): files missing, truncated or changed."""
+    from sam3d_core.weights.store import verify_folder
+
+    return verify_folder(depth_weights_dir(name, root))
+
+
+def remove_depth_weights(name: str, root: Path | None = None) -> Path:
+    """Delete imported depth weights `name` (a name): the files its manifest lists, then the empty folder."""
+    from sam3d_core.weights.store import remove_model_folder
+
+    return remove_model_folder(depth_dir() if root is None else Path(root), name, "depth weights")
 
 
 def load_depth_state(name: str | Path, root: Path | None = None) -> tuple[dict, dict, str]:
     """(model_config, state dict, sha256 of model.safetensors) of imported weights, after checking hashes."""
     from safetensors.torch import load_file
 
-    from sam3d_core.weights.store import CheckpointError, verify_folder
+    from sam3d_core.weights.store import CheckpointError, read_manifest, verify_folder
 
-    p = Path(name).expanduser()
-    folder = p if (p / "manifest.json").is_file() else (depth_dir() if root is None else Path(root)) / str(name)
+    folder = depth_weights_dir(name, root)
     if not (folder / "manifest.json").is_file():
         raise CheckpointError(f"no imported depth weights {str(name)!r} in {folder.parent}; {MOGE_WHERE_TO_GET}")
     problems = verify_folder(folder)
@@ -368,9 +483,15 @@ def load_depth_state(name: str | Path, root: Path | None = None) -> tuple[dict, 
             + f". Re-import it with `sam3d weights import-depth FILE --name {folder.name} "
             "--overwrite`."
         )
-    manifest = json.loads((folder / "manifest.json").read_text())
-    config = json.loads((folder / "config.json").read_text())
-    return config, load_file(str(folder / "model.safetensors")), manifest["files"]["model.safetensors"]["sha256"]
+    manifest = read_manifest(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        digest = manifest["files"]["model.safetensors"]["sha256"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"{folder}: {type(e).__name__} reading config.json or the manifest; re-import it"
+        ) from None
+    return config, load_file(str(folder / "model.safetensors")), digest
 
 
 # -------------------------------------------------------------------------------------------------
@@ -393,9 +514,19 @@ class MoGeAdapter(DepthModel):
         missing = []
         if importlib.util.find_spec("moge") is None:
             missing.append(f"the moge package is not installed ({MOGE_INSTALL_HINT})")
-        folder = (depth_dir() if self.root is None else Path(self.root)) / self.weights
+        from sam3d_core.weights.store import CheckpointError, read_manifest
+
+        try:
+            folder = depth_weights_dir(self.weights, self.root)
+        except CheckpointError as e:
+            return False, str(e)
         if not (folder / "manifest.json").is_file():
             missing.append(f"no MoGe weights imported in {folder} ({MOGE_WHERE_TO_GET})")
+        else:
+            try:
+                read_manifest(folder)  # a broken folder is skipped (the plane is used), never fatal
+            except CheckpointError as e:
+                missing.append(f"the MoGe weights in {folder} are broken: {e}")
         if missing:
             return False, "; ".join(missing)
         return True, f"MoGe v1, weights {self.weights!r} in {folder}"

@@ -257,6 +257,8 @@ def _decode(im: Image.Image, name: str, what: str, max_pixels: int, notes: list[
     try:
         if orientation is None:
             raise ValueError("unreadable EXIF")
+        if orientation == 1:  # nothing to turn: no copy (exif_transpose copies, 400 MB for a 100 MP photo)
+            return im, 1
         out = ImageOps.exif_transpose(im)
     except DECODE_ERRORS:
         notes.append(f"{what}: the EXIF data is unreadable; its orientation is not applied")
@@ -335,7 +337,8 @@ def _to_rgb8(im: Image.Image, what: str, notes: list[str]) -> tuple[np.ndarray, 
         notes.append(f"{what}: its colour profile ({icc}) is ignored; values are used as if sRGB")
     has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in im.info)
     try:
-        conv = im.convert("RGBA" if has_alpha else "RGB")
+        target = "RGBA" if has_alpha else "RGB"
+        conv = im if im.mode == target else im.convert(target)  # no full-size copy when already there
     except ValueError as e:
         raise InputError(
             f"{what} has colour mode {mode!r}, which cannot be converted to RGB ({e}); save it as "
@@ -354,6 +357,12 @@ def _to_rgb8(im: Image.Image, what: str, notes: list[str]) -> tuple[np.ndarray, 
     rgb = ((rgb * a + GREY * (255 - a) + 127) // 255).astype(np.uint8)
     notes.append(f"{what}: transparent pixels shown over grey; the alpha channel is kept (usable as the mask)")
     return np.ascontiguousarray(rgb), alpha
+
+
+def _fit(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) scaled so that the longest side is max_side."""
+    f = max_side / max(width, height)
+    return max(1, round(width * f)), max(1, round(height * f))
 
 
 def _resize(a: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
@@ -426,6 +435,10 @@ def load_photo(
             fmt, exif = im.format, _read_exif(im, notes)
             if raw16:
                 notes.append("photo: 16-bit colour reduced to 8 bits (high byte)")
+            src_w, src_h = frame.size
+            early = frame.mode == "RGB" and max(src_w, src_h) > max_side
+            if early:  # the same Lanczos downscale as below, on the decoded image: no full-size array copies
+                frame = frame.resize(_fit(src_w, src_h, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
             rgb, alpha = _to_rgb8(frame, "photo", notes)
     finally:
         if path is not None:
@@ -438,12 +451,13 @@ def load_photo(
     px_per_mm = exif.get("px_per_mm")
     if px_per_mm and orientation >= 5:  # 90-degree turn: the displayed x is the sensor's y
         px_per_mm = (px_per_mm[1], px_per_mm[0])
-    src_h, src_w = rgb.shape[:2]
+    if not early:
+        src_h, src_w = rgb.shape[:2]
     if max(src_w, src_h) > max_side:
-        f = max_side / max(src_w, src_h)
-        size = (max(1, round(src_w * f)), max(1, round(src_h * f)))
-        rgb = _resize(rgb, size, Image.Resampling.LANCZOS)
-        alpha = _resize(alpha, size, Image.Resampling.BOX) if alpha is not None else None
+        size = _fit(src_w, src_h, max_side)
+        if not early:
+            rgb = _resize(rgb, size, Image.Resampling.LANCZOS)
+            alpha = _resize(alpha, size, Image.Resampling.BOX) if alpha is not None else None
         notes.append(
             f"photo: {src_w}x{src_h} downscaled to {size[0]}x{size[1]} (longest side limit {max_side}); "
             "masks at the original size are downscaled to match"

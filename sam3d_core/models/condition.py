@@ -117,6 +117,9 @@ def _projection_net(d_in: int, cfg: ConditionConfig) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(d_in), SwiGLU(d_in, hidden, cfg.embed_dim, multiple_of=cfg.ffn_multiple_of))
 
 
+_VIEW_NAMES = ("image", "rgb_image", "mask", "rgb_image_mask", "pointmap", "rgb_pointmap")
+
+
 class ConditionEmbedder(nn.Module):
     """The stage-1 condition embedder (official `EmbedderFuser`): views -> tokens [B, N, embed_dim].
 
@@ -224,3 +227,16 @@ class ConditionEmbedder(nn.Module):
             rest = [rgb_image_mask, rgb_pointmap][: len(self.module_list) - 1]
             full = [full_image_block] + [self.embed_one(i + 1, x, "full") for i, x in enumerate(rest)]
         return self.fuse(cropped, full)
+
+    def encode(self, inputs: dict[str, torch.Tensor], dtype: torch.dtype, shared: dict | None = None) -> torch.Tensor:
+        """Condition tokens [B, N, C] of a stage pipeline's preprocessed inputs (`preprocess_stage1` / `_stage2`).
+
+        shared: a dict kept per photo (e.g. `PhotoContext.shared`); the full-image RGB tokens, which do not
+        depend on the object's mask, are computed for the first object and reused for the others (exact)."""
+        views = {k: inputs[k].to(dtype) for k in _VIEW_NAMES if k in inputs}
+        if shared is None:
+            return self(**views)
+        key = ("full_image_tokens", id(self), dtype, tuple(views["rgb_image"].shape))
+        if key not in shared:
+            shared[key] = self.embed_one(0, views["rgb_image"], "full")
+        return self(**views, full_image_block=shared[key])

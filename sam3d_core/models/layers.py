@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.head_norm import head_rms_norm
+from kernels.sparse_conv import submanifold_conv3d
 
 
 def _half_on_cuda(x: torch.Tensor) -> bool:
@@ -127,3 +128,34 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)  # [B, L, H, D]
+
+
+class _ConvParams(nn.Module):
+    """Holds `weight` [Cout, k, k, k, Cin] then `bias` [Cout], in the official state-dict order."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_channels, kernel, kernel, kernel, in_channels))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        nn.init.xavier_uniform_(self.weight.view(out_channels, -1))
+
+
+class SparseConv3d(nn.Module):
+    """Submanifold sparse convolution (3x3x3 or 1x1x1), official parameter layout `conv.weight [Cout, k, k, k, Cin]`
+    (spconv's); shared by the SLAT flow model and the SLAT decoders. Keys: `<name>.conv.weight`, `<name>.conv.bias`."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int):
+        super().__init__()
+        if kernel not in (1, 3):
+            raise ValueError(f"kernel must be 1 or 3; got {kernel}")
+        self.conv = _ConvParams(in_channels, out_channels, kernel)
+
+    def forward(self, feats: torch.Tensor, coords: torch.Tensor, neighbours: torch.Tensor | None) -> torch.Tensor:
+        """feats [N, Cin] on the voxels coords [N, 4] (neighbours: their 3x3x3 map, shareable) -> [N, Cout]."""
+        weight, bias = self.conv.weight, self.conv.bias
+        if weight.shape[1] == 1:
+            # 1x1x1: spconv 2.x multiplies by the [Cout, 1, 1, 1, Cin] buffer VIEWED as [Cin, Cout] (a reshape,
+            # not a transpose); the checkpoints were trained that way, so we reproduce it.
+            cout = weight.shape[0]
+            return torch.addmm(bias.to(feats.dtype), feats, weight.reshape(-1, cout).to(feats.dtype))
+        return submanifold_conv3d(feats, coords, weight, bias, neighbours=neighbours)

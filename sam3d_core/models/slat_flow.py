@@ -30,13 +30,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.sparse_attention import varlen_attention
-from kernels.sparse_conv import build_neighbour_map, submanifold_conv3d
+from kernels.sparse_conv import build_neighbour_map
 from kernels.sparse_resample import downsample2, upsample2
 from sam3d_core.config import SLatFlowConfig
 from sam3d_core.models.layers import (
     FeedForwardNet,
     LayerNorm32,
     MultiHeadRMSNorm,
+    SparseConv3d,
     TimestepEmbedder,
     absolute_position_embedding,
 )
@@ -144,28 +145,10 @@ class SLatGrids:
 # --- layers -------------------------------------------------------------------------------------------
 
 
-class SubMConv3d(nn.Module):
-    """3x3x3 submanifold convolution; weight [Cout, 3, 3, 3, Cin] (spconv layout), bias [Cout]."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_channels, 3, 3, 3, in_channels))
-        self.bias = nn.Parameter(torch.zeros(out_channels))
-        nn.init.normal_(self.weight, std=(27 * in_channels) ** -0.5)
-
-    def forward(self, feats: torch.Tensor, level: SparseLevel) -> torch.Tensor:
-        return submanifold_conv3d(feats, level.coords, self.weight, self.bias, neighbours=level.neighbours)
-
-
-class SparseConv3d(nn.Module):
-    """Holder that gives the official key names (`convN.conv.weight`)."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv = SubMConv3d(in_channels, out_channels)
-
-    def forward(self, feats: torch.Tensor, level: SparseLevel) -> torch.Tensor:
-        return self.conv(feats, level)
+def _per_row(per_object: torch.Tensor, level: SparseLevel) -> torch.Tensor:
+    """Per-object values [B, K] -> one row per voxel [N, K]; a single row [1, K] (one time shared by every
+    object) stays [1, K] and broadcasts."""
+    return per_object if per_object.shape[0] == 1 else per_object[level.batch_index]
 
 
 class SparseResBlock3d(nn.Module):
@@ -176,8 +159,8 @@ class SparseResBlock3d(nn.Module):
         self.resample = resample  # None, "down" or "up"
         self.norm1 = LayerNorm32(channels, eps=1e-6)
         self.norm2 = LayerNorm32(out_channels, elementwise_affine=False, eps=1e-6)
-        self.conv1 = SparseConv3d(channels, out_channels)
-        self.conv2 = SparseConv3d(out_channels, out_channels)
+        self.conv1 = SparseConv3d(channels, out_channels, 3)
+        self.conv2 = SparseConv3d(out_channels, out_channels, 3)
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))
         self.skip_connection = nn.Linear(channels, out_channels) if channels != out_channels else nn.Identity()
 
@@ -189,10 +172,10 @@ class SparseResBlock3d(nn.Module):
             x, level = grids.upsample(x), grids.fine
         else:
             level = grids.fine  # with one io stage every block that does not resample runs at 64^3
-        scale, shift = self.emb_layers(emb).to(x.dtype)[level.batch_index].chunk(2, dim=1)  # [N, C_out] each
-        h = self.conv1(F.silu(self.norm1(x)), level)
+        scale, shift = _per_row(self.emb_layers(emb).to(x.dtype), level).chunk(2, dim=1)  # [N or 1, C_out] each
+        h = self.conv1(F.silu(self.norm1(x)), level.coords, level.neighbours)
         h = torch.addcmul(shift, self.norm2(h), 1 + scale)
-        h = self.conv2(F.silu(h), level)
+        h = self.conv2(F.silu(h), level.coords, level.neighbours)
         return h + self.skip_connection(x)
 
 
@@ -268,7 +251,7 @@ class SLatTransformerBlock(nn.Module):
         self, x: torch.Tensor, emb: torch.Tensor, level: SparseLevel, cross: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         """x [M, C], emb [B, C]; cross(h [M, C]) -> the cross-attention output [M, C] (the condition is bound)."""
-        mod = self.adaLN_modulation(emb).to(x.dtype)[level.batch_index]  # [M, 6C]
+        mod = _per_row(self.adaLN_modulation(emb).to(x.dtype), level)  # [M, 6C], or [1, 6C] for a shared time
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         h = self.self_attn(torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa), level)
         x = torch.addcmul(x, h, gate_msa)
@@ -338,9 +321,10 @@ class SLatFlowModel(nn.Module):
         n, c = grids.fine.coords.shape[0], self.cfg.latent_channels
         if tuple(feats.shape) != (n, c):
             raise ValueError(f"feats has shape {tuple(feats.shape)}, expected ({n}, {c}): one row per voxel")
-        if tuple(t.shape) != (grids.batch,):
+        if tuple(t.shape) not in ((grids.batch,), (1,)):
             raise ValueError(
-                f"t has shape {tuple(t.shape)}, expected ({grids.batch},): one network time (t * 1000) per object"
+                f"t has shape {tuple(t.shape)}, expected ({grids.batch},) or (1,): one network time (t * 1000) per "
+                "object, or one for every object"
             )
 
     def _check_cond(self, cond: torch.Tensor, batch: int) -> None:
@@ -374,7 +358,8 @@ class SLatFlowModel(nn.Module):
         cond: torch.Tensor,
         grids: SLatGrids | None = None,
     ) -> torch.Tensor:
-        """Velocity [N, 8] float32 for feats [N, 8] at coords [N, 4], network time t [B], cond [B, Nc, Cc].
+        """Velocity [N, 8] float32 for feats [N, 8] at coords [N, 4], network time t [B] (or [1], shared by
+        every object), cond [B, Nc, Cc].
 
         `grids` = build_grids(coords), computed here when not given. The official unconditional pass
         is this with cond * 0.
@@ -410,7 +395,9 @@ class SLatFlowModel(nn.Module):
         """Guided velocity [N, 8] float32: (1 + s) * v(cond) - s * v(cond * 0); v(cond) when s == 0.
 
         Equal to forward(cond) and forward(cond * 0) combined; the two passes run as one batch of 2B
-        objects and the unconditional cross-attention is its closed form.
+        objects and the unconditional cross-attention is its closed form. t [B], or [1]: one time shared by
+        every object (what the sampler passes); the time embedding and modulation are then one row broadcast
+        over the voxels, so an object's result does not depend on the others in the batch (bit for bit on CPU).
         """
         self._check(feats, t, grids)
         if cache.batch != grids.batch:
@@ -435,6 +422,6 @@ class SLatFlowModel(nn.Module):
             return cross
 
         crosses = [make(*a) for a in zip(self.blocks, cache.kv, cache.zero_out, strict=True)]
-        v = self._run(torch.cat([feats, feats]), torch.cat([t, t]), pair, crosses)
+        v = self._run(torch.cat([feats, feats]), t if t.shape[0] == 1 else torch.cat([t, t]), pair, crosses)
         n = feats.shape[0]
         return (1 + strength) * v[:n] - strength * v[n:]

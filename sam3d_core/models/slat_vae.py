@@ -1,10 +1,11 @@
-"""SLAT decoders: the shared swin sparse transformer, the Gaussian decoder and the mesh decoder network.
+"""SLAT VAE: the shared swin sparse transformer, the encoder, the Gaussian decoder and the mesh decoder network.
 
 A structured latent (SLAT) is a set of active voxels on the 64³ grid, `coords [N, 4]` int (batch, x, y, z),
 with `feats [N, 8]` (de-normalised). Both decoders run the same sparse transformer over the voxels
 (shifted-window self-attention, window 8, shift 4 on odd blocks). The Gaussian decoder turns each voxel
 into `num_gaussians` 3D Gaussians; the mesh decoder subdivides twice to the 256³ grid and predicts the
-101 FlexiCubes channels per fine voxel (the FlexiCubes extraction itself lives elsewhere).
+101 FlexiCubes channels per fine voxel (the FlexiCubes extraction itself lives elsewhere). The encoder runs the
+same transformer over per-voxel DINO features (1024-d) and gives each voxel's latent mean and log-variance.
 Parameter names match the official flat checkpoints (strict load).
 """
 
@@ -17,10 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.sparse_attention import windowed_attention
-from kernels.sparse_conv import build_neighbour_map, submanifold_conv3d
-from sam3d_core.config import SLatGaussianDecoderConfig, SLatMeshDecoderConfig
+from kernels.sparse_conv import build_neighbour_map
+from sam3d_core.config import SLatEncoderConfig, SLatGaussianDecoderConfig, SLatMeshDecoderConfig
 from sam3d_core.geometry.gaussians import Gaussians
-from sam3d_core.models.layers import FeedForwardNet, LayerNorm32, absolute_position_embedding
+from sam3d_core.models.layers import FeedForwardNet, LayerNorm32, SparseConv3d, absolute_position_embedding
 
 # Channels per voxel of the FlexiCubes input: sdf 8 | deform 8x3 | weights 21 | color 8x6.
 MESH_FEATS_CHANNELS = 101
@@ -98,6 +99,34 @@ class SparseTransformerBase(nn.Module):
         for block in self.blocks:
             h = block(h, coords)
         return h
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoder
+# ---------------------------------------------------------------------------------------------------
+
+
+class SLatEncoder(SparseTransformerBase):
+    """Per-voxel features [N, in_channels] on the 64³ grid -> (mean, logvar) [N, 8] each (official `SLatEncoder`).
+
+    The shared transformer, a LayerNorm without affine parameters, then `out_layer` to 2 * latent_channels.
+    The mean is the (de-normalised) SLAT the decoders read. Official keys: 2 + 8 per block + 2 tensors.
+    """
+
+    def __init__(self, cfg: SLatEncoderConfig):
+        super().__init__(
+            cfg.in_channels, cfg.model_channels, cfg.num_blocks, cfg.num_heads, cfg.mlp_ratio, cfg.window_size
+        )
+        self.cfg = cfg
+        self.out_layer = nn.Linear(cfg.model_channels, 2 * cfg.latent_channels)
+
+    def forward(self, feats: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats [N, in_channels], coords [N, 4] int (batch, x, y, z) -> float32 (mean, logvar), [N, 8] each."""
+        h = super().forward(feats.to(self.input_layer.weight.dtype), coords).float()
+        h = F.layer_norm(h, h.shape[-1:])  # eps 1e-5, no affine
+        h = self.out_layer(h.to(self.out_layer.weight.dtype)).float()  # [N, 2 * C_lat]
+        mean, logvar = h.chunk(2, dim=-1)
+        return mean, logvar
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -200,32 +229,6 @@ class SparseGroupNorm32(nn.GroupNorm):
             x = feats[rows].float().t()[None]  # [1, C, n]
             out[rows] = F.group_norm(x, self.num_groups, w, b, self.eps)[0].t().to(feats.dtype)
         return out
-
-
-class SparseConv3d(nn.Module):
-    """Submanifold sparse convolution with the official parameter layout `conv.weight [Cout, k, k, k, Cin]`."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel: int):
-        super().__init__()
-        if kernel not in (1, 3):
-            raise ValueError(f"kernel must be 1 or 3; got {kernel}")
-        # A ParameterDict named `conv` reproduces the official key path `<name>.conv.weight` / `.conv.bias`.
-        self.conv = nn.ParameterDict(
-            {
-                "weight": nn.Parameter(torch.empty(out_channels, kernel, kernel, kernel, in_channels)),
-                "bias": nn.Parameter(torch.zeros(out_channels)),
-            }
-        )
-        nn.init.xavier_uniform_(self.conv["weight"].view(out_channels, -1))
-
-    def forward(self, feats: torch.Tensor, coords: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.conv["weight"], self.conv["bias"]
-        if weight.shape[1] == 1:
-            # 1x1x1: spconv 2.x multiplies by the [Cout, 1, 1, 1, Cin] buffer VIEWED as [Cin, Cout] (a reshape,
-            # not a transpose); the checkpoints were trained that way, so we reproduce it.
-            cout = weight.shape[0]
-            return torch.addmm(bias.to(feats.dtype), feats, weight.reshape(-1, cout).to(feats.dtype))
-        return submanifold_conv3d(feats, coords, weight, bias, neighbours=neighbours)
 
 
 class SparseSubdivideBlock3d(nn.Module):

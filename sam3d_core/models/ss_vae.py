@@ -1,4 +1,4 @@
-"""Sparse-structure decoder: the stage-1 shape latent -> 64^3 occupancy logits -> voxel coordinates.
+"""Sparse-structure VAE: 64^3 occupancy <-> the stage-1 shape latent; logits -> voxel coordinates.
 
 The decoder is a dense 3D CNN (TRELLIS "D_S"): a 16^3 x 8 latent goes through residual blocks and two
 x2 pixel-shuffle upsamplings to a 64^3 grid of logits. Occupied voxels are the cells with logit > 0.
@@ -6,6 +6,10 @@ The official pipeline then drops interior voxels (every 3x3x3 neighbour occupied
 42000 voxels remain, shrinks the structure by 2 around its centre (an int32 limit in mesh decoding).
 
 Parameter names match the official flat checkpoint `ss_decoder.ckpt` (74 tensors at the official size).
+
+The encoder (TRELLIS "E_S", official `ss_encoder.ckpt` where released) is the mirror: a 64^3 occupancy grid
+through residual blocks and two stride-2 convolutions to 16^3, then a head giving the latent's mean and
+log-variance (8 + 8 channels). Its mean is the shape latent a training sample stores.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sam3d_core.config import SSDecoderConfig
+from sam3d_core.config import SSDecoderConfig, SSEncoderConfig
 
 # ---------------------------------------------------------------------------------------------------
 # Layers
@@ -77,6 +81,82 @@ class UpsampleBlock3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, Cin, D, H, W]
         return pixel_shuffle_3d(self.conv(x), 2)  # [B, Cout, 2D, 2H, 2W]
+
+
+class DownsampleBlock3d(nn.Module):
+    """x2 downsampling: a 2^3 convolution with stride 2."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, Cin, D, H, W]
+        return self.conv(x)  # [B, Cout, D/2, H/2, W/2]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The encoder
+# ---------------------------------------------------------------------------------------------------
+
+
+class SSEncoder(nn.Module):
+    """Occupancy [B, 1, 64, 64, 64] -> (mean, logvar) of the shape latent, [B, 8, 16, 16, 16] each.
+
+    input conv -> per level: res blocks (+ x2 downsample between levels) -> middle res blocks
+    -> LN, SiLU, conv to 2 * latent_channels, split into mean and logvar. Official keys: 74 tensors.
+    """
+
+    def __init__(self, cfg: SSEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.channels
+        self.input_layer = nn.Conv3d(cfg.in_channels, ch[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        for level, width in enumerate(ch):
+            blocks += [ResBlock3d(width) for _ in range(cfg.num_res_blocks)]
+            if level < len(ch) - 1:
+                blocks.append(DownsampleBlock3d(width, ch[level + 1]))
+        self.blocks = nn.ModuleList(blocks)
+        self.middle_block = nn.Sequential(*[ResBlock3d(ch[-1]) for _ in range(cfg.num_res_blocks_middle)])
+        self.out_layer = nn.Sequential(
+            ChannelLayerNorm32(ch[-1], eps=1e-5), nn.SiLU(), nn.Conv3d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        )
+
+    def forward(self, occupancy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """occupancy [B, in, S, S, S] (1 = occupied) -> float32 (mean, logvar), [B, C_lat, R, R, R] each.
+
+        R = S / 2^(levels - 1): 16 for the official 64^3 grid and three channel levels.
+        """
+        factor = 2 ** (len(self.cfg.channels) - 1)
+        if occupancy.ndim != 5 or occupancy.shape[1] != self.cfg.in_channels or occupancy.shape[-1] % factor:
+            raise ValueError(
+                f"occupancy: got shape {tuple(occupancy.shape)}, expected [B, {self.cfg.in_channels}, S, S, S] "
+                f"with S a multiple of {factor} (64 for the official model); build it with occupancy_grid()"
+            )
+        h = self.input_layer(occupancy.to(self.input_layer.weight.dtype))  # [B, C0, S, S, S]
+        for block in self.blocks:
+            h = block(h)  # resolution halves at each DownsampleBlock3d
+        h = self.middle_block(h)
+        mean, logvar = self.out_layer(h).float().chunk(2, dim=1)  # [B, C_lat, R, R, R] each
+        return mean, logvar
+
+
+def occupancy_grid(coords: torch.Tensor, resolution: int = 64) -> torch.Tensor:
+    """Voxel indices [N, 3] int (x, y, z) -> float32 grid [1, 1, R, R, R], 1 at each voxel: the encoder's input.
+
+    Grid axes are (x, y, z), as `occupied_voxels` reads them back.
+    """
+    if coords.ndim != 2 or coords.shape[1] != 3 or coords.is_floating_point():
+        raise ValueError(f"coords: got {coords.dtype} {tuple(coords.shape)}, expected integer voxel indices [N, 3]")
+    if coords.numel() and (int(coords.min()) < 0 or int(coords.max()) >= resolution):
+        raise ValueError(
+            f"coords: indices span {int(coords.min())}..{int(coords.max())}, expected 0..{resolution - 1} "
+            f"(the {resolution}^3 grid of the local frame)"
+        )
+    grid = torch.zeros(1, 1, resolution, resolution, resolution, device=coords.device)
+    c = coords.long()
+    grid[0, 0, c[:, 0], c[:, 1], c[:, 2]] = 1.0
+    return grid
 
 
 # ---------------------------------------------------------------------------------------------------

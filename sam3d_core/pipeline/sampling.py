@@ -113,8 +113,8 @@ class FlowGraphs:
         self.model = model
         self.key = (batch, num_cond_tokens)
         self.x = {k: torch.zeros((batch, *s), device=device) for k, s in latent_shapes(model.cfg).items()}
-        self.t = torch.zeros(batch, device=device)
-        self.d = torch.zeros(batch, device=device) if model.cfg.is_shortcut_model else None
+        self.t = torch.zeros(1, device=device)  # one time for the whole batch (see sample_stage1)
+        self.d = torch.zeros(1, device=device) if model.cfg.is_shortcut_model else None
         self.cache = model.empty_condition_cache(batch, num_cond_tokens, device)
         self.graphs: dict[float, tuple[torch.cuda.CUDAGraph, Latents]] = {}
         self.pool = None  # one memory pool shared by every captured strength
@@ -192,9 +192,11 @@ def sample_stage1(
     b = model.check_latents(noise)
     ts = time_grid(steps, sampler.rescale_t)
     device = noise["shape"].device
+    # One network time (and step size) for the whole batch, shape [1]: the model computes the time embedding
+    # once and broadcasts it, so each object's result is the same as when it is sampled alone.
     d_net = None
     if model.cfg.is_shortcut_model:
-        d_net = torch.full((b,), d * sampler.time_scale, dtype=torch.float32, device=device)
+        d_net = torch.full((1,), d * sampler.time_scale, dtype=torch.float32, device=device)
 
     # 2. the condition, once
     if graphs is not None:
@@ -205,7 +207,7 @@ def sample_stage1(
 
     # 3. integrate
     def velocity(x: Latents, t: float) -> Latents:
-        t_net = torch.full((b,), t * sampler.time_scale, dtype=torch.float32, device=device)
+        t_net = torch.full((1,), t * sampler.time_scale, dtype=torch.float32, device=device)
         s = cfg_strength_at(t, strength, sampler.cfg_interval, sampler.time_scale)
         if graphs is not None:
             return graphs(x, t_net, d_net, s)
@@ -284,14 +286,13 @@ def sample_stage2(
     grids = grids if grids is not None else model.build_grids(coords, cond.shape[0])
     if grids.fine.coords.shape != coords.shape:
         raise ValueError(f"grids were built for {tuple(grids.fine.coords.shape)} coords, not {tuple(coords.shape)}")
-    b = grids.batch
 
     # 2. the condition, once
     cache = model.prepare_condition(cond) if use_fast_path else None
 
     # 3. integrate
     def velocity(x: dict[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
-        t_net = torch.full((b,), t * sampler.time_scale, dtype=torch.float32, device=noise.device)
+        t_net = torch.full((1,), t * sampler.time_scale, dtype=torch.float32, device=noise.device)  # shared
         s = cfg_strength_at(t, strength, sampler.cfg_interval, sampler.time_scale)
         if cache is not None:
             return {"slat": model.forward_cfg(x["slat"], t_net, cache, grids, s)}

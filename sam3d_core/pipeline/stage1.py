@@ -7,7 +7,7 @@ from the cheap-per-call sampling so callers can reuse condition tokens (re-rolls
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +26,14 @@ from sam3d_core.pipeline.preprocess import preprocess_stage1
 from sam3d_core.pipeline.sampling import FlowGraphs, sample_stage1, stage1_noise
 
 Progress = Callable[[int, int], None]
+GRAPH_SETS = 2  # captured CUDA-graph sets kept (each holds its batch's condition cache: ~1.5 GB per object)
+
+
+def _one_object(coords: torch.Tensor, index: int) -> torch.Tensor:
+    """The rows of object `index` of batched coords [M, 4], with batch index 0 (as a one-object run has)."""
+    own = coords[coords[:, 0] == index].clone()
+    own[:, 0] = 0
+    return own
 
 
 @dataclass
@@ -57,7 +65,7 @@ class Stage1Pipeline:
         self.model = cast_for_inference(model.to(device=device), dtype).eval().requires_grad_(False)
         # CUDA graphs remove the launch overhead that dominates batch-1 sampling (same kernels, same result).
         self.cuda_graphs = torch.device(device).type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._graphs: FlowGraphs | None = None
+        self._graphs: dict[tuple[int, int], FlowGraphs] = {}  # (batch, tokens) -> graphs, the last GRAPH_SETS used
         if compile:  # fuses the norm / modulation / activation glue of the MoT blocks (exact, slower start)
             gen = self.model.generator
             gen.forward_cfg = torch.compile(gen.forward_cfg, fullgraph=True, dynamic=False)
@@ -129,26 +137,17 @@ class Stage1Pipeline:
 
         shared: a dict kept per photo (e.g. `PhotoContext.shared`); the full-image RGB tokens, which do not
         depend on the object's mask, are computed for the first object and reused for the others."""
-        emb = self.model.condition_embedder
-        views = {
-            k: inputs[k].to(self.dtype)
-            for k in ("image", "rgb_image", "mask", "rgb_image_mask", "pointmap", "rgb_pointmap")
-            if k in inputs
-        }
-        if shared is None:
-            return emb(**views)
-        key = ("stage1", id(self.model), self.dtype, tuple(views["rgb_image"].shape))
-        if key not in shared:
-            shared[key] = emb.embed_one(0, views["rgb_image"], "full")
-        return emb(**views, full_image_block=shared[key])
+        return self.model.condition_embedder.encode(inputs, self.dtype, shared)
 
     def _flow_graphs(self, cond: torch.Tensor) -> FlowGraphs | None:
         if not self.cuda_graphs:
             return None
         key = (cond.shape[0], cond.shape[1])
-        if self._graphs is None or self._graphs.key != key:
-            self._graphs = FlowGraphs(self.model.generator, *key, device=self.device)
-        return self._graphs
+        graphs = self._graphs.pop(key, None) or FlowGraphs(self.model.generator, *key, device=self.device)
+        self._graphs[key] = graphs  # most recent last: one object and a batch of a photo's objects both stay
+        while len(self._graphs) > GRAPH_SETS:
+            del self._graphs[next(iter(self._graphs))]
+        return graphs
 
     @torch.no_grad()
     def sample(
@@ -163,12 +162,47 @@ class Stage1Pipeline:
         progress: Progress | None = None,
     ) -> Stage1Output:
         """Steps 3-6 of `__call__`: noise, flow sampling, occupancy decoding, pose decoding."""
+        return self.sample_batch(
+            [inputs], cond, seeds=[seed], steps=steps, cfg_strength=cfg_strength, shortcut=shortcut, progress=progress
+        )[0]
+
+    @torch.no_grad()
+    def sample_batch(
+        self,
+        inputs: Sequence[dict],
+        cond: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        seeds: Sequence[int | None],
+        steps: int | None = None,
+        cfg_strength: float | None = None,
+        shortcut: bool = False,
+        progress: Progress | None = None,
+    ) -> list[Stage1Output]:
+        """Steps 3-6 for several objects at once (one photo's): one batched sampling run, one Stage1Output each.
+
+        inputs: one `prepare` dict per object; cond: their condition tokens, [B, N, C] or a list of [1, N, C];
+        seeds: one per object (None: a random one). Object i's noise comes from its own generator seeded with
+        seeds[i], as when it runs alone, and its voxel cap draws from that generator too; the samplers share
+        one network time per step (see SSFlowModel.forward_cfg), so in float32 on a CPU each object's result
+        equals its one-at-a-time result bit for bit (tests/test_batch.py).
+        """
         cfg = self.cfg
-        # 3. Noise: one draw per latent in sorted-name order, like the official pipeline.
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**31))
-        noise = stage1_noise(1, cfg.flow, gen, self.device)
-        # 4. Flow sampling (25-step CFG 7 by default; the shortcut mode is few-step without CFG).
+        b = len(inputs)
+        cond = cond if isinstance(cond, torch.Tensor) else torch.cat(list(cond))
+        if b < 1 or len(seeds) != b or cond.shape[0] != b:
+            raise ValueError(
+                f"sample_batch: got {b} inputs, {len(seeds)} seeds and {cond.shape[0]} condition rows; "
+                "pass one of each per object"
+            )
+        # 3. Noise: per object, one draw per latent in sorted-name order from its own generator (official order).
+        gens, noises = [], []
+        for seed in seeds:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**31))
+            gens.append(gen)
+            noises.append(stage1_noise(1, cfg.flow, gen, self.device))
+        noise = {k: torch.cat([n[k] for n in noises]) for k in noises[0]}
+        # 4. Flow sampling (25-step CFG 7 by default; the shortcut mode is few-step without CFG), all objects at once.
         latents = sample_stage1(
             self.model.generator,
             cond,
@@ -180,30 +214,31 @@ class Stage1Pipeline:
             progress=progress,
             graphs=self._flow_graphs(cond),
         )
-        # 5. Occupancy: 16^3 x 8 latent -> 64^3 logits -> surface voxels, capped.
-        grid = shape_latent_to_grid(latents["shape"].to(self.dtype))
-        logits = self.model.decoder(grid)
-        coords_original = occupied_voxels(logits)
-        coords = prune_interior(coords_original)
-        coords, factor = cap_voxels(coords, cfg.max_voxels, generator=gen)
-        # 6. Layout: pose latents -> rotation, translation, scale in the PyTorch3D camera frame.
-        pose = decode_pose(
-            {k: v.float() for k, v in latents.items()},
-            inputs["pointmap_scale"].float(),
-            inputs["pointmap_shift"].float(),
-            factor,
-        )
+        # 5. Occupancy: 16^3 x 8 latent -> 64^3 logits -> surface voxels (interior pruned per object).
+        grid = shape_latent_to_grid(latents["shape"].to(self.dtype))  # [B, 8, 16, 16, 16]
+        logits = self.model.decoder(grid)  # [B, 1, 64, 64, 64]
+        coords_all = occupied_voxels(logits)  # [M, 4], grouped by object
+        pruned_all = prune_interior(coords_all)
         settings = {
-            "seed": seed,
             "steps": steps or (cfg.sampler.shortcut_steps if shortcut else cfg.sampler.steps),
             "cfg_strength": 0.0 if shortcut else (cfg.sampler.cfg_strength if cfg_strength is None else cfg_strength),
             "mode": "shortcut" if shortcut else "flow",
             "weights": self.weights_id,
             "dtype": str(self.dtype).removeprefix("torch."),
         }
-        return Stage1Output(
-            latents, coords, coords_original, factor, pose, inputs["pointmap_scale"], inputs["pointmap_shift"], settings
-        )
+        outs = []
+        for i in range(b):
+            coords_original = _one_object(coords_all, i)
+            # ... capped at max_voxels, the random subset drawn from the object's own generator.
+            coords, factor = cap_voxels(_one_object(pruned_all, i), cfg.max_voxels, generator=gens[i])
+            # 6. Layout: pose latents -> rotation, translation, scale in the PyTorch3D camera frame.
+            own = {k: v[i : i + 1] for k, v in latents.items()}
+            scale, shift = inputs[i]["pointmap_scale"], inputs[i]["pointmap_shift"]
+            pose = decode_pose({k: v.float() for k, v in own.items()}, scale.float(), shift.float(), factor)
+            outs.append(
+                Stage1Output(own, coords, coords_original, factor, pose, scale, shift, {"seed": seeds[i], **settings})
+            )
+        return outs
 
     def __call__(
         self,

@@ -125,14 +125,7 @@ class Stage2Pipeline:
 
         shared: a dict kept per photo (e.g. `PhotoContext.shared`); the full-image RGB tokens, which do not
         depend on the object's mask, are computed for the first object and reused for the others."""
-        emb = self.model.condition_embedder
-        views = {k: inputs[k].to(self.dtype) for k in ("image", "rgb_image", "mask", "rgb_image_mask") if k in inputs}
-        if shared is None:
-            return emb(**views)
-        key = ("stage2", id(self.model), self.dtype, tuple(views["rgb_image"].shape))
-        if key not in shared:
-            shared[key] = emb.embed_one(0, views["rgb_image"], "full")
-        return emb(**views, full_image_block=shared[key])
+        return self.model.condition_embedder.encode(inputs, self.dtype, shared)
 
     @torch.no_grad()
     def sample(
@@ -146,28 +139,86 @@ class Stage2Pipeline:
         progress: Progress | None = None,
     ) -> torch.Tensor:
         """Steps 3-4 of `__call__`: noise, flow sampling, de-normalisation -> SLAT feats [N, 8] (decoder space)."""
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**31))
-        # 3. Noise (one randn of [1, N, 8], as the official torch.manual_seed + randn) and flow sampling.
-        noise = stage2_noise(coords.shape[0], self.cfg.flow.latent_channels, gen, self.device)
+        return self.sample_batch(
+            cond, [coords], seeds=[seed], steps=steps, cfg_strength=cfg_strength, progress=progress
+        )[0]
+
+    @torch.no_grad()
+    def sample_batch(
+        self,
+        cond: torch.Tensor | Sequence[torch.Tensor],
+        coords: Sequence[torch.Tensor],
+        *,
+        seeds: Sequence[int | None],
+        steps: int | None = None,
+        cfg_strength: float | None = None,
+        progress: Progress | None = None,
+    ) -> list[torch.Tensor]:
+        """Steps 3-4 for several objects in one varlen batch: SLAT feats [N_i, 8] (decoder space) per object.
+
+        cond: [B, Nc, C] or a list of [1, Nc, C]; coords: one [N_i, 4] per object (batch column ignored);
+        seeds: one per object. Object i's noise is one randn of [1, N_i, 8] from its own generator, as alone;
+        the voxels of all objects go through the flow model as one sparse batch (attention within each
+        object), with one network time per step, so in float32 on a CPU each object's feats equal its
+        one-at-a-time feats bit for bit (objects of at least a dozen voxels; tests/test_batch.py).
+        """
+        cond = cond if isinstance(cond, torch.Tensor) else torch.cat(list(cond))
+        b = len(coords)
+        if b < 1 or len(seeds) != b or cond.shape[0] != b:
+            raise ValueError(
+                f"sample_batch: got {len(coords)} coordinate sets, {len(seeds)} seeds and {cond.shape[0]} condition "
+                "rows; pass one of each per object"
+            )
+        counts = [int(c.shape[0]) for c in coords]
+        batched = torch.cat([c.to(device=self.device, dtype=torch.int32) for c in coords])  # [sum N_i, 4]
+        batched[:, 0] = torch.repeat_interleave(
+            torch.arange(b, dtype=torch.int32, device=self.device), torch.tensor(counts, device=self.device)
+        )
+        # 3. Noise (one randn of [1, N_i, 8] per object, as the official torch.manual_seed + randn) and sampling.
+        noise = []
+        for seed, n in zip(seeds, counts, strict=True):
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**31))
+            noise.append(stage2_noise(n, self.cfg.flow.latent_channels, gen, self.device))
         feats = sample_stage2(
             self.model.generator,
             cond,
-            coords,
-            noise,
+            batched,
+            torch.cat(noise),
             self.cfg.sampler,
             steps=steps,
             cfg_strength=cfg_strength,
             progress=progress,
         )
         # 4. De-normalise with the SLAT statistics.
-        return denormalize_slat(feats.float(), self.cfg)
+        return list(denormalize_slat(feats.float(), self.cfg).split(counts))
 
     @torch.no_grad()
     def decode_mesh(self, slat_feats: torch.Tensor, coords: torch.Tensor) -> MeshResult:
         """Step 6: the mesh decoder (two 2x subdivisions to 256^3) and FlexiCubes."""
         fine_coords, fine_feats = self.model.decoder_mesh(slat_feats.to(self.dtype), coords)
         return extract_mesh(fine_coords, fine_feats.float(), resolution=4 * self.cfg.mesh.resolution)
+
+    @torch.no_grad()
+    def decode(
+        self, slat: torch.Tensor, coords: torch.Tensor, decode: Sequence[str] = DECODERS
+    ) -> tuple[Gaussians | None, MeshResult | None]:
+        """Steps 5-6 for one object: SLAT feats [N, 8] on coords [N, 4] (batch index 0) -> (Gaussians, mesh)."""
+        # 5. Gaussians: num_gaussians per voxel around the voxel centres.
+        gaussians = self.model.decoder_gs(slat.to(self.dtype), coords) if "gaussian" in decode else None
+        # 6. Mesh: fine SDF features on the 256^3 grid -> FlexiCubes.
+        mesh = self.decode_mesh(slat, coords) if "mesh" in decode else None
+        return gaussians, mesh
+
+    def _settings(self, seed: int, steps: int | None, cfg_strength: float | None) -> dict:
+        sampler = self.cfg.sampler
+        return {
+            "seed": seed,
+            "steps": steps or sampler.steps,
+            "cfg_strength": sampler.cfg_strength if cfg_strength is None else cfg_strength,
+            "weights": self.weights_id,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
 
     @torch.no_grad()
     def __call__(
@@ -185,28 +236,60 @@ class Stage2Pipeline:
     ) -> Stage2Output:
         """One object: photo (uint8 [H, W, 3]), mask ([H, W], nonzero = object) and its stage-1 voxels
         (`Stage1Output.coords`, [N, 4] int on the 64^3 grid) -> Stage2Output in the object's local frame."""
+        return self.batch(
+            image,
+            [mask],
+            [coords],
+            seeds=[seed],
+            steps=steps,
+            cfg_strength=cfg_strength,
+            decode=decode,
+            progress=progress,
+            shared=shared,
+        )[0]
+
+    @torch.no_grad()
+    def batch(
+        self,
+        image: np.ndarray,
+        masks: Sequence[np.ndarray],
+        coords: Sequence[np.ndarray | torch.Tensor],
+        *,
+        seeds: Sequence[int | None],
+        steps: int | None = None,
+        cfg_strength: float | None = None,
+        decode: Sequence[str] = DECODERS,
+        progress: Progress | None = None,
+        shared: dict | None = None,
+    ) -> list[Stage2Output]:
+        """Several objects of one photo: one mask, one stage-1 voxel set and one seed each -> one Stage2Output
+        each, sampled together (`sample_batch`) and decoded one after the other (the decoders' 256^3 stage is
+        the memory peak). Equal to one `__call__` per object (bit for bit in float32 on a CPU)."""
+        decode = self.check_decode(decode)
         # 1. Check and preprocess (the same crop, pad and resize as stage 1, without a point map).
+        prepared = [self.prepare_object(image, m, c) for m, c in zip(masks, coords, strict=True)]
+        seeds = [int(s) if s is not None else int(torch.seed() % 2**31) for s in seeds]  # recorded in the settings
+        # 2. Condition tokens: DINO on the cropped and full views of the image and of the mask.
+        cond = torch.cat([self.encode(inputs, shared) for inputs, _ in prepared])
+        # 3.-4. Noise, flow sampling (fast path: the condition's keys and values computed once), de-normalisation.
+        own = [c for _, c in prepared]
+        slats = self.sample_batch(cond, own, seeds=seeds, steps=steps, cfg_strength=cfg_strength, progress=progress)
+        outs = []
+        for seed, c, slat in zip(seeds, own, slats, strict=True):
+            # 5.-6. Gaussians and the mesh.
+            gaussians, mesh = self.decode(slat, c, decode)
+            outs.append(Stage2Output(c, slat, gaussians, mesh, self._settings(seed, steps, cfg_strength)))
+        return outs
+
+    @staticmethod
+    def check_decode(decode: Sequence[str] | str) -> tuple[str, ...]:
         decode = (decode,) if isinstance(decode, str) else tuple(decode)
         unknown = [d for d in decode if d not in DECODERS]
         if unknown:
             raise ValueError(f"decode: got {unknown}, expected a subset of {DECODERS}")
+        return decode
+
+    def prepare_object(self, image: np.ndarray, mask: np.ndarray, coords: np.ndarray | torch.Tensor) -> tuple:
+        """Check one object's stage-1 voxels and preprocess its views -> (inputs, coords [N, 4] int32 on the device)."""
         coords = check_coords(coords, self.cfg.flow.resolution).to(self.device)
-        inputs = self.prepare(image, mask)
-        seed = int(seed) if seed is not None else int(torch.seed() % 2**31)  # recorded in the settings
-        # 2. Condition tokens: DINO on the cropped and full views of the image and of the mask.
-        cond = self.encode(inputs, shared)
-        # 3.-4. Noise, flow sampling (fast path: the condition's keys and values computed once), de-normalisation.
-        slat = self.sample(cond, coords, seed=seed, steps=steps, cfg_strength=cfg_strength, progress=progress)
-        # 5. Gaussians: num_gaussians per voxel around the voxel centres.
-        gaussians = self.model.decoder_gs(slat.to(self.dtype), coords) if "gaussian" in decode else None
-        # 6. Mesh: fine SDF features on the 256^3 grid -> FlexiCubes.
-        mesh = self.decode_mesh(slat, coords) if "mesh" in decode else None
-        sampler = self.cfg.sampler
-        settings = {
-            "seed": seed,
-            "steps": steps or sampler.steps,
-            "cfg_strength": sampler.cfg_strength if cfg_strength is None else cfg_strength,
-            "weights": self.weights_id,
-            "dtype": str(self.dtype).removeprefix("torch."),
-        }
-        return Stage2Output(coords, slat, gaussians, mesh, settings)
+        return self.prepare(image, mask), coords

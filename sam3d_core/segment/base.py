@@ -107,6 +107,51 @@ class Segmenter(Protocol):
         """Every object the back-end can find, largest first (parts and background filtered)."""
 
 
+class PredictorSegmenter:
+    """`set_image` / `predict` shared by the SAM and SAM 2 back-ends, whose predictors take the same prompt
+    arrays and return (masks, scores, low-res logits). A subclass sets `self.predictor`, `self.model`,
+    `self.name`, `self.image = None` and implements `_encode(image)` and `_pixels_to_logits(mask)`."""
+
+    is_basic = False
+    reason = ""  # set by load_segmenter: which back-end and why
+    image: np.ndarray | None = None
+
+    def _encode(self, image: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _pixels_to_logits(self, mask: np.ndarray) -> np.ndarray:
+        """[H, W] bool at the photo's size -> [1, 256, 256] float32 logits in the predictor's frame."""
+        raise NotImplementedError
+
+    def set_image(self, image: np.ndarray) -> None:
+        import torch
+
+        self.image = check_image(image)
+        with torch.inference_mode():
+            self._encode(self.image)  # the image encoder runs once here
+
+    def predict(self, prompt: Prompt, multimask: bool = True) -> list[MaskCandidate]:
+        """Candidates best first; score = the model's predicted IoU; native = [1, 256, 256] logits."""
+        import torch
+
+        if self.image is None:
+            raise RuntimeError("call set_image(image) before predict()")
+        prompt.validate(*self.image.shape[:2])
+        coords, labels, box = prompt.as_arrays()
+        mi = prompt.mask_input
+        if mi is not None and mi.shape == self.image.shape[:2]:
+            mi = self._pixels_to_logits(mi)  # a previous mask given as pixels
+        mask_input = mi.astype(np.float32) if mi is not None and mi.ndim == 3 and mi.shape[0] == 1 else None
+        with torch.inference_mode():
+            masks, scores, logits = self.predictor.predict(
+                point_coords=coords, point_labels=labels, box=box, mask_input=mask_input, multimask_output=multimask
+            )
+        order = np.argsort(-scores)
+        return [
+            MaskCandidate(masks[i] > 0, float(scores[i]), self.name, "predicted IoU", logits[i : i + 1]) for i in order
+        ]
+
+
 def check_image(image: np.ndarray) -> np.ndarray:
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         got = f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sam3d_core.segment.base import MaskCandidate, Prompt, check_image
+from sam3d_core.segment.base import MaskCandidate, PredictorSegmenter
 
 INSTALL_HINT = "pip install segment-anything torchvision (torchvision matching your torch build)"
 LOGIT = 8.0  # magnitude given to a plain bool mask turned into mask_input logits (sigmoid(8) ~ 0.9997)
@@ -76,11 +76,8 @@ def filter_objects(
     return kept
 
 
-class SamSegmenter:
+class SamSegmenter(PredictorSegmenter):
     """SamPredictor around a built `segment_anything.modeling.Sam`."""
-
-    is_basic = False
-    reason = ""  # set by load_segmenter: which back-end and why
 
     def __init__(self, sam, name: str = "sam", device: str | None = None, amg: dict | None = None):
         sa = _segment_anything()
@@ -110,12 +107,11 @@ class SamSegmenter:
         model_type, state, _ = load_sam_state(name, root)
         return cls.from_state_dict(model_type, state, f"sam {model_type}", device)
 
-    def set_image(self, image: np.ndarray) -> None:
-        import torch
+    def _encode(self, image: np.ndarray) -> None:
+        self.predictor.set_image(image, image_format="RGB")
 
-        self.image = check_image(image)
-        with torch.inference_mode():
-            self.predictor.set_image(self.image, image_format="RGB")  # encoder runs once here
+    def _pixels_to_logits(self, mask: np.ndarray) -> np.ndarray:
+        return mask_to_logits(mask, self.model.image_encoder.img_size, self.model.prompt_encoder.mask_input_size[0])
 
     def image_state(self) -> tuple:
         """What set_image computed, to keep for a later `restore_image_state` (the session's cache)."""
@@ -126,32 +122,6 @@ class SamSegmenter:
         p = self.predictor
         self.image, p.features, p.original_size, p.input_size = state
         p.is_image_set = True
-
-    def predict(self, prompt: Prompt, multimask: bool = True) -> list[MaskCandidate]:
-        """Candidates best first; score = SAM's predicted IoU; native = [1, 256, 256] logits."""
-        import torch
-
-        if self.image is None:
-            raise RuntimeError("call set_image(image) before predict()")
-        prompt.validate(*self.image.shape[:2])
-        coords, labels, box = prompt.as_arrays()
-        mi = prompt.mask_input
-        if mi is not None and mi.shape == self.image.shape[:2]:
-            mi = mask_to_logits(
-                mi,
-                self.model.image_encoder.img_size,  # a previous mask given as pixels
-                self.model.prompt_encoder.mask_input_size[0],
-            )
-        mask_input = mi.astype(np.float32) if mi is not None and mi.ndim == 3 and mi.shape[0] == 1 else None  # logits
-        with torch.inference_mode():
-            masks, scores, logits = self.predictor.predict(
-                point_coords=coords, point_labels=labels, box=box, mask_input=mask_input, multimask_output=multimask
-            )
-        order = np.argsort(-scores)
-        return [
-            MaskCandidate(masks[i].astype(bool), float(scores[i]), self.name, "predicted IoU", logits[i : i + 1])
-            for i in order
-        ]
 
     def segment_all(self) -> list[MaskCandidate]:
         """SamAutomaticMaskGenerator (it encodes the image again), then `filter_objects`."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sam3d_core.segment.base import MaskCandidate, Prompt, check_image
+from sam3d_core.segment.base import MaskCandidate, PredictorSegmenter
 
 INSTALL_HINT = "pip install sam2 torchvision (or the facebookresearch/sam2 repository; torchvision matching your torch)"
 CONFIG_SHORT = {"tiny": "t", "small": "s", "base_plus": "b+", "large": "l"}
@@ -60,11 +60,8 @@ def _sam2():
     return sam2
 
 
-class Sam2Segmenter:
+class Sam2Segmenter(PredictorSegmenter):
     """SAM2ImagePredictor around a built `sam2.modeling.sam2_base.SAM2Base`."""
-
-    is_basic = False
-    reason = ""  # set by load_segmenter: which back-end and why
 
     def __init__(self, model, name: str = "sam2", device: str | None = None, amg: dict | None = None):
         s2 = _sam2()
@@ -91,12 +88,11 @@ class Sam2Segmenter:
         size, version, state, _ = load_sam2_state(name, root)
         return cls.from_state_dict(size, version, state, f"sam{version} {size}", device)
 
-    def set_image(self, image: np.ndarray) -> None:
-        import torch
+    def _encode(self, image: np.ndarray) -> None:
+        self.predictor.set_image(image)  # HWC uint8 RGB
 
-        self.image = check_image(image)
-        with torch.inference_mode():
-            self.predictor.set_image(self.image)  # HWC uint8 RGB; the encoder runs once here
+    def _pixels_to_logits(self, mask: np.ndarray) -> np.ndarray:
+        return mask_to_logits(mask, self.model.sam_prompt_encoder.mask_input_size[0])
 
     def image_state(self) -> tuple:
         """What set_image computed, to keep for a later `restore_image_state` (the session's cache)."""
@@ -107,27 +103,6 @@ class Sam2Segmenter:
         p = self.predictor
         self.image, p._features, p._orig_hw, p._is_batch = state
         p._is_image_set = True
-
-    def predict(self, prompt: Prompt, multimask: bool = True) -> list[MaskCandidate]:
-        """Candidates best first; score = SAM 2's predicted IoU; native = [1, 256, 256] logits."""
-        import torch
-
-        if self.image is None:
-            raise RuntimeError("call set_image(image) before predict()")
-        prompt.validate(*self.image.shape[:2])
-        coords, labels, box = prompt.as_arrays()
-        mi = prompt.mask_input
-        if mi is not None and mi.shape == self.image.shape[:2]:
-            mi = mask_to_logits(mi, self.model.sam_prompt_encoder.mask_input_size[0])  # a mask given as pixels
-        mask_input = mi.astype(np.float32) if mi is not None and mi.ndim == 3 and mi.shape[0] == 1 else None
-        with torch.inference_mode():
-            masks, scores, logits = self.predictor.predict(
-                point_coords=coords, point_labels=labels, box=box, mask_input=mask_input, multimask_output=multimask
-            )
-        order = np.argsort(-scores)
-        return [
-            MaskCandidate(masks[i] > 0, float(scores[i]), self.name, "predicted IoU", logits[i : i + 1]) for i in order
-        ]
 
     def segment_all(self) -> list[MaskCandidate]:
         """SAM2AutomaticMaskGenerator (it encodes the image again), then `filter_objects`."""

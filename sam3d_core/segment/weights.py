@@ -17,17 +17,26 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import pickle
 import re
-import shutil
-import zipfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sam3d_core.weights.store import CheckpointError, data_dir, sha256_file, staged_folder, verify_folder
+from sam3d_core.weights.store import (
+    CheckpointError,
+    check_model_name,
+    data_dir,
+    folder_bytes,
+    read_manifest,
+    remove_model_folder,
+    scan_models,
+    sha256_file,
+    staged_folder,
+    torch_load_refusal,
+    verify_folder,
+)
 
 # Official file names (dl.fbaipublicfiles.com/segment_anything/). Their full sha256 is not published
 # by Meta; we record the hash at import and check it on every load.
@@ -64,18 +73,19 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
             obj = load_file(str(path))  # a JSON header and raw buffers: no code
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refused a global: code, or a class we do not know
+    except SafetensorError as e:
         raise CheckpointError(
-            f"{path.name} holds pickled objects other than tensors and was refused "
-            f"(it could run code when loaded). Use an official file: {WHERE_TO_GET}"
-        ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, SafetensorError) as e:
-        raise CheckpointError(
-            f"{path.name} cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
-            f"{str(e)[:200]}); truncated or corrupt download? {WHERE_TO_GET}"
-        ) from e
+            f"{path.name} cannot be read as a safetensors file ({str(e)[:200]}); truncated or corrupt download? "
+            f"{WHERE_TO_GET}"
+        ) from None
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError, KeyError (text), zip errors, ...
+        raise CheckpointError(f"{torch_load_refusal(path, e)} Use an official file: {WHERE_TO_GET}") from None
     sd = obj.get("model", obj) if isinstance(obj, dict) else obj
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if (
+        not isinstance(sd, dict)
+        or not sd
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())
+    ):
         raise CheckpointError(f"{path.name} is not a SAM state dict (a dict of tensors); {WHERE_TO_GET}")
     return sd
 
@@ -128,6 +138,8 @@ def import_sam_checkpoint(
 
     name defaults to the model type (vit_b, ...) for SAM and to sam2.1_hiera_<size> (or sam2_hiera_<size>)
     for SAM 2."""
+    if name is not None:
+        check_model_name(name, "checkpoint name")  # before anything is read
     src = Path(src).expanduser()
     if not src.is_file():
         raise CheckpointError(f"{src} is not a file; {WHERE_TO_GET}; or {SAM2_WHERE_TO_GET}")
@@ -139,7 +151,7 @@ def import_sam_checkpoint(
         default = f"sam{extra['version']}_hiera_{model_type}"
     else:
         default = model_type
-    name = name or default
+    name = check_model_name(name or default, "checkpoint name")
     root = segment_dir() if root is None else Path(root)
     with staged_folder(root, name, overwrite) as tmp:
         out = tmp / "sam.safetensors"
@@ -158,16 +170,19 @@ def import_sam_checkpoint(
 
 
 def resolve(name: str | Path, root: Path | None = None) -> Path:
-    p = Path(name).expanduser()
-    if (p / "manifest.json").is_file():
-        return p
-    q = (segment_dir() if root is None else Path(root)) / str(name)
-    if (q / "manifest.json").is_file():
-        return q
-    raise CheckpointError(
-        f"no imported SAM checkpoint {str(name)!r} (looked in {p} and {q}); "
-        f"`sam3d weights list` shows what is there; {WHERE_TO_GET}"
-    )
+    """An imported checkpoint's folder. A name is looked up only in the segment folder; a path (a Path, or text
+    with a separator) is taken as the folder itself, for loading one kept elsewhere."""
+    base = segment_dir() if root is None else Path(root)
+    if isinstance(name, Path) or any(sep in str(name) for sep in ("/", "\\")):
+        folder, where = Path(name).expanduser(), str(name)
+    else:
+        folder, where = base / check_model_name(name, "checkpoint name"), str(base)
+    if not (folder / "manifest.json").is_file():
+        raise CheckpointError(
+            f"no imported SAM checkpoint {str(name)!r} (looked in {where}); "
+            f"`sam3d weights list` shows what is there; {WHERE_TO_GET}"
+        )
+    return folder
 
 
 def verify(name: str | Path, root: Path | None = None) -> list[str]:
@@ -175,19 +190,26 @@ def verify(name: str | Path, root: Path | None = None) -> list[str]:
     return verify_folder(resolve(name, root))
 
 
-def list_sam(root: Path | None = None, kind: str | None = None) -> list[dict]:
-    """Imported checkpoints, optionally of one kind ('sam' or 'sam2')."""
+def list_sam(root: Path | None = None, kind: str | None = None, broken: bool = False) -> list[dict]:
+    """Imported checkpoints, optionally of one kind ('sam' or 'sam2'). A folder whose manifest cannot be read is
+    left out; `broken=True` lists only those (name, folder, problem)."""
     root = segment_dir() if root is None else Path(root)
     out = []
-    for m in sorted(root.glob("*/manifest.json")) if root.is_dir() else []:
-        data = json.loads(m.read_text())
+    for folder, data, problem in scan_models(root):
+        if broken:
+            if data is None:
+                out.append({"name": folder.name, "folder": str(folder), "problem": problem})
+            continue
+        if data is None:
+            continue
+        source = data.get("source_file")
         rec = {
-            "name": m.parent.name,
+            "name": folder.name,
             "kind": data.get("kind", "sam"),
-            "model_type": data["model_type"],
-            "folder": str(m.parent),
-            "bytes": sum(r["bytes"] for r in data["files"].values()),
-            "source": data["source_file"]["name"],
+            "model_type": data.get("model_type", "custom"),
+            "folder": str(folder),
+            "bytes": folder_bytes(data),
+            "source": source.get("name") if isinstance(source, dict) else None,
         }
         if kind is None or rec["kind"] == kind:
             out.append(rec)
@@ -195,20 +217,20 @@ def list_sam(root: Path | None = None, kind: str | None = None) -> list[dict]:
 
 
 def remove(name: str, root: Path | None = None) -> Path:
-    folder = resolve(name, root)
-    shutil.rmtree(folder)
-    return folder
+    """Delete the imported checkpoint `name` (looked up only in the segment folder): the files its manifest lists,
+    the manifest, then the folder if nothing else is in it."""
+    return remove_model_folder(segment_dir() if root is None else Path(root), name, "SAM checkpoint")
 
 
 def _load_checked(name: str | Path, root: Path | None, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
     folder = resolve(name, root)
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = read_manifest(folder)
     if manifest.get("kind", "sam") != kind:
         raise CheckpointError(
             f"{folder.name!r} is a {manifest.get('kind', 'sam')} checkpoint, not {kind}; "
             f"`sam3d weights list` shows the kind of each imported checkpoint"
         )
-    problems = verify(folder)
+    problems = verify_folder(folder)
     if problems:
         raise CheckpointError(
             f"{folder} failed its integrity check: "

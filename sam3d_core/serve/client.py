@@ -19,7 +19,6 @@ import collections
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 from . import protocol as P
@@ -344,13 +343,3 @@ def _to_stderr(line: str) -> None:
         sys.stderr.write(line + "\n")
     except Exception:
         pass
-
-
-def wait_all(jobs: Sequence[Job], timeout: float | None = None) -> bool:
-    """Block until every job has ended; False if `timeout` seconds passed first."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    for job in jobs:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not job.wait(left):
-            return False
-    return True

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 
 PROTOCOL_VERSION = 1
@@ -40,7 +41,9 @@ ERROR_CODES = (
 # "high" keep both stages loaded (about 13 GB at the official size); "auto" = as the worker was started.
 VRAM_PRESETS = ("auto", "low", "medium", "high")
 
-MAX_LINE_BYTES = 1 << 20  # a request line longer than this is rejected (paths, not pixels)
+MAX_LINE_BYTES = 1 << 20  # a request line longer than this (newline excluded) is rejected (paths, not pixels)
+MAX_DEPTH = 32  # arrays and objects nested deeper than this are rejected (requests need 3 levels)
+MAX_SEED = 2**63  # seeds are integers in (-MAX_SEED, MAX_SEED)
 
 
 class ProtocolError(Exception):
@@ -76,26 +79,44 @@ def encode(msg: dict) -> bytes:
         if key not in msg:
             raise ValueError(f"a protocol message needs {key!r}: {msg!r}")
     text = json.dumps(msg, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return (text + "\n").encode("utf-8")  # json.dumps escapes newlines inside strings
+    try:
+        return (text + "\n").encode("utf-8")  # json.dumps escapes newlines inside strings
+    except UnicodeEncodeError:  # a lone surrogate (e.g. echoed from a request): \u-escaped, still valid JSON
+        return (json.dumps(msg, ensure_ascii=True, separators=(",", ":"), allow_nan=False) + "\n").encode("ascii")
 
 
 def _parse(line: bytes | str) -> dict:
+    """One line -> a dict, or ProtocolError("bad_request"). Never raises anything else, for any input: over-long
+    lines, invalid UTF-8, deep nesting, non-finite numbers and non-objects are all answered."""
     if isinstance(line, (bytes, bytearray)):
+        line = bytes(line).rstrip(b"\r\n")
         if len(line) > MAX_LINE_BYTES:
             raise ProtocolError(
                 "bad_request",
                 f"message of {len(line)} bytes is longer than the limit of "
                 f"{MAX_LINE_BYTES}; send file paths, not pixel data",
+                {"bytes": len(line), "limit": MAX_LINE_BYTES},
             )
         try:
-            line = bytes(line).decode("utf-8")
+            line = line.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ProtocolError("bad_request", f"message is not valid UTF-8 ({e}); encode lines as UTF-8") from None
-    try:
-        msg = json.loads(line, parse_constant=_reject_constant)
-    except ValueError as e:
+    elif len(line) > MAX_LINE_BYTES:
+        raise ProtocolError("bad_request", f"message of {len(line)} characters is longer than {MAX_LINE_BYTES}")
+    depth = _nesting(line)
+    if depth > MAX_DEPTH:
         raise ProtocolError(
-            "bad_request", f"message is not valid JSON ({e}); send one JSON object per line", {"line": line[:200]}
+            "bad_request",
+            f"message nests arrays or objects more than {MAX_DEPTH} levels deep; requests need 3 at most",
+            {"limit": MAX_DEPTH},
+        )
+    try:
+        msg = json.loads(line, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, a number out of range, nesting (belt and braces)
+        raise ProtocolError(
+            "bad_request",
+            f"message is not valid JSON ({str(e)[:200]}); send one JSON object per line",
+            {"line": line[:200]},
         ) from None
     if not isinstance(msg, dict):
         raise ProtocolError(
@@ -105,8 +126,36 @@ def _parse(line: bytes | str) -> dict:
     return msg
 
 
+_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]')  # strings (skipped whole, even unterminated) and brackets
+
+
+def _nesting(text: str) -> int:
+    """The deepest nesting of arrays and objects in a JSON text, counted outside strings (stops past MAX_DEPTH)."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:  # cannot nest deeper: skip the scan
+        return 0
+    depth = deepest = 0
+    for m in _TOKENS.finditer(text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_DEPTH:
+                    break
+        elif c in "]}":
+            depth -= 1
+    return deepest
+
+
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range (larger than a double)")
+    return value
 
 
 def _check_envelope(msg: dict, types: tuple[str, ...], what: str, id_required: bool) -> dict:
@@ -185,11 +234,15 @@ def _field(msg: dict, name: str, kinds: tuple[type, ...], required: bool, what: 
 
 
 def _check_reconstruct(msg: dict) -> None:
-    for name in ("photo", "mask", "out"):
-        path = _field(msg, name, (str,), True, "a file path string" if name != "out" else "a folder path string")
-        if not path:
-            raise ProtocolError("bad_request", f'reconstruct request: "{name}" is empty; give a path', {"field": name})
-    _field(msg, "seed", (int,), False, "an integer or null")
+    _path(msg, "photo", "a file path string")
+    _path(msg, "mask", "a file path string")
+    _path(msg, "out", "a folder path string")
+    seed = _field(msg, "seed", (int,), False, "an integer or null")
+    if seed is not None and not -MAX_SEED < seed < MAX_SEED:
+        raise ProtocolError(
+            "bad_request", f'reconstruct request: "seed" must lie within +-2**63, got {seed}', {"field": "seed"}
+        )
+    _field(msg, "overwrite", (bool,), False, "true (replace our own earlier results) or false")
     steps = _field(msg, "steps", (int,), False, "an integer >= 1 or null (the model's default)")
     if steps is not None and not 1 <= steps <= 1000:
         raise ProtocolError(
@@ -215,9 +268,16 @@ def _bounded(msg: dict, name: str, lo: int, hi: int, what: str) -> None:
         )
 
 
-def _path(msg: dict, name: str, what: str) -> None:
-    if not _field(msg, name, (str,), True, what):
+def _path(msg: dict, name: str, what: str, required: bool = True) -> None:
+    value = _field(msg, name, (str,), required, what)
+    if value is None and not required:
+        return
+    if not value:
         raise ProtocolError("bad_request", f'{msg["type"]} request: "{name}" is empty; give a path', {"field": name})
+    if "\0" in value:
+        raise ProtocolError(
+            "bad_request", f'{msg["type"]} request: "{name}" holds a NUL byte; send a plain file path', {"field": name}
+        )
 
 
 def _check_open_photo(msg: dict) -> None:
@@ -249,13 +309,22 @@ def _check_segment(msg: dict) -> None:
         raise ProtocolError("bad_request", f"segment request: box {box!r} is not [x0, y0, x1, y1]", {"field": "box"})
     if not points and box is None:
         raise ProtocolError("bad_request", "segment request needs at least one point or a box", {"field": "points"})
-    _field(msg, "previous", (str,), False, "the path of a previous mask to refine, or null")
+    if box is None and all(p[2] == 0 for p in points):
+        raise ProtocolError(
+            "bad_request",
+            "segment request: every point excludes (label 0), so nothing says where the object is; add a point "
+            "on the object (label 1) or a box",
+            {"field": "points"},
+        )
+    _path(msg, "previous", "the path of a previous mask to refine, or null", required=False)
+    _field(msg, "overwrite", (bool,), False, "true (replace a mask sam3d wrote there) or false")
 
 
 def _check_segment_all(msg: dict) -> None:
     _path(msg, "photo", "an image file path string")
     _path(msg, "out_dir", "a folder path string for the mask PNGs")
     _bounded(msg, "max_objects", 1, 100, "the most objects to return")
+    _field(msg, "overwrite", (bool,), False, "true (replace masks sam3d wrote there) or false")
 
 
 def _check_cancel(msg: dict) -> None:

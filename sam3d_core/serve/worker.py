@@ -11,6 +11,7 @@ descriptor 1 is pointed at stderr, so stray prints (ours, a library's, C code's)
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import sys
@@ -21,12 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from sam3d_core.export.output import (  # the output policy: what may be written where, all or nothing
+    OutputError,
+    OutputFolder,
+    os_error_message,
+    output_file,
+    output_folder,
+    save_mask_png,
+)
 from sam3d_core.pipeline.errors import is_out_of_memory
 from sam3d_core.serve import protocol as P
 
 log = logging.getLogger("sam3d.serve")
 
-SCENE_JSON = "scene.json"
 CAPABILITIES = [
     "reconstruct",
     "cancel",
@@ -37,6 +45,7 @@ CAPABILITIES = [
     "segment_all",
     "stage2",
     "texture_bake",
+    "output_policy",  # `overwrite` fields, numbered suffixes, all-or-nothing writes (docs/protocol.md, Output files)
 ]
 
 
@@ -133,8 +142,16 @@ def _bad_input(e) -> BadInput:
 
 
 class Worker:
-    def __init__(self, model: LoadedModel, out: BinaryIO):
+    def __init__(self, model: LoadedModel, out: BinaryIO, loader=None, device: str | None = None):
+        """`loader`: a function returning the LoadedModel, run on a thread when `serve` starts (the model then
+        loads while the user opens a photo and clicks: open_photo / segment are answered meanwhile, hello once
+        the model is there, reconstruct jobs wait for it). Without it, `model` is the loaded model."""
         self.model = model
+        self._loader = loader
+        self._device = device  # for photos opened before the model has loaded (a depth model runs there)
+        self._ready = threading.Event()
+        if loader is None:
+            self._ready.set()
         self._out = out
         self._write_lock = threading.Lock()
         self._cv = threading.Condition()
@@ -152,7 +169,18 @@ class Worker:
 
     # -- output --------------------------------------------------------------------------------
     def send(self, msg: dict) -> None:
-        data = P.encode(msg)
+        try:
+            data = P.encode(msg)
+        except (TypeError, ValueError) as e:  # a bug in an answer: say so rather than leave the request unanswered
+            log.exception("could not encode an answer")
+            data = P.encode(
+                P.error(
+                    msg.get("id") if isinstance(msg.get("id"), str) else None,
+                    "internal",
+                    f"the worker could not encode its answer ({type(e).__name__}: {str(e)[:200]}); please report "
+                    "this with the worker log",
+                )
+            )
         with self._write_lock:
             try:
                 self._out.write(data)
@@ -162,13 +190,35 @@ class Worker:
 
     # -- reader thread -------------------------------------------------------------------------
     def read_loop(self, stdin: BinaryIO) -> None:
+        """Read request lines until EOF or shutdown. Every line gets an answer; no line stops the reader (a line
+        longer than P.MAX_LINE_BYTES is skipped to its end without being held in memory, then answered)."""
         try:
-            for line in stdin:
+            while not self._stop.is_set():
+                try:
+                    line = stdin.readline(P.MAX_LINE_BYTES + 1)
+                except (OSError, ValueError) as e:  # stdin closed or broken: as EOF
+                    log.info("reading stdin failed (%s): stopping", e)
+                    return
+                if not line:
+                    return
+                if len(line) > P.MAX_LINE_BYTES and not line.endswith(b"\n"):
+                    size = len(line) + _skip_line(stdin)
+                    self.send(
+                        P.error(
+                            None,
+                            "bad_request",
+                            f"message of {size} bytes is longer than the limit of {P.MAX_LINE_BYTES}; "
+                            "send file paths, not pixel data",
+                            {"bytes": size, "limit": P.MAX_LINE_BYTES},
+                        )
+                    )
+                    continue
                 if not line.strip():
                     continue
-                self.handle_line(line)
-                if self._stop.is_set():
-                    return
+                try:
+                    self.handle_line(line)
+                except Exception:  # handle_line answers everything itself; this is the last guard of the reader
+                    log.exception("handling a request line failed")
         finally:
             if not self._stop.is_set():
                 log.info("stdin closed: stopping")
@@ -178,8 +228,18 @@ class Worker:
         try:
             req = P.decode_request(line)
         except P.ProtocolError as e:
-            log.warning("rejected request: %s", e.message)
+            log.warning("rejected request: %s", e.message[:300])
             self.send(e.to_message())
+            return
+        except Exception as e:  # MemoryError or a parser bug: still an answer, and the reader goes on
+            log.warning("unreadable request line (%s)", type(e).__name__)
+            self.send(
+                P.error(
+                    None,
+                    "bad_request",
+                    f"message could not be read ({type(e).__name__}); send one JSON object per line (docs/protocol.md)",
+                )
+            )
             return
         handler = getattr(self, f"_on_{req['type']}")
         try:
@@ -208,12 +268,23 @@ class Worker:
             "dtype": str(pipe.stage1.dtype).removeprefix("torch.") if pipe is not None else None,
             "low_vram": bool(pipe.low_vram) if pipe is not None else None,
             "ready": pipe is not None,
+            "loading": not self._ready.is_set(),
             "model_error": None
             if self.model.error is None
             else {"code": self.model.error.code, "message": self.model.error.message},
         }
 
     def _on_hello(self, req: dict) -> None:
+        if not self._ready.is_set():  # "hello" means ready: answer it when the model is there
+            threading.Thread(target=self._hello_when_ready, args=(req,), name="sam3d-hello", daemon=True).start()
+            return
+        self._hello(req)
+
+    def _hello_when_ready(self, req: dict) -> None:
+        self._ready.wait()
+        self._hello(req)
+
+    def _hello(self, req: dict) -> None:
         from sam3d_core.version import __version__
 
         self.send(
@@ -251,7 +322,7 @@ class Worker:
         )
 
     def _on_reconstruct(self, req: dict) -> None:
-        if self.model.error is not None:
+        if self._ready.is_set() and self.model.error is not None:
             raise self.model.error
         with self._cv:
             if req["id"] in self._ids:
@@ -309,7 +380,9 @@ class Worker:
                 job = self._queue.popleft()
                 self._running = job
             try:
-                final = self.run_job(job)
+                self._ready.wait()  # a job sent while the model loads starts once it is there
+                error = self.model.error
+                final = error.to_message(job.id) if error is not None else self.run_job(job)
             finally:
                 with self._cv:  # before the answer goes out, so a status sent after it never sees this job
                     self._running = None
@@ -379,8 +452,12 @@ class Worker:
         with self._photo_lock:
             ctx = self._photos.get(key)
         if ctx is None:
+            from sam3d_core.pipeline.reconstruct import open_photo
+
+            pipe = self.model.pipe
+            device = pipe.device if pipe is not None else (self._device or _default_device())
             try:
-                ctx = self.model.pipe.open_photo(p, fov_deg=fov)
+                ctx = open_photo(p, fov_deg=fov, device=device)  # also while the model loads
             except InputError as e:
                 raise _bad_input(e) from None
             with self._photo_lock:
@@ -410,9 +487,10 @@ class Worker:
                 field="fast",
             )
         name = req.get("name") or "object_0"
-        if not name.replace("_", "").replace("-", "").isalnum():
+        if not name.replace("_", "").replace("-", "").isalnum() or len(name) > 100:
             raise BadInput(
-                f"name {name!r}: use letters, digits, '_' and '-' only (it names the output files)", field="name"
+                f"name {name[:100]!r}: use letters, digits, '_' and '-' only, at most 100 (it names the output files)",
+                field="name",
             )
         # 1. inputs: the photo (cached per photo) and the mask, checked
         stage("preprocess")
@@ -428,15 +506,20 @@ class Worker:
             mask = pipe.load_mask(ctx, mask_path)
         except InputError as e:
             raise _bad_input(e) from None
-        outdir = Path(req["out"]).expanduser().resolve()
-        existing = next(p for p in (outdir, *outdir.parents) if p.exists())  # nothing is created before export
-        if not existing.is_dir() or not os.access(existing, os.W_OK):
-            raise BadInput(
-                f"cannot write the output folder {str(outdir)!r} ({str(existing)!r} is not a writable "
-                "folder); choose a writable folder",
-                field="out",
-                path=str(outdir),
+        # the output folder, before any GPU work: writable, room for the files, nothing of the user's replaced
+        stage2 = req.get("stage2", True) is not False
+        texture_size, faces = req.get("texture_size") or 1024, req.get("faces") or 20000
+        try:
+            folder = pipe.check_output(
+                Path(req["out"]).expanduser(),
+                texture_size=texture_size,
+                faces=faces,
+                stage2=stage2,
+                overwrite=bool(req.get("overwrite", False)),
+                inputs=[ctx.photo.path, mask_path],
             )
+        except OutputError as e:
+            raise BadInput(str(e), field="out", **e.details) from None
         vram = req.get("vram") or "auto"
         if vram != "auto":  # stays in effect for later jobs until another preset is sent
             pipe.set_low_vram(vram == "low")
@@ -449,32 +532,33 @@ class Worker:
                 seed=seed,
                 steps=req.get("steps"),
                 fast=fast,
-                texture_size=req.get("texture_size") or 1024,
-                faces=req.get("faces") or 20000,
-                stage2=req.get("stage2", True) is not False,
+                texture_size=texture_size,
+                faces=faces,
+                stage2=stage2,
                 progress=stage,
             )
         except InputError as e:
             raise _bad_input(e) from None
-        # 7. files: NAME.glb, NAME.ply, NAME_mask.png, scene.glb, scene.json
+        # 7. files: NAME.glb, NAME.ply, NAME_mask.png, NAME_latents.safetensors, scene.glb, scene.json, all or
+        # nothing (export/output.py)
         stage("export")
+        outdir = folder.path
         try:
-            scene = pipe.export(ctx, results, outdir)
+            scene = pipe.export(ctx, results, folder, latents=True)  # latents: the picks become training pairs
+        except OutputError as e:
+            raise BadInput(str(e), field="out", **e.details) from None
         except OSError as e:
-            raise BadInput(
-                f"could not write to the output folder {str(outdir)!r} ({e}); choose a writable folder",
-                field="out",
-                path=str(outdir),
-            ) from None
+            why = os_error_message(e, f"writing to {outdir}") or f"could not write to {outdir} ({e})"
+            raise BadInput(f"{why}; nothing was written", field="out", path=str(outdir)) from None
         obj = scene["objects"][0]
-        files = {k: str(outdir / obj[k]) for k in ("mesh_glb", "gaussians_ply", "glb", "mask") if k in obj}
+        files = {k: str(outdir / obj[k]) for k in ("mesh_glb", "gaussians_ply", "glb", "mask", "latents") if k in obj}
         if job.cancel.is_set():
             log.info("job %s: cancel arrived during export; the result is kept", job.id)
         return P.response(
             "result",
             job.id,
             **files,
-            scene=str(outdir / SCENE_JSON),
+            scene=str(outdir / scene["scene_json"]),
             scene_glb=str(outdir / scene["scene_glb"]) if "scene_glb" in scene else None,
             num_voxels=obj["num_voxels"],
             pose=obj["pose"],
@@ -503,7 +587,7 @@ class Worker:
         self._interactive(req)
 
     def _interactive(self, req: dict) -> None:
-        if self.model.error is not None:
+        if self._ready.is_set() and self.model.error is not None:
             raise self.model.error
         with self._icv:
             self._iqueue.append(req)
@@ -573,6 +657,15 @@ class Worker:
         from sam3d_core.inputs.imageio import InputError
 
         ctx = self._photo(req["photo"])
+        try:  # checked before any work: never the photo or the previous mask, never a file that is not ours
+            folder, stem, suffix = output_file(
+                req["out"],
+                overwrite=bool(req.get("overwrite", False)),
+                inputs=[ctx.photo.path, req.get("previous")],
+                what="mask file",
+            )
+        except OutputError as e:
+            raise BadInput(str(e), field="out", **e.details) from None
         seg = self._segmenter()
         t0 = time.perf_counter()
         previous = None
@@ -586,50 +679,71 @@ class Worker:
             mask, score, backend, _ = seg.predict(req.get("points") or [], req.get("box"), previous=previous)
         except ValueError as e:
             raise BadInput(str(e), field="points") from None
-        out = Path(req["out"]).expanduser()
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            seg.save_mask(mask, out)
-        except OSError as e:
-            raise BadInput(
-                f"could not write the mask to {str(out)!r} ({e}); choose a writable path", field="out", path=str(out)
-            ) from None
+        out = self._write_masks(folder, [(stem, suffix, mask)], "out")[0]
         return P.response(
             "result",
             req["id"],
-            mask=str(out.resolve()),
+            mask=str(out),
             area=int(mask.sum()),
             score=None if score is None else float(score),
             segmenter=backend,
             seconds=round(time.perf_counter() - t0, 4),
         )
 
+    @staticmethod
+    def _write_masks(folder: OutputFolder, masks: list, field: str) -> list[Path]:
+        """(stem, suffix, mask) triples -> their paths, written all or nothing under the output policy."""
+        try:
+            with folder.writer() as w:
+                names = []
+                for stem, suffix, mask in masks:
+                    name = w.claim(stem, (suffix,)) + suffix
+                    save_mask_png(mask, w.staged(name))
+                    names.append(name)
+        except OutputError as e:
+            raise BadInput(str(e), field=field, **e.details) from None
+        except OSError as e:
+            why = os_error_message(e, f"writing masks to {folder.path}") or f"could not write to {folder.path} ({e})"
+            raise BadInput(f"{why}; nothing was written", field=field, path=str(folder.path)) from None
+        return [folder.path / n for n in names]
+
     def _do_segment_all(self, req: dict) -> dict:
         ctx = self._photo(req["photo"])
+        try:
+            folder = output_folder(
+                Path(req["out_dir"]).expanduser(),
+                overwrite=bool(req.get("overwrite", False)),
+                inputs=[ctx.photo.path],
+                what="mask folder",
+            )
+        except OutputError as e:
+            raise BadInput(str(e), field="out_dir", **e.details) from None
         seg = self._segmenter()
         seg.open(ctx.photo.rgb, key=str(ctx.photo.path))
         masks = seg.segment_all()[: req.get("max_objects") or 10]
-        out = Path(req["out_dir"]).expanduser()
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            paths = []
-            for i, m in enumerate(masks):
-                seg.save_mask(m, out / f"mask_{i}.png")
-                paths.append(str((out / f"mask_{i}.png").resolve()))
-        except OSError as e:
-            raise BadInput(
-                f"could not write masks to {str(out)!r} ({e}); choose a writable folder", field="out_dir", path=str(out)
-            ) from None
+        paths = self._write_masks(folder, [(f"mask_{i}", ".png", m) for i, m in enumerate(masks)], "out_dir")
         return P.response(
             "result",
             req["id"],
-            masks=paths,
+            masks=[str(p) for p in paths],
             areas=[int(m.sum()) for m in masks],
             segmenter=self._segment_info()["name"],
         )
 
     # -- main thread ---------------------------------------------------------------------------
+    def _load(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.model = self._loader()
+            if self.model.pipe is not None:
+                self.model.pipe.warm_up()  # the mesh worker processes, before the first object needs them
+        finally:
+            self._ready.set()
+        log.info("model: %s (%.1f s, loaded while serving)", self.model.description, time.perf_counter() - t0)
+
     def serve(self, stdin: BinaryIO, stop_timeout: float = 60.0) -> int:
+        if self._loader is not None and not self._ready.is_set():
+            threading.Thread(target=self._load, name="sam3d-load", daemon=True).start()
         jobs = threading.Thread(target=self.job_loop, name="sam3d-job", daemon=True)
         reader = threading.Thread(target=self.read_loop, args=(stdin,), name="sam3d-reader", daemon=True)
         interactive = threading.Thread(target=self.interactive_loop, name="sam3d-interactive", daemon=True)
@@ -658,6 +772,22 @@ class Worker:
         return 0
 
 
+def _skip_line(stdin: BinaryIO, chunk: int = 1 << 16) -> int:
+    """Read and drop the rest of an over-long line (up to and including its newline); returns the bytes dropped."""
+    dropped = 0
+    while True:
+        part = stdin.readline(chunk)
+        dropped += len(part)
+        if not part or part.endswith(b"\n"):
+            return dropped
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _free_gpu_memory() -> None:
     try:
         import torch
@@ -678,16 +808,16 @@ def main(
     """Run the worker on this process's stdin/stdout until `shutdown` or stdin EOF. Returns the exit code."""
     out = protect_stdout()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="sam3d serve: %(message)s", force=True)
-    t0 = time.perf_counter()
-    loaded = load_model(model, device, low_vram=low_vram, max_voxels=max_voxels)
-    log.info(
-        "model: %s (%.1f s); protocol v%d on stdin/stdout, pid %d",
-        loaded.description,
-        time.perf_counter() - t0,
-        P.PROTOCOL_VERSION,
-        os.getpid(),
-    )
-    worker = Worker(loaded, out)
+    log.info("loading the model; protocol v%d on stdin/stdout, pid %d", P.PROTOCOL_VERSION, os.getpid())
+    loader = functools.partial(load_model, model, device, low_vram=low_vram, max_voxels=max_voxels)
+    worker = Worker(LoadedModel(None, "loading"), out, loader=loader, device=device)
     code = worker.serve(stdin if stdin is not None else sys.stdin.buffer)
     out.flush()
+    if stdin is None:  # the real process: leave without interpreter finalisation (see below)
+        sys.stderr.flush()
+        logging.shutdown()
+        # Daemon threads (the reader, the interactive lane, a job that did not stop in time) may still be inside
+        # torch or a blocking read; finalising the interpreter under them can abort the process ("terminate called
+        # without an active exception", seen about once in ten fast start-stop cycles). Everything is written.
+        os._exit(code)
     return code

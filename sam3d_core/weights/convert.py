@@ -8,13 +8,17 @@ names, so converting a checkpoint is a prefix map; hub.py then checks every key 
 
 from __future__ import annotations
 
+import functools
+import reprlib
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from sam3d_core.config import (
     POSE_LATENTS,
@@ -23,15 +27,17 @@ from sam3d_core.config import (
     PointmapEmbedConfig,
     PreprocessConfig,
     SamplerConfig,
+    SLatEncoderConfig,
     SLatFlowConfig,
     SLatGaussianDecoderConfig,
     SLatMeshDecoderConfig,
     SSDecoderConfig,
+    SSEncoderConfig,
     SSFlowConfig,
     Stage1Config,
     Stage2Config,
 )
-from sam3d_core.weights.store import CheckpointError
+from sam3d_core.weights.store import CheckpointError, torch_load_refusal
 
 HF_REPO = "facebook/sam-3d-objects"
 WHERE_TO_GET = (
@@ -83,20 +89,95 @@ STAGE2_COMPONENTS = (
 )
 
 
+# The encoders (released after the first revision, whose encoder files were empty): flat state dicts, loaded
+# by the official pipeline with state_dict_key None, as the decoders. Our modules are the encoders themselves.
+SS_ENCODER_COMPONENTS = (Component("ss_encoder", None, (("", ""),), "SparseStructureEncoderTdfyWrapper"),)
+SLAT_ENCODER_COMPONENTS = (Component("slat_encoder", None, (("", ""),), "SLatEncoderTdfyWrapper"),)
+
+
 # ---------------------------------------------------------------------------------------------
 # YAML -> config
 
 
+MAX_YAML_BYTES = 1 << 20  # the official YAMLs are a few KB
+MAX_YAML_NODES = 100_000  # after aliases are expanded: a "billion laughs" file of 1 KB is refused, not built
+
+
+class _CheckedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (plain data only, no tags that build objects)."""
+
+
+def _expanded_size(node: yaml.Node, limit: int) -> int:
+    """Nodes of a composed YAML graph once aliases are expanded, counted with memoisation (a shared node counts
+    every time it is used) and stopped past `limit`."""
+    sizes: dict[int, int] = {}
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        sizes[id(n)] = 1  # a recursive alias counts once while it is being measured
+        if isinstance(n, yaml.SequenceNode):
+            total = 1 + sum(size(c) for c in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in n.value)
+        else:
+            total = 1
+        sizes[id(n)] = min(total, limit + 1)
+        return sizes[id(n)]
+
+    return size(node)
+
+
 def read_yaml(path: Path) -> dict:
+    """A YAML file as plain data (safe_load semantics), refusing oversized files and alias bombs before they are
+    expanded."""
     if not path.is_file():
         raise CheckpointError(f"missing {path.name} in {path.parent}; {WHERE_TO_GET}")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        size = path.stat().st_size
+        raise CheckpointError(f"{path} is {size} bytes, not an official config (a few KB); re-download it")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise CheckpointError(f"{path} is not valid YAML ({e}); re-download it") from e
+        loader = _CheckedLoader(path.read_text(encoding="utf-8"))
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+                raise CheckpointError(
+                    f"{path} expands to more than {MAX_YAML_NODES} values through YAML aliases (an alias bomb?); "
+                    "refusing to read it: use the official file"
+                )
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not valid YAML ({str(e)[:200]}); re-download it") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds no mapping; re-download it")
     return data
+
+
+def _fields_checked(fn: Callable) -> Callable:
+    """A config reader whose last argument is `where` (the file): a missing field, or one of the wrong type, is a
+    CheckpointError naming the file and the field, not a KeyError or TypeError."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CheckpointError:
+            raise
+        except KeyError as e:
+            where = kwargs.get("where", args[-1])
+            raise CheckpointError(
+                f"{where}: field {e.args[0]!r} is missing; is this an official SAM 3D file? Re-download it"
+            ) from None
+        except (TypeError, ValueError, AttributeError, IndexError) as e:
+            where = kwargs.get("where", args[-1])
+            raise CheckpointError(
+                f"{where}: a field has the wrong type or value ({type(e).__name__}: {str(e)[:160]}); is this an "
+                "official SAM 3D file? Re-download it"
+            ) from None
+
+    return wrapper
 
 
 def _get(d: dict, dotted: str, where: str) -> Any:
@@ -108,12 +189,21 @@ def _get(d: dict, dotted: str, where: str) -> Any:
     return node
 
 
+def _short(value: Any, limit: int = 200) -> str:
+    """repr() cut to `limit` characters: error messages never print a whole (possibly huge) structure."""
+    text = reprlib.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_target(node: dict, suffix: str, where: str) -> None:
-    target = str(node.get("_target_", ""))
-    if not target.endswith(suffix):
-        raise CheckpointError(f"{where}: _target_ is {target!r}, expected one ending in {suffix!r}")
+    if not isinstance(node, dict):
+        raise CheckpointError(f"{where}: expected a mapping with _target_ ...{suffix}, found {_short(node)}")
+    target = node.get("_target_", "")
+    if not isinstance(target, str) or not target.endswith(suffix):
+        raise CheckpointError(f"{where}: _target_ is {_short(target)}, expected one ending in {suffix!r}")
 
 
+@_fields_checked
 def dino_config(entry: dict, where: str) -> DinoConfig:
     _check_target(entry, ".Dino", where)
     name = str(entry.get("dino_model", ""))
@@ -144,16 +234,19 @@ def dino_config(entry: dict, where: str) -> DinoConfig:
     )
 
 
+@_fields_checked
 def condition_config(fuser: dict, where: str) -> ConditionConfig:
     _check_target(fuser, ".EmbedderFuser", where)
     entries = fuser.get("embedder_list") or []
+    if not isinstance(entries, list) or len(entries) not in (2, 3):
+        raise CheckpointError(f"{where}: embedder_list has {_short(entries)}; expected the official 2 or 3 entries")
     inputs = [[tuple(kg) for kg in e[1]] for e in entries]
     expected = [[("image", "cropped"), ("rgb_image", "full")], [("mask", "cropped"), ("rgb_image_mask", "full")]]
-    if inputs[:2] != expected or len(entries) not in (2, 3):
-        raise CheckpointError(f"{where}: embedder_list inputs {inputs} do not match the official layout")
+    if inputs[:2] != expected:
+        raise CheckpointError(f"{where}: embedder_list inputs {_short(inputs)} do not match the official layout")
     dinos = [dino_config(e[0], f"{where} embedder_list[{i}]") for i, e in enumerate(entries[:2])]
     if dinos[0] != dinos[1]:
-        raise CheckpointError(f"{where}: the image and mask DINO configurations differ ({dinos})")
+        raise CheckpointError(f"{where}: the image and mask DINO configurations differ ({_short(dinos)})")
     pointmap = None
     if len(entries) == 3:
         pm = entries[2][0]
@@ -170,16 +263,19 @@ def condition_config(fuser: dict, where: str) -> ConditionConfig:
     )
 
 
+@_fields_checked
 def flow_config(backbone: dict, where: str) -> SSFlowConfig:
     _check_target(backbone, "SparseStructureFlowTdfyWrapper", where)
     mapping = backbone.get("latent_mapping") or {}
     want = dict(POSE_LATENTS) | {"shape": int(backbone.get("in_channels", 8))}
     got = {k: int(v.get("in_channels", -1)) for k, v in mapping.items()}
     if got != want:
-        raise CheckpointError(f"{where}: latent_mapping {got} differs from the official {want}")
+        raise CheckpointError(f"{where}: latent_mapping {_short(got)} differs from the official {want}")
     shared = backbone.get("latent_share_transformer") or {}
     if list(shared.get("6drotation_normalized", [])) != [n for n, _ in POSE_LATENTS]:
-        raise CheckpointError(f"{where}: latent_share_transformer {shared} differs from the official pose stream")
+        raise CheckpointError(
+            f"{where}: latent_share_transformer {_short(shared)} differs from the official pose stream"
+        )
     if backbone.get("pe_mode", "ape") != "ape" or int(backbone.get("patch_size", 1)) != 1:
         raise CheckpointError(f"{where}: only pe_mode 'ape' with patch_size 1 is supported")
     return SSFlowConfig(
@@ -195,6 +291,7 @@ def flow_config(backbone: dict, where: str) -> SSFlowConfig:
     )
 
 
+@_fields_checked
 def decoder_config(data: dict, where: str) -> SSDecoderConfig:
     _check_target(data, "SparseStructureDecoderTdfyWrapper", where)
     if data.get("norm_type", "layer") != "layer":
@@ -208,6 +305,7 @@ def decoder_config(data: dict, where: str) -> SSDecoderConfig:
     )
 
 
+@_fields_checked
 def preprocess_config(pipeline: dict, where: str) -> PreprocessConfig:
     pre = _get(pipeline, "ss_preprocessor", where)
     resize = [t for t in _get(pre, "img_transform.transforms", where) if "Resize" in str(t.get("_target_"))]
@@ -246,6 +344,7 @@ def stage1_config_from_official(folder: Path) -> Stage1Config:
     return cfg
 
 
+@_fields_checked
 def slat_flow_config(backbone: dict, where: str) -> SLatFlowConfig:
     _check_target(backbone, "SLatFlowModelTdfyWrapper", where)
     if backbone.get("pe_mode", "ape") != "ape" or int(backbone.get("patch_size", 2)) != 2:
@@ -266,6 +365,7 @@ def slat_flow_config(backbone: dict, where: str) -> SLatFlowConfig:
     )
 
 
+@_fields_checked
 def _swin(data: dict, where: str) -> dict:
     if data.get("attn_mode", "swin") != "swin":
         raise CheckpointError(f"{where}: attn_mode {data.get('attn_mode')!r} unsupported (expected 'swin')")
@@ -280,6 +380,7 @@ def _swin(data: dict, where: str) -> dict:
     )
 
 
+@_fields_checked
 def gaussian_decoder_config(data: dict, where: str) -> SLatGaussianDecoderConfig:
     _check_target(data, "SLatGaussianDecoderTdfyWrapper", where)
     rep = data.get("representation_config") or {}
@@ -301,10 +402,69 @@ def gaussian_decoder_config(data: dict, where: str) -> SLatGaussianDecoderConfig
     )
 
 
+@_fields_checked
 def mesh_decoder_config(data: dict, where: str) -> SLatMeshDecoderConfig:
     _check_target(data, "SLatMeshDecoderTdfyWrapper", where)
     use_color = bool((data.get("representation_config") or {}).get("use_color", False))
     return SLatMeshDecoderConfig(**_swin(data, where), use_color=use_color)
+
+
+def encoder_files(folder: Path, name: str) -> tuple[Path, Path]:
+    """(YAML, weights) of encoder `name` ("ss_encoder" | "slat_encoder"): pipeline.yaml's `<name>_config_path` /
+    `<name>_ckpt_path` where it names them, else `<name>.yaml` and `<name>.ckpt` (or a non-empty
+    `<name>.safetensors` when the .ckpt is absent or empty; the official loader reads either)."""
+    pipeline = {}
+    if (folder / "pipeline.yaml").is_file():
+        pipeline = read_yaml(folder / "pipeline.yaml")
+    yaml_path = folder / str(pipeline.get(f"{name}_config_path") or f"{name}.yaml")
+    weights = folder / str(pipeline.get(f"{name}_ckpt_path") or f"{name}.ckpt")
+    alt = weights.with_suffix(".safetensors")
+    if (not weights.is_file() or weights.stat().st_size == 0) and alt.is_file() and alt.stat().st_size:
+        weights = alt
+    return yaml_path, weights
+
+
+def ss_encoder_config(data: dict, where: str) -> SSEncoderConfig:
+    _check_target(data, "SparseStructureEncoderTdfyWrapper", where)
+    if data.get("norm_type", "layer") != "layer":
+        raise CheckpointError(f"{where}: norm_type {data.get('norm_type')!r} unsupported (expected 'layer')")
+    return SSEncoderConfig(
+        in_channels=int(data.get("in_channels", 1)),
+        latent_channels=int(_get(data, "latent_channels", where)),
+        channels=tuple(int(c) for c in _get(data, "channels", where)),
+        num_res_blocks=int(_get(data, "num_res_blocks", where)),
+        num_res_blocks_middle=int(data.get("num_res_blocks_middle", 2)),
+    )
+
+
+def slat_encoder_config(data: dict, where: str) -> SLatEncoderConfig:
+    _check_target(data, "SLatEncoderTdfyWrapper", where)
+    if data.get("attn_mode", "swin") != "swin":
+        raise CheckpointError(f"{where}: attn_mode {data.get('attn_mode')!r} unsupported (expected 'swin')")
+    if data.get("pe_mode", "ape") != "ape" or data.get("qk_rms_norm", False):
+        raise CheckpointError(f"{where}: only pe_mode 'ape' without qk_rms_norm is supported")
+    width = int(_get(data, "model_channels", where))
+    return SLatEncoderConfig(
+        resolution=int(_get(data, "resolution", where)),
+        in_channels=int(_get(data, "in_channels", where)),
+        model_channels=width,
+        latent_channels=int(_get(data, "latent_channels", where)),
+        num_blocks=int(_get(data, "num_blocks", where)),
+        # the official default when the YAML gives no head count: 64 channels per head
+        num_heads=int(data.get("num_heads") or width // int(data.get("num_head_channels", 64))),
+        mlp_ratio=float(data.get("mlp_ratio", 4)),
+        window_size=int(data.get("window_size", 8)),
+    )
+
+
+def ss_encoder_config_from_official(folder: Path) -> SSEncoderConfig:
+    yaml_path, _ = encoder_files(folder, "ss_encoder")
+    return ss_encoder_config(read_yaml(yaml_path), yaml_path.name)
+
+
+def slat_encoder_config_from_official(folder: Path) -> SLatEncoderConfig:
+    yaml_path, _ = encoder_files(folder, "slat_encoder")
+    return slat_encoder_config(read_yaml(yaml_path), yaml_path.name)
 
 
 def stage2_config_from_official(folder: Path) -> Stage2Config:
@@ -352,40 +512,62 @@ def stage2_config_from_official(folder: Path) -> Stage2Config:
 
 
 def load_official_checkpoint(path: Path) -> dict:
-    """torch.load with weights_only=True (never unpickles code) and mmap (no RAM copy of 6 GB files)."""
+    """torch.load with weights_only=True (never unpickles code) and mmap (no RAM copy of 6 GB files); a
+    `.safetensors` file (offered for the encoders) through safetensors."""
     if not path.is_file():
         raise CheckpointError(f"missing {path.name} in {path.parent}; {WHERE_TO_GET}")
+    if path.suffix == ".safetensors":  # tensors only by design (the official loader accepts these too)
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises SafetensorError or OSError on a damaged file
+            raise CheckpointError(f"{path} cannot be read ({e}); it is corrupt or truncated: re-download it") from None
     if not zipfile.is_zipfile(path):
         raise CheckpointError(
             f"{path} ({path.stat().st_size} bytes) is truncated or not a PyTorch checkpoint "
             f"(no zip central directory); re-download it ({WHERE_TO_GET})"
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError or zip errors
-        text = str(e)
-        if "Weights only load failed" in text or "Unsupported global" in text:
+        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, KeyError or zip errors
+        why = torch_load_refusal(path, e)
+        if "could run code" in why:
             raise CheckpointError(
                 f"{path} contains pickled objects other than tensors (possible code); refusing to load it. "
                 f"Use the official file from {HF_REPO}"
             ) from None
+        raise CheckpointError(f"{path.parent}/{why} Re-download it ({WHERE_TO_GET})") from None
+    if not isinstance(raw, dict):
         raise CheckpointError(
-            f"{path} cannot be read ({text.splitlines()[0]}); it is corrupt or truncated: re-download it"
-        ) from None
+            f"{path} holds a {type(raw).__name__}, not a dict of tensors; is this the official {path.name}? "
+            "Re-download it"
+        )
+    return raw
 
 
-def convert_state_dict(raw: dict, component: Component, path: Path) -> dict[str, torch.Tensor]:
-    """Select the component's tensors by official prefix and rename them to our prefix."""
+def state_dict_of(raw: dict, component: Component, path: Path) -> dict:
+    """The component's state dict inside a loaded checkpoint: `raw[state_dict_key]`, or `raw` for flat files."""
     if component.state_dict_key is not None:
         if not isinstance(raw, dict) or component.state_dict_key not in raw:
-            keys = list(raw)[:5] if isinstance(raw, dict) else type(raw).__name__
+            keys = _short(list(raw)[:5]) if isinstance(raw, dict) else type(raw).__name__
             raise CheckpointError(
                 f"{path}: no {component.state_dict_key!r} entry (found {keys}); "
                 f"is this the official {component.name}.ckpt?"
             )
         raw = raw[component.state_dict_key]
+    if not isinstance(raw, dict):
+        kind = type(raw).__name__
+        raise CheckpointError(f"{path}: the state dict is a {kind}, not a dict of tensors; re-download it")
+    return raw
+
+
+def convert_state_dict(raw: dict, component: Component, path: Path) -> dict[str, torch.Tensor]:
+    """Select the component's tensors by official prefix and rename them to our prefix."""
     out: dict[str, torch.Tensor] = {}
-    for key, value in raw.items():
+    for key, value in state_dict_of(raw, component, path).items():
+        if not isinstance(key, str):
+            raise CheckpointError(
+                f"{path}: entry {_short(key)} has a key of type {type(key).__name__}, not a tensor name; re-download it"
+            )
         for official, ours in component.prefixes:
             if key.startswith(official):
                 if not isinstance(value, torch.Tensor):

@@ -102,14 +102,6 @@ def check_camera(cam: dict) -> dict:
     return cam
 
 
-def project_camera_space(point_cam: Sequence[float], K: Sequence[Sequence[float]]) -> tuple[float, float]:
-    """A point in Blender's camera-object frame (looking down -Z, +Y up) -> photo pixels (x right, y down)."""
-    x, y, z = point_cam
-    if z >= 0:
-        raise ValueError(f"point {tuple(point_cam)} is behind the camera (camera looks down -Z)")
-    return K[0][2] + K[0][0] * x / -z, K[1][2] - K[1][1] * y / -z
-
-
 def region_to_photo(mx: float, my: float, frame: Sequence[float], width: int, height: int) -> tuple[float, float]:
     """A mouse position in region pixels (y up) -> photo pixels (y down), given where the photo is drawn:
     frame = (left, bottom, right, top) in region pixels."""

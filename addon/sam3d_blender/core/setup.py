@@ -68,7 +68,17 @@ def find_worker_python(addon_dir: str | None = None, environ: dict | None = None
     exe = shutil.which("sam3d", path=env.get("PATH"))
     if exe:
         add(_shebang_python(exe), f"the sam3d command ({exe})")
+    add(_private_env_python(env), "the worker environment made at first run")
     return out
+
+
+def _private_env_python(env) -> str | None:
+    """The environment the first-run setup made (worker_client/installer.py), when there is one."""
+    try:
+        from ..worker_client import installer  # vendored by addon/build.py
+    except ImportError:
+        return None
+    return installer.installed_python(installer.default_target(env))
 
 
 def worker_command(python: str, model: str = "", device: str = "") -> list[str]:

@@ -1,13 +1,21 @@
-"""The add-on's bpy-free parts: scene files, the preference log, setup detection, photo <-> region mapping."""
+"""The add-on's bpy-free parts: scene files, the preference log, setup detection, photo <-> region mapping.
+
+They are stdlib only, so they run here in the main suite (no Blender); the bpy parts run in tests/blender.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import stat
+import sys
+from pathlib import Path
 
 import pytest
-from conftest import ROOT
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "addon"))
+
 from sam3d_blender.core import preflog, setup
 from sam3d_blender.core.camera import (
     blender_camera_from_K,
@@ -197,11 +205,3 @@ def test_setup_report_lists_gpu_weights_and_worker(tmp_path):
     assert "GPU: H100, 80 GB (70 GB free)" in text and "official (3.0 GB)" in text and "sam3d 0.1.0" in text
     empty = "\n".join(setup.setup_report("", {}, None, [], ""))
     assert "not found" in empty and "sam3d weights import" in empty
-
-
-def test_vendored_client_is_the_worker_client():
-    from sam3d_blender.worker_client import client, protocol
-
-    src = (ROOT / "sam3d_core" / "serve" / "protocol.py").read_text()
-    assert protocol.PROTOCOL_VERSION == int(src.split("PROTOCOL_VERSION = ")[1].split()[0])
-    assert client.WorkerClient.__module__.endswith("worker_client.client")
