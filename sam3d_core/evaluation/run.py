@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sam3d_core.data.benchmark import OCCLUSION_LEVELS as _BENCH_LEVELS
 from sam3d_core.data.sample import Sample, SampleDataset, read_manifest
 from sam3d_core.evaluation import baselines
 from sam3d_core.evaluation.metrics import EMD_POINTS, layout_metrics, shape_metrics
@@ -46,12 +47,21 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("add_s", "ADD-S", "lower"),
     ("add_s_01", "ADD-S@0.1", "higher"),
 )
+
+
+def _labelled_levels() -> tuple[tuple[str, float], ...]:
+    """The render-paste benchmark's occlusion bins (data/benchmark.py: (upper bound, name)), labelled with their
+    bounds: (("none (<5%)", 0.05), ("low (5%-30%)", 0.3), ...)."""
+    out, lower = [], 0.0
+    for upper, name in _BENCH_LEVELS:
+        span = f"<{upper:.0%}" if lower == 0 else f">={lower:.0%}" if upper > 1 else f"{lower:.0%}-{upper:.0%}"
+        out.append((f"{name} ({span})", upper))
+        lower = upper
+    return tuple(out)
+
+
 # Occlusion level of a sample: the first whose upper bound exceeds its hidden fraction.
-OCCLUSION_LEVELS: tuple[tuple[str, float], ...] = (
-    ("none (<5%)", 0.05),
-    ("partial (5-40%)", 0.40),
-    ("heavy (>=40%)", 2.0),
-)
+OCCLUSION_LEVELS = _labelled_levels()
 
 # progress(model, done, total, failed, message): message is the failure of the sample just done, else None
 Progress = Callable[[str, int, int, int, "str | None"], None]
