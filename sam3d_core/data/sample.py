@@ -54,8 +54,10 @@ class Sample:
     photo [H, W, 3] uint8 RGB; mask [H, W] bool (visible pixels); amodal_mask [H, W] bool or None (the whole
     object, occluded parts included); K [3, 3] float64 OpenCV pixel intrinsics; rotation [3, 3] (row-vector,
     `Pose.rotation`), translation [3], scale [3]: local -> PyTorch3D camera; pointmap [H, W, 3] float32 in the
-    PyTorch3D camera frame or None; occupancy [N, 3] int voxel indices on the 64^3 grid (surface or solid,
-    see `info["occupancy"]`); ss_latent [8, 16, 16, 16] float32 (the stage-1 shape latent) or None;
+    PyTorch3D camera frame (NaN: no surface
+    there) or None; occupancy [N, 3] int voxel indices on the 64^3 grid (surface or solid,
+    see `info["occupancy"]`); ss_latent [C, R, R, R] float32 (the stage-1 shape latent:
+    [8, 16, 16, 16] officially, [8, 8, 8, 8] for our default model) or None;
     slat_coords [M, 3] int + slat_feats [M, 8] float32 (the stage-2 structured latent) or None;
     surface_points [P, 3] float32 points on the true surface in the local frame (evaluation) or None;
     rejected: for preference pairs (DPO), the rejected alternative's targets, a dict with any of the keys
@@ -103,9 +105,13 @@ class Sample:
         if occ.size and (occ.min() < 0 or occ.max() >= GRID):
             raise SampleError(f"sample {self.sample_id}: occupancy indices must lie in 0..{GRID - 1}")
         if self.pointmap is not None:
-            _shape(self.pointmap, "pointmap", (h, w, 3), np.float32)
+            _shape(self.pointmap, "pointmap", (h, w, 3), np.float32, allow_nan=True)
         if self.ss_latent is not None:
-            _shape(self.ss_latent, "ss_latent", (8, 16, 16, 16), np.float32)
+            lat = _shape(self.ss_latent, "ss_latent", (None, None, None, None), np.float32)
+            if not lat.shape[1] == lat.shape[2] == lat.shape[3]:
+                raise SampleError(
+                    f"ss_latent: got shape {lat.shape}, expected [C, R, R, R] (officially [8, 16, 16, 16])"
+                )
         if (self.slat_coords is None) != (self.slat_feats is None):
             raise SampleError(f"sample {self.sample_id}: slat_coords and slat_feats come together")
         if self.slat_coords is not None:
@@ -154,15 +160,15 @@ class Sample:
         return frames.pose_matrix(self.rotation, self.translation, self.scale)
 
 
-def _shape(a: Any, name: str, shape: tuple, dtype) -> np.ndarray:
+def _shape(a: Any, name: str, shape: tuple, dtype, allow_nan: bool = False) -> np.ndarray:
     if not isinstance(a, np.ndarray):
         raise SampleError(f"{name}: got {type(a).__name__}, expected a numpy array of shape {shape}")
     if a.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, a.shape, strict=True)):
         raise SampleError(f"{name}: got shape {a.shape}, expected {shape} (None = any)")
     if dtype is not None and a.dtype != dtype:
         raise SampleError(f"{name}: got dtype {a.dtype}, expected {np.dtype(dtype)}")
-    if a.dtype.kind == "f" and not np.isfinite(a).all():
-        raise SampleError(f"{name}: holds NaN or infinite values")
+    if a.dtype.kind == "f" and not (np.isfinite(a) | (allow_nan & np.isnan(a))).all():
+        raise SampleError(f"{name}: holds {'infinite' if allow_nan else 'NaN or infinite'} values")
     return a
 
 
