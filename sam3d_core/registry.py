@@ -45,6 +45,17 @@ STAGE1_PRESETS: dict[str, Stage1Config] = {
         preprocess=PreprocessConfig(image_size=224),
         sampler=SamplerConfig(steps=16, cfg_strength=2.0),
     ),
+    # The default model's layout (8^3 x 8 latent, four decoder levels) at test size, for CPU tests of its training.
+    "default-tiny": Stage1Config(
+        condition=ConditionConfig(
+            dino=DinoConfig(image_size=70, embed_dim=64, depth=2, num_heads=2),
+            pointmap=PointmapEmbedConfig(input_size=40, patch_size=8, embed_dim=32),
+        ),
+        flow=SSFlowConfig(model_channels=64, cond_channels=64, num_blocks=2, num_heads=2, resolution=8),
+        decoder=SSDecoderConfig(channels=(16, 8, 8, 8), num_res_blocks=1, num_res_blocks_middle=1),
+        preprocess=PreprocessConfig(image_size=70),
+        sampler=SamplerConfig(steps=4, cfg_strength=2.0),
+    ),
 }
 
 

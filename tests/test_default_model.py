@@ -70,8 +70,8 @@ def make_pack(folder, n_bg: int = 2):
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory):
     p = make_pack(tmp_path_factory.mktemp("pack"))
-    c = 8  # the tiny preset's latent grid: [8, 16, 16, 16]
-    p.save_latents(np.random.default_rng(1).normal(size=(len(p), c, 16, 16, 16)).astype(np.float32), {"test": True})
+    # the default model's latent grid: [8, 8, 8, 8]
+    p.save_latents(np.random.default_rng(1).normal(size=(len(p), 8, 8, 8, 8)).astype(np.float32), {"test": True})
     return RenderPack.load(p.folder)
 
 
@@ -86,7 +86,7 @@ def test_pack_round_trip_keeps_meshes_occupancy_and_backgrounds(pack):
     expect[tuple(voxelize(box.vertices, box.faces).T)] = True
     assert occ.shape == (GRID,) * 3 and (occ == expect).all()
     assert pack.background(1).shape == (48, 64, 3)
-    assert pack.latents.shape == (3, 8, 16, 16, 16)
+    assert pack.latents.shape == (3, 8, 8, 8, 8)
 
 
 def test_a_pack_without_latents_cannot_train_and_says_how_to_get_them(tmp_path):
@@ -195,7 +195,7 @@ def trained(tmp_path_factory, pack):
     shutil.copytree(pack.folder, folder)
     (folder / "latents.npy").unlink()  # the run encodes its own
     plan = DefaultPlan(
-        pack=str(folder), out=str(root / "run"), preset="tiny", device="cpu", workers=0, vae_steps=2,
+        pack=str(folder), out=str(root / "run"), preset="default-tiny", device="cpu", workers=0, vae_steps=2,
         vae_batch=1, steps=3, batch_size=2, warmup_steps=1, save_every=1, max_file_bytes=600_000,
     )  # fmt: skip
     logs: list[str] = []
@@ -213,7 +213,7 @@ def test_train_default_pauses_resumes_and_exports_a_loadable_split_fp16_model(tr
     assert second["status"] == "done"
     out = root / "run" / "default"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["storage_dtype"] == "float16" and "ss_encoder" in manifest["stages"]
+    assert manifest["storage_dtype"] == "float16" and manifest["stages"] == ["stage1"]
     assert not verify_folder(out)
     sizes = [r["bytes"] for n, r in manifest["files"].items() if n.endswith(".safetensors")]
     assert max(sizes) <= 600_000 and any("-of-" in n for n in manifest["files"])

@@ -25,10 +25,12 @@ def cmd_train_default(args: argparse.Namespace) -> int:
         seed=args.seed,
         vae_steps=args.vae_steps,
         vae_batch=args.vae_batch,
+        vae_minutes=args.vae_minutes,
         flow_minutes=args.flow_minutes,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        one_call=args.one_call,
     )
     result = run(plan, log=lambda s: print(s, file=sys.stderr, flush=True), progress=ProgressBar())
     print(f"{result['status']}: " + ", ".join(f"{k} {v}" for k, v in result.items() if k != "status"))
@@ -45,6 +47,7 @@ def add_train_default_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-minutes", type=float, default=0.0, help="time box of the VAE phase (0: --vae-steps)")
     p.add_argument(
         "--flow-minutes", type=float, default=15.0,
         help="training time of the flow model: the first call measures its steps per second and fixes the number of "
@@ -53,5 +56,6 @@ def add_train_default_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=0, help="flow-model optimizer steps (0: from --flow-minutes)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--one-call", action="store_true", help="end and export within --minutes (no later call)")
     p.set_defaults(func=cmd_train_default)
     return p

@@ -37,6 +37,7 @@ class FitConfig:
     eval_every: int = 250
     resolution: int = 64  # occupancy grid side
     seed: int = 0
+    max_seconds: float = 0.0  # stop after this long (0 = no limit): a time-boxed run on a lent GPU
 
 
 @dataclass
@@ -118,7 +119,12 @@ def fit_ss_encoder(
     gen = torch.Generator().manual_seed(cfg.seed)
     result = FitResult(steps=0, iou=decoded_iou(encoder, decoder, held_out, cfg.resolution), reached=False)
     result.history.append((0, float("nan"), result.iou))
+    import time
+
+    t0 = time.perf_counter()
     for step in range(1, cfg.max_steps + 1):
+        if cfg.max_seconds and time.perf_counter() - t0 > cfg.max_seconds and step > 1:
+            break
         pick = torch.randint(len(train), (cfg.batch_size,), generator=gen).tolist()
         x = _grids([train[i] for i in pick], cfg.resolution, device)  # [B, 1, R, R, R]
         mean, logvar = encoder(x)  # [B, C, r, r, r] each

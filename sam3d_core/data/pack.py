@@ -43,6 +43,7 @@ BACKGROUND_SIDE = 384  # longest side of the stored background photos
 # Training views follow the benchmark's scene ranges (data/benchmark.py) at a smaller size; the crop the model
 # sees is resized to its input size anyway.
 VIEW_SIZE = 384
+MIN_MASK_FRACTION = 0.002  # the render-paste recipe's minimum visible area (data/synth.py)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -436,18 +437,20 @@ class RenderPackDataset:
         for j in rng.choice(self.objects, size=min(3, n), replace=False):
             if int(j) != obj:
                 others.append((self.pack.meta["objects"][int(j)]["name"], self._render_mesh(int(j)), 1.0))
-        for attempt in range(4):
+        for attempt in range(8):  # a view whose target is (nearly) hidden is drawn again, deterministically
             scene = sample_scene(rng, self._render_mesh(obj), meta["size_m"], others, cfg)
             bg = self.pack.background(int(rng.integers(0, self.pack.num_backgrounds)))
             try:
                 view, info = render_scene(scene, rng, others, background_crop(rng, bg, s.size, s.size), cfg)
-                break
             except ValueError:
-                if attempt == 3:
-                    raise
-        mask = view.mask
-        if rng.uniform() < s.p_mask_noise:
-            mask, _ = mask_noise(mask, rng)
+                continue
+            mask = view.mask
+            if rng.uniform() < s.p_mask_noise:
+                mask, _ = mask_noise(mask, rng)
+            if _usable(mask):
+                break
+        else:
+            raise ValueError(f"pack object {obj}: no usable view in 8 draws (index {index})")
         if rng.uniform() < s.p_flat_pointmap:
             fov = 2 * math.degrees(math.atan(s.size / 2 / scene.K[0, 0]))
             pointmap = fallback_pointmap(s.size, s.size, fov)[0].astype(np.float32)
@@ -478,6 +481,14 @@ class RenderPackDataset:
             "samples": "rendered on the fly",
             "licences": self.pack.meta["licences"],
         }
+
+
+def _usable(mask: np.ndarray) -> bool:
+    """A mask the stage-1 preprocessing accepts and that shows enough: >= 0.2 % of the image, a box >= 8 px."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) < MIN_MASK_FRACTION * mask.size:
+        return False
+    return ys.max() - ys.min() >= 8 and xs.max() - xs.min() >= 8
 
 
 def is_pack(folder: str | Path) -> bool:

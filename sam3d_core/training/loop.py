@@ -333,23 +333,35 @@ def _oom_message(model, batch, draws, device, cfg, d, micro: int, footprint: mem
 
 
 def train(
-    config: TrainConfig, *, resume: bool = False, progress: Progress | None = None, stop_after_s: float | None = None
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: Progress | None = None,
+    stop_after_s: float | None = None,
+    end_after_s: float | None = None,
 ) -> TrainResult:
     """Run the training `config` describes (also under torchrun); returns where the weights went.
 
     `stop_after_s`: leave after the first step that ends this many seconds after the call began, with a checkpoint
     of that step (result.paused; no export): a run split over several time-limited sessions, each resuming.
+    `end_after_s`: end the run after the first step that ends this many seconds after the call began, and export
+    the weights of that step (a time-boxed run; the model card records the steps done).
     """
     cfg = config.check()
     d = distributed.init(cfg.device)
     try:
-        return _train(cfg, d, resume, progress, stop_after_s)
+        return _train(cfg, d, resume, progress, stop_after_s, end_after_s)
     finally:
         distributed.shutdown(d)
 
 
 def _train(
-    cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: Progress | None, stop_after_s: float | None = None
+    cfg: TrainConfig,
+    d: distributed.Dist,
+    resume: bool,
+    progress: Progress | None,
+    stop_after_s: float | None = None,
+    end_after_s: float | None = None,
 ) -> TrainResult:
     t_call = time.perf_counter()
     # 1. the configuration against this launch, and the run folder
@@ -531,12 +543,19 @@ def _train(
                 metrics.write({"event": "paused", "step": done, "elapsed_s": elapsed})
                 metrics.close()
                 return TrainResult(None, done, loss_value, run, paused=True)
+        if end_after_s is not None and done < cfg.steps:
+            if distributed.broadcast_object(time.perf_counter() - t_call >= end_after_s, d):
+                if not saved:
+                    save(done)
+                metrics.write({"event": "ended", "step": done, "planned_steps": cfg.steps, "elapsed_s": elapsed})
+                break
 
     # 7. export
-    weights = _export(cfg, model, ema, base, run, d, train_ds_info(cfg), cfg.steps, elapsed, last)
-    metrics.write({"event": "done", "step": cfg.steps, "weights": str(weights) if weights else None})
+    done = step + 1 if cfg.steps > start else start
+    weights = _export(cfg, model, ema, base, run, d, train_ds_info(cfg), done, elapsed, last)
+    metrics.write({"event": "done", "step": done, "weights": str(weights) if weights else None})
     metrics.close()
-    return TrainResult(weights, cfg.steps, loss_value, run)
+    return TrainResult(weights, done, loss_value, run)
 
 
 @torch.no_grad()
