@@ -1,6 +1,7 @@
-"""`sam3d data captures|assets|preferences|benchmark`: build training / evaluation samples (docs/data.md).
+"""`sam3d data captures|assets|preferences|benchmark|pack`: build training / evaluation samples (docs/data.md).
 
-Each command writes a sample folder (dataset.json + safetensors shards) into a new or empty --out folder,
+Each command writes a sample folder (dataset.json + safetensors shards; `pack`: a render pack, data/pack.py) into a
+new or empty --out folder,
 skips bad inputs with a one-line reason and a count, and prints the summary. Exit code 0 when samples were
 written, 1 when every input was skipped, 2 for a usage error (bad folder, non-empty --out, ...).
 """
@@ -128,6 +129,22 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return _finish(report, args.out)
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    _threads(args)
+    from sam3d_core.data.pack import build_furniture_pack
+
+    report = build_furniture_pack(
+        args.out,
+        cache=args.cache,
+        manifest=args.heldout,
+        max_faces=args.max_faces,
+        limit=args.limit,
+        log=lambda s: print(s, file=sys.stderr),
+        progress=_progress("pack"),
+    )
+    return _finish(report, args.out)
+
+
 def _threads(args: argparse.Namespace) -> None:
     # The renderer's many small tensor ops run faster on one thread than on several fighting for a busy CPU
     # (4.4 vs 0.3 views/s at 518^2 on a loaded 2-core machine); run builds side by side for more cores.
@@ -190,3 +207,11 @@ def add_data_parser(subparsers) -> None:
     b.add_argument("--limit", type=int, default=None, help="stop after N samples")
     b.add_argument("--device", default="cpu")
     b.set_defaults(func=cmd_benchmark)
+
+    k = sub.add_parser("pack", help="the training furniture (benchmark objects refused) as a render pack")
+    _common(k, mesh=False)
+    k.add_argument("--cache", default=None, help="where the downloaded packages go (default ~/.cache/sam3d)")
+    k.add_argument("--heldout", default=None, help="default: the repository's assets/benchmark/manifest.json")
+    k.add_argument("--max-faces", type=int, default=2500, help="render-mesh faces per object (decimated)")
+    k.add_argument("--limit", type=int, default=None, help="only the first N candidate pieces")
+    k.set_defaults(func=cmd_pack)

@@ -14,6 +14,7 @@ from sam3d_core.cli.reconstruct import add_reconstruct_parsers
 from sam3d_core.cli.segment import add_segment_parser
 from sam3d_core.cli.serve import add_serve_parser
 from sam3d_core.cli.train import add_train_parser
+from sam3d_core.cli.train_default import add_train_default_parser
 from sam3d_core.cli.weights import add_weights_parser
 from sam3d_core.export.output import OutputError, os_error_message
 from sam3d_core.inputs.imageio import InputError
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_eval_parser(sub)
     add_train_parser(sub)
+    add_train_default_parser(sub)
     add_batch_parser(sub)
     return p
 

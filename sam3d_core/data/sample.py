@@ -66,8 +66,9 @@ class Sample:
     object, occluded parts included); K [3, 3] float64 OpenCV pixel intrinsics; rotation [3, 3] (row-vector,
     `Pose.rotation`), translation [3], scale [3]: local -> PyTorch3D camera; pointmap [H, W, 3] float32 in the
     PyTorch3D camera frame (NaN = no surface at that pixel) or None; occupancy [N, 3] int voxel indices on the
-    64^3 grid (surface or solid, see `info["occupancy"]`); ss_latent [8, 16, 16, 16] float32 (the stage-1 shape
-    latent) or None; slat_coords [M, 3] int + slat_feats [M, 8] float32 (the stage-2 structured latent) or None;
+    64^3 grid (surface or solid, see `info["occupancy"]`); ss_latent [C, R, R, R] float32 (the stage-1 shape
+    latent: [8, 16, 16, 16] officially, [8, 8, 8, 8] for our default model) or None;
+    slat_coords [M, 3] int + slat_feats [M, 8] float32 (the stage-2 structured latent) or None;
     surface_points [P, 3] float32 points on the true surface in the local frame (evaluation) or None;
     rejected: for preference pairs (DPO), the rejected alternative's targets, a dict with any of the keys
     REJECTED_KEYS (same shapes as the fields of those names); this sample's own targets are the chosen one.
@@ -116,7 +117,11 @@ class Sample:
         if self.pointmap is not None:
             _shape(self.pointmap, "pointmap", (h, w, 3), np.float32, allow_nan=True)
         if self.ss_latent is not None:
-            _shape(self.ss_latent, "ss_latent", (8, 16, 16, 16), np.float32)
+            lat = _shape(self.ss_latent, "ss_latent", (None, None, None, None), np.float32)
+            if not lat.shape[1] == lat.shape[2] == lat.shape[3]:
+                raise SampleError(
+                    f"ss_latent: got shape {lat.shape}, expected [C, R, R, R] (officially [8, 16, 16, 16])"
+                )
         if (self.slat_coords is None) != (self.slat_feats is None):
             raise SampleError(f"sample {self.sample_id}: slat_coords and slat_feats come together")
         if self.slat_coords is not None:

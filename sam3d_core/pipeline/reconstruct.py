@@ -280,12 +280,24 @@ class Pipeline:
         names = [m["name"] for m in hub.list_models()]
         if model is None and "official" in names and torch.device(device).type == "cuda":
             model = "official"
+        default_why = None
+        if model is None and hub.bundled_default_dir() is not None:
+            model = hub.DEFAULT_MODEL
+            default_why = "no imported weights" if not names else "no GPU for the official model (use --model official)"
         if model and model != "tiny":
             s1 = Stage1Pipeline.from_pretrained(model, device=device, compile=compile)
             if max_voxels:
                 s1.cfg = replace(s1.cfg, max_voxels=max_voxels)
-            s2 = Stage2Pipeline.from_pretrained(model, device=device) if stage2 else None
-            return cls(s1, s2, description=f"imported model {model!r}", low_vram=low_vram), f"imported model {model!r}"
+            has2 = hub.has_stage(model, "stage2")
+            s2 = Stage2Pipeline.from_pretrained(model, device=device) if stage2 and has2 else None
+            which = f"imported model {model!r}"
+            if model == hub.DEFAULT_MODEL and hub.resolve_model_dir(model) == hub.bundled_default_dir():
+                which = (
+                    "the bundled default model (ours, small, trained on furniture; texture projected from the photo"
+                    + (f"; {default_why}: `sam3d weights import` for SAM 3D" if default_why else "")
+                    + ")"
+                )
+            return cls(s1, s2, description=which, low_vram=low_vram), which
         why = (
             "asked for"
             if model == "tiny"

@@ -106,6 +106,9 @@ class Stage1Pipeline:
         names = [m["name"] for m in hub.list_models()]
         if model is None and "official" in names and torch.cuda.is_available():
             model = "official"
+        if model is None and hub.bundled_default_dir() is not None:
+            pipe = cls.from_pretrained(hub.DEFAULT_MODEL, device=device, compile=compile)
+            return pipe, "the bundled default model (ours, small, trained on furniture)"
         if model and model != "tiny":
             return cls.from_pretrained(model, device=device, compile=compile), f"imported model {model!r}"
         why = "no imported weights" if not names else "no GPU for the official model (use --model official)"

@@ -177,9 +177,19 @@ class MicroBatches(torch.utils.data.Dataset):
         return self.collate([self.dataset[i] for i in idx])
 
 
-def open_dataset(folders: tuple[str, ...], what: str) -> SampleDataset:
-    """The SampleDataset of `folders` with an error that says which setting named them."""
+def open_dataset(folders: tuple[str, ...], what: str, seed: int = 0):
+    """The dataset of `folders` with an error that says which setting named them: a SampleDataset of sample
+    folders, or one render pack (`data.pack`: views rendered on the fly, deterministic in `seed` and the index)."""
+    from sam3d_core.data.pack import RenderPack, RenderPackDataset, is_pack
+
+    packs = [f for f in folders if is_pack(f)]
     try:
+        if packs:
+            if len(folders) != 1:
+                raise SampleError(
+                    f"a render pack ({packs[0]}) trains alone: list it as the only entry (got {len(folders)} folders)"
+                )
+            return RenderPackDataset(RenderPack.load(packs[0]), seed=seed)
         return SampleDataset(*folders)
     except SampleError as e:
         raise SampleError(f"{what}: {e}") from None

@@ -61,6 +61,7 @@ class TrainResult:
     steps: int
     loss: float  # the last step's loss
     run_dir: Path
+    paused: bool = False  # stopped at `stop_after_s` with a checkpoint: call again with resume=True to go on
 
 
 # --- 1. the run folder ---------------------------------------------------------------------------------
@@ -331,17 +332,26 @@ def _oom_message(model, batch, draws, device, cfg, d, micro: int, footprint: mem
 # --- the loop ------------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: Progress | None = None) -> TrainResult:
-    """Run the training `config` describes (also under torchrun); returns where the weights went."""
+def train(
+    config: TrainConfig, *, resume: bool = False, progress: Progress | None = None, stop_after_s: float | None = None
+) -> TrainResult:
+    """Run the training `config` describes (also under torchrun); returns where the weights went.
+
+    `stop_after_s`: leave after the first step that ends this many seconds after the call began, with a checkpoint
+    of that step (result.paused; no export): a run split over several time-limited sessions, each resuming.
+    """
     cfg = config.check()
     d = distributed.init(cfg.device)
     try:
-        return _train(cfg, d, resume, progress)
+        return _train(cfg, d, resume, progress, stop_after_s)
     finally:
         distributed.shutdown(d)
 
 
-def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: Progress | None) -> TrainResult:
+def _train(
+    cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: Progress | None, stop_after_s: float | None = None
+) -> TrainResult:
+    t_call = time.perf_counter()
     # 1. the configuration against this launch, and the run folder
     micro = cfg.micro_batch or max(1, cfg.batch_size // d.world)
     if cfg.batch_size % (micro * d.world):
@@ -358,8 +368,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: Progre
     torch.manual_seed(cfg.seed * 1000 + d.rank)  # DDP then copies rank 0's initial weights to the others
 
     # 2. data (the first sample is converted now: a missing target fails before the model loads)
-    train_ds = open_dataset(cfg.data, "data")
-    val_ds = open_dataset(cfg.val_data, "val_data") if cfg.val_data else None
+    train_ds = open_dataset(cfg.data, "data", cfg.seed)
+    val_ds = open_dataset(cfg.val_data, "val_data", cfg.seed + 1) if cfg.val_data else None
     stage_model, base = load_base(cfg)
     collate = Collate(stage_model.cfg, cfg.stage, pairs=cfg.objective == "dpo")
     collate([train_ds[0]])
@@ -396,8 +406,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: Progre
     if ckpt is not None:
         state, trainable, ema_state, opt_state, restore_rng = checkpoint.load(ckpt, signature)
         set_model_state_dict(model, trainable, options=StateDictOptions(full_state_dict=True, strict=False))
+        # strict=False: a trained tensor that never got a gradient (DINO's unused mask token) has no AdamW state
         set_optimizer_state_dict(
-            model, optimizer, opt_state["optimizer"], options=StateDictOptions(full_state_dict=True)
+            model, optimizer, opt_state["optimizer"], options=StateDictOptions(full_state_dict=True, strict=False)
         )
         scheduler.load_state_dict(opt_state["scheduler"])
         if ema is not None and ema_state is not None:
@@ -509,8 +520,17 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: Progre
             metrics.write({"step": done, "val_loss": last["val_loss"]})
         if cfg.eval_every and done % cfg.eval_every == 0:
             last.update(_evaluate(cfg, model, ema, base, run, d, metrics, done))
-        if done % cfg.save_every == 0 or done == cfg.steps:
+        saved = done % cfg.save_every == 0 or done == cfg.steps
+        if saved:
             save(done)
+        if stop_after_s is not None and done < cfg.steps:
+            out_of_time = time.perf_counter() - t_call >= stop_after_s
+            if distributed.broadcast_object(out_of_time, d):  # every rank stops at the same step
+                if not saved:
+                    save(done)
+                metrics.write({"event": "paused", "step": done, "elapsed_s": elapsed})
+                metrics.close()
+                return TrainResult(None, done, loss_value, run, paused=True)
 
     # 7. export
     weights = _export(cfg, model, ema, base, run, d, train_ds_info(cfg), cfg.steps, elapsed, last)
@@ -536,8 +556,14 @@ def _validate(model, obj, val_ds, collate, cfg: TrainConfig, d: distributed.Dist
 
 
 def train_ds_info(cfg: TrainConfig) -> list[dict]:
+    from sam3d_core.data.pack import is_pack
+
     out = []
     for folder in cfg.data:
+        if is_pack(folder):
+            meta = json.loads((Path(folder) / "pack.json").read_text())
+            out.append({"folder": str(folder), "samples": "rendered on the fly", "licences": meta.get("licences", {})})
+            continue
         try:
             m = read_manifest(folder)
         except SampleError:

@@ -292,9 +292,20 @@ def import_official(
     return ImportReport(name, root / name, counts[0], counts[1], counts[2], tuple(imported), tuple(notes))
 
 
+DEFAULT_MODEL = "default"
+
+
+def bundled_default_dir() -> Path | None:
+    """The default model shipped in the repository's assets/default (our own, trained from scratch by `sam3d
+    train-default`; docs/training.md), or None when this installation has none."""
+    folder = Path(__file__).resolve().parents[2] / "assets" / DEFAULT_MODEL
+    return folder if (folder / "manifest.json").is_file() else None
+
+
 def resolve_model_dir(name_or_path: str | Path) -> Path:
-    """An imported model's folder. A name (no path separator) is looked up only in the models folder; a path
-    (a Path, or text with a separator) is taken as the folder itself, for loading a model kept elsewhere."""
+    """An imported model's folder. A name (no path separator) is looked up only in the models folder (and
+    'default', when not imported, is the bundled default model); a path (a Path, or text with a separator) is
+    taken as the folder itself, for loading a model kept elsewhere."""
     is_path = isinstance(name_or_path, Path) or any(sep in str(name_or_path) for sep in ("/", "\\"))
     if is_path:
         folder = Path(name_or_path).expanduser()
@@ -302,6 +313,8 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     else:
         folder = models_dir() / check_model_name(name_or_path)
         where = str(models_dir())
+        if name_or_path == DEFAULT_MODEL and not (folder / "manifest.json").is_file() and bundled_default_dir():
+            folder = bundled_default_dir()
     if not (folder / "manifest.json").is_file():
         raise CheckpointError(
             f"no imported model {str(name_or_path)!r} (looked in {where}); "
@@ -365,11 +378,32 @@ def _load_stage_state(
     manifest = read_manifest(folder)
     cfg = load_json(cls, folder / f"{stage}.json")
     state: dict[str, torch.Tensor] = {}
+    names = []
     for comp in components:
-        state.update(load_file(str(folder / f"{comp.name}.safetensors")))
-    names = [f"{c.name}.safetensors" for c in components] + [f"{stage}.json"]
+        for fname in component_files(manifest, comp.name):
+            state.update(load_file(str(folder / fname)))
+            names.append(fname)
+    if manifest.get("storage_dtype") == "float16":  # shipped small (our default model): compute in float32
+        state = {k: v.float() if v.dtype == torch.float16 else v for k, v in state.items()}
+    names.append(f"{stage}.json")
     digest = hashlib.sha256("".join(manifest["files"][n]["sha256"] for n in names).encode())
     return cfg, state, digest.hexdigest()[:16]
+
+
+def component_files(manifest: dict, component: str) -> list[str]:
+    """The file(s) of one component: `NAME.safetensors`, or its parts `NAME-00001-of-0000N.safetensors` (files kept
+    under a size limit), in order. CheckpointError when neither is listed complete."""
+    files = manifest["files"]
+    if f"{component}.safetensors" in files:
+        return [f"{component}.safetensors"]
+    parts = sorted(f for f in files if f.startswith(f"{component}-") and f.endswith(".safetensors"))
+    n = len(parts)
+    if n and parts == [f"{component}-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]:
+        return parts
+    raise CheckpointError(
+        f"the model folder's manifest lists no complete {component} weights ({component}.safetensors or its "
+        "numbered parts); re-import or re-install the model"
+    )
 
 
 def load_stage1_state(model_dir: str | Path, check_hashes: bool = True) -> tuple[Stage1Config, dict, str]:

@@ -1,0 +1,57 @@
+"""`sam3d train-default`: train our default model from scratch (sam3d_core/training/default_model.py).
+
+sam3d data pack --out PACK
+sam3d train-default --pack PACK --out RUN --minutes 9      # repeat: each call resumes; the last one exports RUN/default
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "train the default model from scratch on a render pack, in resumable calls"
+
+
+def cmd_train_default(args: argparse.Namespace) -> int:
+    from sam3d_core.cli.train import ProgressBar
+    from sam3d_core.training.default_model import DefaultPlan, run
+
+    plan = DefaultPlan(
+        pack=args.pack,
+        out=args.out,
+        minutes=args.minutes,
+        device=args.device,
+        workers=args.workers,
+        seed=args.seed,
+        vae_steps=args.vae_steps,
+        vae_batch=args.vae_batch,
+        flow_minutes=args.flow_minutes,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+    )
+    result = run(plan, log=lambda s: print(s, file=sys.stderr, flush=True), progress=ProgressBar())
+    print(f"{result['status']}: " + ", ".join(f"{k} {v}" for k, v in result.items() if k != "status"))
+    return 0
+
+
+def add_train_default_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train-default", help=HELP, description=HELP + ". Guide: docs/training.md")
+    p.add_argument("--pack", required=True, help="a render pack (`sam3d data pack`)")
+    p.add_argument("--out", required=True, help="the run folder (created; a later call resumes in it)")
+    p.add_argument("--minutes", type=float, default=0.0, help="this call's time budget (0 = until done)")
+    p.add_argument("--device", default="", help="torch device (default: cuda when present)")
+    p.add_argument("--workers", type=int, default=-1, help="view-rendering processes (default: cores - 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=3000)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument(
+        "--flow-minutes", type=float, default=15.0,
+        help="training time of the flow model: the first call measures its steps per second and fixes the number of "
+        "steps (the learning-rate schedule's length) so that the run takes this long",
+    )  # fmt: skip
+    p.add_argument("--steps", type=int, default=0, help="flow-model optimizer steps (0: from --flow-minutes)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.set_defaults(func=cmd_train_default)
+    return p

