@@ -215,3 +215,17 @@ def test_hdr_environments_light_views_and_benchmark_hdrs_are_refused(library, tm
     assert report.skipped["held out (benchmark / reserved)"] == 1 and report.skipped["unreadable HDR"] == 1
     lights = [r["provenance"]["light"] for r in SampleDataset(tmp_path / "out").records()]
     assert len(lights) == 4 and all(light["hdr"] == "sky.exr" for light in lights)
+
+
+def test_stored_point_maps_are_nan_where_no_surface(library, tmp_path):
+    lib, bgs = library
+    settings = AssetSettings(views=2, seed=3, scene=SMALL, pointmap=True)
+    report = build_assets(lib, bgs, tmp_path / "out", settings, heldout=HeldOut())
+    assert report.written == 4
+    ds = SampleDataset(tmp_path / "out")
+    for i in range(len(ds)):
+        s = ds[i]
+        valid = np.isfinite(s.pointmap).all(-1)
+        # the object's pixels (or an occluder's in front of them) have a point; the pasted photo has NaN, not 0
+        assert valid[s.amodal_mask].all() and (~valid).sum() > 0 and np.isnan(s.pointmap[~valid]).all()
+        assert (s.pointmap[valid][:, 2] > 0).all()

@@ -8,6 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
+from scipy.spatial import cKDTree
 
 from sam3d_core.data.benchmark import (
     SOURCES,
@@ -45,7 +46,7 @@ def test_committed_manifest_is_small_complete_and_attributed():
 
 def test_committed_samples_are_exact_and_small():
     total = sum(p.stat().st_size for p in SAMPLES.iterdir())
-    assert total < 5_000_000
+    assert total < 2_000_000
     m = load_manifest()
     by_name = {o["name"]: o for o in m["objects"]}
     ds = SampleDataset(SAMPLES, verify=True)
@@ -66,6 +67,15 @@ def test_committed_samples_are_exact_and_small():
         grown = np.asarray(Image.fromarray(s.amodal_mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(3))) > 0
         assert grown[px[:, 1], px[:, 0]].mean() > 0.99
         assert s.surface_points.shape == (m["surface_points"], 3) and len(s.occupancy) > 100
+        # the point map: the nearest surface per pixel, NaN where none (all three coordinates at once)
+        valid = np.isfinite(s.pointmap).all(-1)
+        assert np.isnan(s.pointmap[~valid]).all() and valid[s.mask].all() and (~valid).sum() > h * w / 2
+        if s.provenance["mode"] == "alone":  # no occluder: the surface is the object's, exactly where it shows
+            np.testing.assert_array_equal(valid, s.mask)
+        # the visible pixels' points, taken back into the local frame, lie on the object's surface
+        local = ((s.pointmap[s.mask].astype(np.float64) - s.translation) @ s.rotation.T) / s.scale
+        gap = cKDTree(s.surface_points).query(local)[0]
+        assert np.median(gap) < 0.01 and np.quantile(gap, 0.99) < 0.03, (s.sample_id, np.quantile(gap, [0.5, 0.99]))
 
 
 def test_properties_reader_handles_escapes_and_continuations():
@@ -186,8 +196,17 @@ def test_build_is_reproducible_from_the_manifest(tmp_path):
     assert list(ds.records()) == list(again.records())
     for i in range(len(ds)):
         x, y = ds[i], again[i]
-        for f in ("photo", "mask", "amodal_mask", "occupancy", "surface_points"):
-            assert np.array_equal(getattr(x, f), getattr(y, f)), f
+        for f in ("photo", "mask", "amodal_mask", "occupancy", "surface_points", "pointmap"):
+            assert np.array_equal(getattr(x, f), getattr(y, f), equal_nan=True), f
+        # the stored point map is exact: on the visible pixels it lies on the box, to float precision (local
+        # frame: the box spans +-half of its extents, and a surface point has one coordinate at +-half)
+        local = ((x.pointmap[x.mask].astype(np.float64) - x.translation) @ x.rotation.T) / x.scale
+        half = np.abs(x.surface_points).max(0)
+        assert np.abs((np.abs(local) / half).max(1) - 1).max() < 1e-3, x.sample_id
+        no_surface = ~np.isfinite(x.pointmap).all(-1)
+        assert no_surface.any() and np.isnan(x.pointmap[no_surface]).all()  # NaN (not inf, not 0) on the photo
+        if x.provenance["mode"] == "alone":
+            np.testing.assert_array_equal(np.isfinite(x.pointmap).all(-1), x.mask)
     assert sorted({r["group"] for r in ds.records()}) == ["chair", "lamp"]
     assert {r["provenance"]["requested_mode"] for r in ds.records()} == {"alone", "occluded", "occluder"}
     # a changed source file is refused with a clear message, not rendered

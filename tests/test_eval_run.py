@@ -149,6 +149,7 @@ def test_bad_inputs_get_one_line_and_exit_code_2(dataset, tmp_path, capsys):
         ([dataset, "--out", tmp_path / "o5", "--model", "box,"], "names separated by commas"),
         ([dataset, "--out", tmp_path / "o6", "--model", "box", "--limit", "0"], "limit=0"),
         ([dataset, "--out", tmp_path / "o7", "--model", "box", "--points", "10"], "points=10"),
+        ([dataset, "--out", tmp_path / "o8", "--model", "box", "--workers", "0"], "--workers 0: expected at least 1"),
     ]
     for argv, message in cases:
         rc, _, stderr = _run(capsys, *argv)
@@ -156,7 +157,7 @@ def test_bad_inputs_get_one_line_and_exit_code_2(dataset, tmp_path, capsys):
         assert stderr.startswith("sam3d: error: ") and message in stderr, stderr
         assert stderr.count("\n") == 1, stderr  # one line, no traceback
     assert (busy / "mine.txt").read_text() == "keep me"
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 8))  # refused before the folder was made
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 9))  # refused before the folder was made
 
 
 def test_an_empty_dataset_is_refused(tmp_path, capsys):
@@ -164,3 +165,77 @@ def test_an_empty_dataset_is_refused(tmp_path, capsys):
         pass
     rc, _, stderr = _run(capsys, tmp_path / "empty", "--out", tmp_path / "o", "--model", "box")
     assert rc == 2 and "no samples in" in stderr
+
+
+def _without_timings(res: dict) -> list:
+    return [
+        (m["name"], m["failed"], m["aggregates"], [{k: v for k, v in r.items() if k != "seconds"} for r in rows])
+        for m in res["models"]
+        for rows in [m["samples"]]
+    ]
+
+
+def test_scoring_in_worker_processes_gives_the_same_results(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    flat = make_sample(4, "cylinder", rng, size=64)
+    flat.surface_points = np.tile(flat.surface_points[:1], (50, 1))  # every target point the same: scoring fails
+    with ShardWriter(tmp_path / "ds", samples_per_shard=3) as w:
+        for i, kind in enumerate(["box", "ellipsoid", "cylinder", "box"]):
+            w.add(make_sample(i, kind, rng, size=64, occluded=i == 3))
+        w.add(flat)
+    results = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        argv = [tmp_path / "ds", "--out", out, "--model", "box,oracle", "--workers", workers, *FAST]
+        rc, _, stderr = _run(capsys, *argv)
+        assert rc == 0, stderr
+        assert f"scored in {workers} process(es)" in stderr
+        results[workers] = json.loads((out / "results.json").read_text())
+        assert results[workers]["run"]["workers"] == workers
+        assert f"Scored in {workers} process" in (out / "results.md").read_text()
+    assert _without_timings(results[1]) == _without_timings(results[2])  # every metric, every row, in order
+    for m in results[2]["models"]:
+        assert [r["index"] for r in m["samples"]] == [0, 1, 2, 3, 4]
+        assert [r["status"] for r in m["samples"]] == ["ok"] * 4 + ["failed"]
+        assert (
+            m["samples"][4]["error"] == "score: ValueError: points: all points coincide; a shape needs an extent "
+            "to be normalised"
+        )
+        assert all(r["seconds"]["score"] >= 0 for r in m["samples"])
+    box = results[2]["models"][0]
+    assert box["aggregates"]["overall"]["n"] == 4 and box["samples"][0]["metrics"]["iou3d"] > 0.3
+
+
+def test_default_workers_are_the_usable_cores_minus_one(monkeypatch):
+    from sam3d_core.evaluation import run
+
+    for cores, want in ((1, 1), (2, 1), (16, 15)):
+        monkeypatch.setattr(run.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert run.default_workers() == want
+
+
+def test_the_model_is_given_the_samples_point_map(tmp_path, capsys):
+    """The committed render-paste excerpt: its point map (NaN off the object and its occluders) reaches stage 1,
+    whose normalisation is the median of the masked points; --no-pointmap gives the plane at unit distance."""
+    from sam3d_core.data.heldout import default_manifest
+    from sam3d_core.data.sample import SampleDataset
+
+    bench = default_manifest().parent / "samples"
+    sample = SampleDataset(bench)[0]
+    masked = sample.pointmap[sample.mask]  # [N, 3], all finite: every visible pixel has a surface
+    assert np.isfinite(masked).all() and np.isnan(sample.pointmap).any()
+    shifts = {}
+    for flag in ([], ["--no-pointmap"]):
+        out = tmp_path / ("plane" if flag else "pointmap")
+        argv = [bench, "--out", out, "--model", "tiny", "--limit", "1", "--steps", "1", "--workers", "1", *FAST]
+        rc, _, stderr = _run(capsys, *argv, *flag)
+        assert rc == 0, stderr
+        row = json.loads((out / "results.json").read_text())["models"][0]["samples"][0]
+        assert row["status"] == "ok", row.get("error")
+        shifts["plane" if flag else "pointmap"] = (row["prediction"]["pointmap"], row["prediction"]["pointmap_shift"])
+    source, shift = shifts["pointmap"]
+    assert source == "user"
+    assert shift == pytest.approx(np.median(masked, axis=0), abs=2e-3)  # metres, the object's own depth
+    assert shift[2] == pytest.approx(float(np.median(masked[:, 2])), abs=2e-3) and abs(shift[2] - 1.0) > 0.05
+    source, shift = shifts["plane"]
+    assert source == "fallback plane" and shift[2] == pytest.approx(1.0, abs=1e-6)

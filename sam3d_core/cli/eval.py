@@ -1,6 +1,6 @@
 """`sam3d eval`: score models and baselines on a folder of samples with the paper's metrics.
 
-    sam3d eval DATASET_DIR --out DIR [--model tiny,box,ellipsoid] [--limit N] [--stage2] [--points N]
+    sam3d eval DATASET_DIR --out DIR [--model tiny,box,ellipsoid] [--limit N] [--stage2] [--points N] [--workers N]
 
 Writes DIR/results.json (every sample, every metric, aggregates) and DIR/results.md (tables per model, object
 group and occlusion level); DIR must be new or empty. A sample that fails is listed and counted; the run goes on.
@@ -61,10 +61,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_voxels=args.max_voxels,
         device=args.device,
         limit=args.limit,
+        pointmap=not args.no_pointmap,
     )
     bar = EvalBar()
     try:
-        results, paths = run_eval(args.dataset, _models(args.model), args.out, settings, progress=bar)
+        results, paths = run_eval(
+            args.dataset, _models(args.model), args.out, settings, progress=bar, workers=args.workers
+        )
     finally:
         bar.close()
     for m in results["models"]:
@@ -74,6 +77,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     failed = sum(m["failed"] for m in results["models"])
     if failed:
         print(f"{failed} sample runs failed; their messages are in {paths[1]}", file=sys.stderr)
+    run = results["run"]
+    print(f"{run['seconds']:.0f} s, scored in {run['workers']} process(es)", file=sys.stderr)
     print("\n".join(str(p) for p in paths))
     return 0
 
@@ -96,4 +101,16 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 25)")
     p.add_argument("--max-voxels", type=int, default=None, help="cap on stage-1 voxels (default: the model's)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="scoring processes (default: usable cores - 1, at least 1); prediction stays in this process; "
+        "the results are the same for any count",
+    )
+    p.add_argument(
+        "--no-pointmap",
+        action="store_true",
+        help="give models the flat fallback plane instead of the samples' point maps (as a user without depth)",
+    )
     p.set_defaults(func=cmd_eval)

@@ -220,7 +220,10 @@ def render_sample(
         translation=np.asarray(t.translation, np.float64),
         scale=np.full(3, float(t.scale)),
         occupancy=prep.occupancy.copy(),  # own arrays per sample: a shard refuses tensors that share memory
-        pointmap=view_.pointmap.astype(np.float32) if settings.pointmap else None,
+        # NaN where no surface (the sample format's invalid point; preprocess skips NaN, a 0 would count)
+        pointmap=np.where(view_.coverage[..., None], view_.pointmap, np.nan).astype(np.float32)
+        if settings.pointmap
+        else None,
         **{k: v.copy() for k, v in prep.latents.items()},
         surface_points=pts,
         source=source,

@@ -18,7 +18,9 @@ Samples: 3 views per object at 518 x 518: view 0 with no occluder, views 1 and 2
 larger: projected radius 0.6..1.2 of the object's against 0.3..0.7, so that the occlusion levels spread)
 (visible fraction in [0.1, 0.9], appendix B.2.1); upright objects seen from 5..35 degrees of elevation, a
 40..60 degree field of view, K exact, pose exact, scale = the catalogue's real size (metres), exact visible
-and amodal masks (no mask noise), 8192 surface points and the 64^3 surface occupancy in the local frame. The
+and amodal masks (no mask noise), the point map (the renderer's nearest surface per pixel, occluders included, NaN
+where there is none: on the pasted photo; what `sam3d eval` gives a model, as the baselines get the true depth),
+8192 surface points and the 64^3 surface occupancy in the local frame. The
 per-sample seed is (manifest seed, object index, view): a rebuild gives the same samples.
 """
 
@@ -509,6 +511,9 @@ def _benchmark_sample(o, asset, mesh, size_m, occ, pts, v, mode, rng, occluders,
         rotation=np.asarray(t.rotation, np.float64),
         translation=np.asarray(t.translation, np.float64),
         scale=np.full(3, size_m),
+        # The point map a perfect depth sensor would give: the nearest surface per pixel (occluders included),
+        # NaN where there is none (the pasted photo); stored as depths along the pixel rays (data/sample.py).
+        pointmap=np.where(view.coverage[..., None], view.pointmap, np.nan).astype(np.float32),
         occupancy=occ.copy(),  # own arrays per sample: shared memory cannot go into one safetensors shard
         surface_points=pts.copy(),
         source="benchmark",

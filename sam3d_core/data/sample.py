@@ -2,7 +2,7 @@
 
 A dataset is a folder:
 
-    dataset.json                 {"format": "sam3d-samples", "version": 1, "shards": [{"file", "samples",
+    dataset.json                 {"format": "sam3d-samples", "version": 2, "shards": [{"file", "samples",
                                   "sha256", "bytes"}], "samples": N, "licences": {...}, "info": {...}}
     shard-00000.safetensors      up to `samples_per_shard` samples
     ...
@@ -11,6 +11,15 @@ Each shard is a safetensors file (no pickle: safe to read from anyone). Sample i
 under the prefix "i/" (e.g. "3/photo_png") and its JSON record (ids, pose, intrinsics, provenance, licence)
 in the file's metadata under the key "i". Photos and masks are stored PNG-encoded (uint8 byte tensors), so
 a 518 x 518 sample takes ~0.4 MB instead of ~1 MB.
+
+Point maps: NaN marks a pixel without a surface (all three coordinates; the official pipeline's "invalid point",
+which `pipeline.preprocess` skips in its scale / shift medians, while a 0 would count as a point at the camera).
+A point map whose every valid point lies on its pixel's ray through K (a rendered one, or one back-projected from
+a depth map) is stored as its rays' depths: the valid pixels as a PNG ("i/pointmap_valid_png") and their z, in
+row-major order, as float32 ("i/pointmap_z"); reading back-projects them through K at the pixel centres (points
+within POINTMAP_RAY_TOLERANCE of the original, relative to z; a 518 x 518 benchmark sample: ~0.1-0.3 MB instead
+of 3.2 MB). Any other point map is stored as is, [H, W, 3] float32 ("i/pointmap"). Version 2 added the depth form;
+version 1 folders read unchanged.
 
 Frames (see `geometry.frames`): the pose maps the object's local frame ([-0.5, 0.5]^3, z up) into the
 PyTorch3D camera frame of the photo, p_cam = (p_local * scale) @ R + t with row vectors (`Pose`); K is the
@@ -37,7 +46,9 @@ from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
 FORMAT = "sam3d-samples"
-VERSION = 1
+VERSION = 2  # 2: point maps may be stored as depths along the pixel rays (module doc)
+READABLE_VERSIONS = (1, 2)
+POINTMAP_RAY_TOLERANCE = 1e-4  # stored as depths when every point is this close to its ray (x z); renders: ~4e-6
 GRID = 64  # occupancy / SLAT grid resolution
 REJECTED_KEYS = ("ss_latent", "rotation", "translation", "scale", "slat_coords", "slat_feats")
 MANIFEST = "dataset.json"
@@ -54,10 +65,9 @@ class Sample:
     photo [H, W, 3] uint8 RGB; mask [H, W] bool (visible pixels); amodal_mask [H, W] bool or None (the whole
     object, occluded parts included); K [3, 3] float64 OpenCV pixel intrinsics; rotation [3, 3] (row-vector,
     `Pose.rotation`), translation [3], scale [3]: local -> PyTorch3D camera; pointmap [H, W, 3] float32 in the
-    PyTorch3D camera frame (NaN: no surface
-    there) or None; occupancy [N, 3] int voxel indices on the 64^3 grid (surface or solid,
-    see `info["occupancy"]`); ss_latent [C, R, R, R] float32 (the stage-1 shape latent:
-    [8, 16, 16, 16] officially, [8, 8, 8, 8] for our default model) or None;
+    PyTorch3D camera frame (NaN = no surface at that pixel) or None; occupancy [N, 3] int voxel indices on the
+    64^3 grid (surface or solid, see `info["occupancy"]`); ss_latent [C, R, R, R] float32 (the stage-1 shape
+    latent: [8, 16, 16, 16] officially, [8, 8, 8, 8] for our default model) or None;
     slat_coords [M, 3] int + slat_feats [M, 8] float32 (the stage-2 structured latent) or None;
     surface_points [P, 3] float32 points on the true surface in the local frame (evaluation) or None;
     rejected: for preference pairs (DPO), the rejected alternative's targets, a dict with any of the keys
@@ -188,6 +198,40 @@ def _unpng(t: torch.Tensor) -> np.ndarray:
         return np.asarray(im)
 
 
+def pixel_rays(height: int, width: int, K: np.ndarray) -> np.ndarray:
+    """[H, W, 3] float64 PyTorch3D camera-frame points at z = 1 on the rays through the pixel centres (i + 0.5):
+    K^-1 [u, v, 1] in OpenCV axes, x and y flipped (`frames`: PyTorch3D x left, y up)."""
+    u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)  # [H, W] each
+    pix = np.stack([u, v, np.ones_like(u)], axis=-1)  # [H, W, 3]
+    rays = pix @ np.linalg.inv(np.asarray(K, np.float64)).T  # OpenCV, z = K[2] row's 1
+    rays = rays / rays[..., 2:]
+    return rays * np.array([-1.0, -1.0, 1.0])
+
+
+def _pointmap_as_depth(pm: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(valid [H, W] bool, z [N] float32) when every valid point of `pm` lies on its pixel's ray (within
+    POINTMAP_RAY_TOLERANCE x z) in front of the camera and every other pixel is all-NaN; else None."""
+    valid = np.isfinite(pm).all(axis=-1)  # [H, W]
+    if not np.isnan(pm[~valid]).all():
+        return None  # a partly finite pixel: keep it as it is
+    z = pm[..., 2][valid].astype(np.float64)  # [N]
+    if not (z > 0).all():
+        return None
+    back = pixel_rays(*pm.shape[:2], K)[valid] * z[:, None]  # [N, 3]
+    if not (np.abs(back - pm[valid]) <= POINTMAP_RAY_TOLERANCE * z[:, None]).all():
+        return None
+    return valid, pm[..., 2][valid].astype(np.float32)
+
+
+def _pointmap_from_depth(valid: np.ndarray, z: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """Inverse of `_pointmap_as_depth` -> [H, W, 3] float32, NaN where `valid` is False."""
+    pm = np.full((*valid.shape, 3), np.nan, np.float32)
+    if len(z) != int(valid.sum()):
+        raise SampleError(f"pointmap_z holds {len(z)} depths for {int(valid.sum())} valid pixels; rebuild the dataset")
+    pm[valid] = pixel_rays(*valid.shape, K)[valid] * z.astype(np.float64)[:, None]
+    return pm
+
+
 def encode(sample: Sample, index: int) -> tuple[dict[str, torch.Tensor], str]:
     """The tensors (under prefix f"{index}/") and the JSON record of one checked sample."""
     s = sample.check()
@@ -200,7 +244,12 @@ def encode(sample: Sample, index: int) -> tuple[dict[str, torch.Tensor], str]:
     if s.amodal_mask is not None:
         out[p + "amodal_png"] = _png(s.amodal_mask.astype(np.uint8) * 255)
     if s.pointmap is not None:
-        out[p + "pointmap"] = _tensor(s.pointmap)
+        as_depth = _pointmap_as_depth(s.pointmap, s.K)
+        if as_depth is None:
+            out[p + "pointmap"] = _tensor(s.pointmap)
+        else:
+            out[p + "pointmap_valid_png"] = _png(as_depth[0].astype(np.uint8) * 255)
+            out[p + "pointmap_z"] = _tensor(as_depth[1])
     if s.ss_latent is not None:
         out[p + "ss_latent"] = _tensor(s.ss_latent)
     if s.slat_coords is not None:
@@ -222,6 +271,9 @@ def decode(tensors: dict[str, torch.Tensor], record: str, index: int) -> Sample:
         return tensors.get(p + name)
 
     slat_c = get("slat_coords")
+    pointmap = get("pointmap").numpy() if get("pointmap") is not None else None
+    if get("pointmap_z") is not None:
+        pointmap = _pointmap_from_depth(_unpng(get("pointmap_valid_png")) > 127, get("pointmap_z").numpy(), rec["K"])
     rejected = {k: get("rejected/" + k).numpy() for k in REJECTED_KEYS if get("rejected/" + k) is not None}
     if "slat_coords" in rejected:
         rejected["slat_coords"] = rejected["slat_coords"].astype(np.int64)
@@ -238,7 +290,7 @@ def decode(tensors: dict[str, torch.Tensor], record: str, index: int) -> Sample:
         translation=np.asarray(rec["translation"]),
         scale=np.asarray(rec["scale"]),
         occupancy=get("occupancy").numpy().astype(np.int64),
-        pointmap=get("pointmap").numpy() if get("pointmap") is not None else None,
+        pointmap=pointmap,
         ss_latent=get("ss_latent").numpy() if get("ss_latent") is not None else None,
         slat_coords=slat_c.numpy().astype(np.int64) if slat_c is not None else None,
         slat_feats=get("slat_feats").numpy() if get("slat_feats") is not None else None,
@@ -361,8 +413,11 @@ def read_manifest(folder: str | Path) -> dict:
         raise SampleError(f"{path} is not valid JSON ({e}); rebuild the dataset") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("shards"), list):
         raise SampleError(f"{path} is not a {FORMAT} manifest; rebuild the dataset with `sam3d data`")
-    if m.get("version") != VERSION:
-        raise SampleError(f"{path} has format version {m.get('version')}; this sam3d reads version {VERSION}")
+    if m.get("version") not in READABLE_VERSIONS:
+        raise SampleError(
+            f"{path} has format version {m.get('version')}; this sam3d reads versions {READABLE_VERSIONS} "
+            "(a newer sam3d wrote it: update sam3d, or rebuild the dataset)"
+        )
     return m
 
 

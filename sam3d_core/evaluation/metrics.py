@@ -44,6 +44,9 @@ EMD_POINTS = 1024
 # distances, an unbiased mean; standard error ~1.6 % of the spread per direction), F1 asks only "closer than
 # 0.01?" (a bounded search, every point), ICP fits on subsets and the diameter's hull on DIAMETER_HULL_POINTS.
 MEAN_QUERIES = 4000
+# Threads per KD-tree query (-1: every core). `sam3d eval --workers N` sets each scoring process's share, so that
+# N processes do not each start a thread per core; exact queries give the same distances whatever the count.
+KDTREE_WORKERS = -1
 ICP_POINTS = 2048  # source points per ICP fit
 ICP_TARGET_POINTS = 20_000  # target points in ICP's KD-tree
 ICP_ITERATIONS = 30
@@ -78,7 +81,7 @@ def nearest_distances(a, b, upper_bound: float = np.inf) -> np.ndarray:
     """For each point of a [N, 3], the Euclidean distance to its nearest point of b [M, 3] -> [N]; inf where
     that distance is not below `upper_bound` (a bounded search is fast whatever the distances)."""
     a, b = _points(a, "a"), _points(b, "b")
-    d, _ = _scipy().spatial.cKDTree(b).query(a, k=1, distance_upper_bound=upper_bound, workers=-1)
+    d, _ = _scipy().spatial.cKDTree(b).query(a, k=1, distance_upper_bound=upper_bound, workers=KDTREE_WORKERS)
     return d
 
 
@@ -97,10 +100,10 @@ def _pair_distances(
     tree_a, tree_b = ckd(a), ckd(b)
 
     def within(tree, q) -> float:
-        return float((tree.query(q, distance_upper_bound=threshold, workers=-1)[0] < threshold).mean())
+        return float((tree.query(q, distance_upper_bound=threshold, workers=KDTREE_WORKERS)[0] < threshold).mean())
 
     def mean(tree, q) -> float:
-        return float(tree.query(_subset(q, max_queries, rng), workers=-1)[0].mean())
+        return float(tree.query(_subset(q, max_queries, rng), workers=KDTREE_WORKERS)[0].mean())
 
     return within(tree_b, a), within(tree_a, b), mean(tree_b, a), mean(tree_a, b)
 

@@ -4,21 +4,25 @@
 
 Numbered steps: 1. check the output folder (new or empty) and the settings, 2. open the dataset, 3. resolve every
 model name (a baseline, 'tiny', an imported model or a model folder) before any heavy work, 4. per model, per
-sample: predict, then score (`score_prediction`); a sample that cannot be read or predicted or scored is
-recorded with its message and counted, and the run goes on, 5. aggregate (overall, per object group, per
-occlusion level) and write results.json + results.md (temporary name, then renamed; never over a file).
+sample: predict (in this process, on the model's device), then score (`score_prediction`: CPU-bound KD-trees, ICP,
+the EMD assignment) in `workers` processes (`Scorer`; 1 = here, in order); a sample that cannot be read or
+predicted or scored is recorded with its message and counted, and the run goes on, 5. aggregate (overall, per
+object group, per occlusion level) and write results.json + results.md (temporary name, then renamed; never over
+a file). A sample's scores depend on (seed, its index) only, so any number of workers gives the same results.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as _cf
 import datetime as _dt
 import json
 import math
+import multiprocessing
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,7 @@ import numpy as np
 from sam3d_core.data.benchmark import OCCLUSION_LEVELS as _BENCH_LEVELS
 from sam3d_core.data.sample import Sample, SampleDataset, read_manifest
 from sam3d_core.evaluation import baselines
+from sam3d_core.evaluation import metrics as _metrics
 from sam3d_core.evaluation.metrics import EMD_POINTS, layout_metrics, shape_metrics
 from sam3d_core.evaluation.prediction import Prediction, pose_points, target_points
 
@@ -72,7 +77,8 @@ class EvalSettings:
     """points: surface points per shape (the paper: 1M); emd_points: points per side of the EMD assignment;
     seed: object i is sampled with seed + i, and its metric subsets with (seed, i); stage2: run stage 2 and score
     its mesh (else the stage-1 voxels); steps / max_voxels / device: as `sam3d reconstruct`; limit: the first
-    N samples only."""
+    N samples only; pointmap: give a model the sample's point map (False: the flat fallback plane, as a user
+    without depth; layout then in relative units)."""
 
     points: int = POINTS
     emd_points: int = EMD_POINTS
@@ -82,6 +88,7 @@ class EvalSettings:
     max_voxels: int | None = None
     device: str | None = None
     limit: int | None = None
+    pointmap: bool = True
 
     def check(self) -> EvalSettings:
         if not 1_000 <= self.points <= 10_000_000:
@@ -155,10 +162,17 @@ class ModelPredictor:
             source_width=w,
             source_height=h,
         )
-        ctx = pipe.open_photo(photo, K=sample.K, pointmap=sample.pointmap, depth_model="none")
+        pointmap = sample.pointmap if s.pointmap else None
+        ctx = pipe.open_photo(photo, K=sample.K, pointmap=pointmap, depth_model="none")
         out1 = pipe.stage1(photo.rgb, sample.mask, ctx.pointmap, seed=seed, steps=s.steps)
         pose = out1.pose
-        info = {"pointmap": ctx.pointmap_source, "downsample_factor": int(out1.downsample_factor)}
+        info = {
+            "pointmap": ctx.pointmap_source,
+            # the point map's normalisation (median of the masked points, spread): what layout is decoded against
+            "pointmap_shift": [round(float(x), 6) for x in out1.pointmap_shift[0]],
+            "pointmap_scale": round(float(out1.pointmap_scale[0, 0]), 6),
+            "downsample_factor": int(out1.downsample_factor),
+        }
         rotation = pose.rotation[0].double().cpu().numpy()
         translation = pose.translation[0].double().cpu().numpy()
         scale = pose.scale[0].double().cpu().numpy()
@@ -231,7 +245,154 @@ def occlusion_level(fraction: float) -> str:
     return OCCLUSION_LEVELS[-1][0]
 
 
-def _evaluate_one(predictor, dataset: SampleDataset, i: int, record: dict | None, settings: EvalSettings) -> dict:
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity; all of them where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Scoring processes by default: the usable cores minus one (the main process predicts), at least 1."""
+    return max(1, usable_cores() - 1)
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """What scoring one sample needs, small enough to send to a process: the sample without its photo, masks,
+    point map and latents (the targets: surface points or occupancy, and the pose), the prediction, the row."""
+
+    row: dict
+    target: Sample
+    prediction: Prediction
+    points: int
+    emd_points: int
+    seed: int
+
+
+_NO_PIXELS = np.zeros((1, 1), bool)
+
+
+def _score_job(job: ScoreJob) -> dict:
+    """Score one job -> its finished row (status, metrics, points, prediction info, seconds; or the error).
+    Runs in a scoring process or in this one; never raises for a bad sample."""
+    row = dict(job.row)
+    t0 = time.perf_counter()
+    try:
+        rng = np.random.default_rng([job.seed, row["index"]])
+        metrics, used = score_prediction(
+            job.target, job.prediction, points=job.points, emd_points=job.emd_points, rng=rng
+        )
+        row.update(status="ok", metrics=metrics, points=used, prediction=job.prediction.info)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - one bad sample is recorded and counted; the run goes on
+        row["error"] = f"score: {type(e).__name__}: {e}"
+    row["seconds"] = dict(row.get("seconds", {}), score=round(time.perf_counter() - t0, 3))
+    return row
+
+
+def _init_scoring_process(kdtree_threads: int) -> None:
+    _metrics.KDTREE_WORKERS = kdtree_threads
+
+
+class Scorer:
+    """Scores jobs in `workers` processes (spawned: the parent may hold CUDA), at most 2 x workers in flight so
+    that prediction and scoring overlap without piling up memory; workers=1 scores in this process, in order.
+
+        with Scorer(2) as scorer:
+            for row in scorer.submit(job): ...   # rows finished meanwhile (any order)
+            for row in scorer.drain(): ...       # the rest
+
+    A scoring process that dies (killed, out of memory) fails the rows it held with that message; a fresh pool
+    takes the next jobs."""
+
+    def __init__(self, workers: int):
+        if workers < 1:
+            raise ValueError(f"workers={workers}: expected at least 1 scoring process")
+        self.workers = int(workers)
+        self.pool: _cf.ProcessPoolExecutor | None = None
+        self.pending: dict[_cf.Future, ScoreJob] = {}
+
+    def _pool(self) -> _cf.ProcessPoolExecutor:
+        if self.pool is None:
+            self.pool = _cf.ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_scoring_process,
+                initargs=(max(1, usable_cores() // self.workers),),
+            )
+        return self.pool
+
+    def submit(self, job: ScoreJob) -> Iterator[dict]:
+        if self.workers == 1:
+            yield _score_job(job)
+            return
+        while len(self.pending) >= 2 * self.workers:
+            yield from self._collect(_cf.FIRST_COMPLETED)
+        try:
+            self.pending[self._pool().submit(_score_job, job)] = job
+        except _cf.process.BrokenProcessPool:
+            yield from self._collect(_cf.ALL_COMPLETED)  # fails what the dead pool held, then a fresh pool
+            self.pending[self._pool().submit(_score_job, job)] = job
+        yield from self._collect(None)
+
+    def drain(self) -> Iterator[dict]:
+        while self.pending:
+            yield from self._collect(_cf.FIRST_COMPLETED)
+
+    def _collect(self, wait: str | None) -> Iterator[dict]:
+        """Rows of finished jobs: those done now (wait=None), or after waiting for the first / all of them."""
+        if wait is None:
+            done = [f for f in self.pending if f.done()]
+        else:
+            done, _ = _cf.wait(list(self.pending), return_when=wait)
+        broken = False
+        for f in sorted(done, key=lambda f: self.pending[f].row["index"]):
+            job = self.pending.pop(f)
+            try:
+                yield f.result()
+            except _cf.process.BrokenProcessPool as e:
+                broken = True
+                yield dict(job.row, error=f"score: the scoring process died ({e}); out of memory? try --workers 1")
+        if broken:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+    def close(self, cancel: bool = False) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
+            self.pool = None
+        self.pending = {}
+
+    def __enter__(self) -> Scorer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(cancel=exc_type is not None)
+
+
+def _scoring_view(sample: Sample) -> Sample:
+    """The sample without what scoring never reads (photo, masks, point map, latents): less to send."""
+    return replace(
+        sample,
+        photo=np.zeros((1, 1, 3), np.uint8),
+        mask=_NO_PIXELS,
+        amodal_mask=None,
+        pointmap=None,
+        ss_latent=None,
+        slat_coords=None,
+        slat_feats=None,
+        rejected=None,
+    )
+
+
+def _predict_one(
+    predictor, dataset: SampleDataset, i: int, record: dict | None, settings: EvalSettings
+) -> tuple[dict, ScoreJob | None]:
+    """Read and predict sample i here -> (its row, the job that scores it); (the failed row, None) when reading or
+    predicting failed."""
     row = {
         "index": i,
         "sample_id": (record or {}).get("sample_id", f"#{i}"),
@@ -246,17 +407,20 @@ def _evaluate_one(predictor, dataset: SampleDataset, i: int, record: dict | None
         sample = dataset[i].check()
         stage = "predict"
         pred = predictor(sample, settings.seed + i)
-        t1 = time.perf_counter()
-        stage = "score"
-        rng = np.random.default_rng([settings.seed, i])
-        metrics, used = score_prediction(sample, pred, points=settings.points, emd_points=settings.emd_points, rng=rng)
-        row.update(status="ok", metrics=metrics, points=used, prediction=pred.info)
-        row["seconds"] = {"predict": round(t1 - t0, 3), "score": round(time.perf_counter() - t1, 3)}
+        pred.check()  # here: a bad prediction is a predict failure, whatever process scores it
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - one bad sample is recorded and counted; the run goes on
         row["error"] = f"{stage}: {type(e).__name__}: {e}"
-    return row
+        return row, None
+    row["seconds"] = {"predict": round(time.perf_counter() - t0, 3)}
+    return row, ScoreJob(row, _scoring_view(sample), pred, settings.points, settings.emd_points, settings.seed)
+
+
+def _evaluate_one(predictor, dataset: SampleDataset, i: int, record: dict | None, settings: EvalSettings) -> dict:
+    """Read, predict and score sample i in this process -> its row."""
+    row, job = _predict_one(predictor, dataset, i, record, settings)
+    return row if job is None else _score_job(job)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -310,9 +474,18 @@ def open_dataset(folder: str | Path) -> OpenDataset:
 
 
 def evaluate(
-    dataset: OpenDataset, predictors: Sequence, settings: EvalSettings, progress: Progress | None = None
+    dataset: OpenDataset,
+    predictors: Sequence,
+    settings: EvalSettings,
+    progress: Progress | None = None,
+    workers: int | None = None,
 ) -> dict:
-    """Steps 4-5 without writing anything: the results dict (the content of results.json)."""
+    """Steps 4-5 without writing anything: the results dict (the content of results.json). workers: scoring
+    processes (None: `default_workers()`); the results are the same for any count but for the timings."""
+    workers = default_workers() if workers is None else int(workers)
+    if workers < 1:
+        raise ValueError(f"workers={workers}: expected at least 1 scoring process")
+    t_start = time.perf_counter()
     count = len(dataset.samples) if settings.limit is None else min(settings.limit, len(dataset.samples))
     results = {
         "format": FORMAT,
@@ -321,34 +494,49 @@ def evaluate(
         "dataset": {"path": str(dataset.folder.resolve()), "samples": len(dataset.samples), "evaluated": count},
         "dataset_info": dataset.manifest.get("info", {}),
         "settings": asdict(settings),
+        "run": {"workers": workers},
         "metrics": [{"key": k, "label": label, "better": b} for k, label, b in METRICS],
         "models": [],
     }
-    for predictor in predictors:
-        predictor.load()
-        rows, failed = [], 0
-        if progress is not None:
-            progress(predictor.name, 0, count, 0, None)
-        try:
-            for i in range(count):
-                row = _evaluate_one(predictor, dataset.samples, i, dataset.records[i], settings)
-                rows.append(row)
-                failed += row["status"] != "ok"
-                if progress is not None:
-                    progress(predictor.name, i + 1, count, failed, row.get("error"))
-        finally:
-            predictor.close()
-        results["models"].append(
-            {
-                "name": predictor.name,
-                "description": predictor.description,
-                "weights": predictor.weights,
-                "failed": failed,
-                "aggregates": aggregate(rows),
-                "samples": rows,
-            }
-        )
+    with Scorer(workers) as scorer:
+        for predictor in predictors:
+            results["models"].append(_evaluate_model(predictor, dataset, settings, count, scorer, progress))
+    results["run"]["seconds"] = round(time.perf_counter() - t_start, 1)
     return results
+
+
+def _evaluate_model(predictor, dataset: OpenDataset, settings: EvalSettings, count: int, scorer: Scorer, progress):
+    """One model over the first `count` samples -> its entry of results["models"] (rows in sample order)."""
+    predictor.load()
+    rows: list[dict | None] = [None] * count
+    failed = 0
+
+    def finished(row: dict) -> None:
+        nonlocal failed
+        rows[row["index"]] = row
+        failed += row["status"] != "ok"
+        if progress is not None:
+            progress(predictor.name, sum(r is not None for r in rows), count, failed, row.get("error"))
+
+    if progress is not None:
+        progress(predictor.name, 0, count, 0, None)
+    try:
+        for i in range(count):
+            row, job = _predict_one(predictor, dataset.samples, i, dataset.records[i], settings)
+            for done in [row] if job is None else scorer.submit(job):
+                finished(done)
+        for done in scorer.drain():
+            finished(done)
+    finally:
+        predictor.close()
+    return {
+        "name": predictor.name,
+        "description": predictor.description,
+        "weights": predictor.weights,
+        "failed": failed,
+        "aggregates": aggregate(rows),
+        "samples": rows,
+    }
 
 
 def prepare_out_dir(out: str | Path) -> Path:
@@ -396,14 +584,18 @@ def run_eval(
     out: str | Path,
     settings: EvalSettings = EvalSettings(),
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> tuple[dict, list[Path]]:
     """All five steps: everything that can be wrong with the request is found before the output folder is made
-    and before any model is loaded. Returns (results, [results.json, results.md])."""
+    and before any model is loaded. workers: scoring processes (None: `default_workers()`). Returns (results,
+    [results.json, results.md])."""
     settings.check()
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers {workers}: expected at least 1 scoring process")
     predictors = make_predictors(models, settings)  # names resolved; weights not loaded yet
     dataset = open_dataset(dataset_dir)
     out = prepare_out_dir(out)
-    results = evaluate(dataset, predictors, settings, progress)
+    results = evaluate(dataset, predictors, settings, progress, workers)
     return results, write_results(results, out)
 
 
@@ -439,6 +631,18 @@ def _table(first: list[str], rows: list[tuple[list[str], dict]]) -> list[str]:
     return lines
 
 
+def _pointmap_words(settings: dict) -> str:
+    if settings.get("pointmap", True):
+        return "each sample's point map (the flat fallback plane where a sample has none)"
+    return "the flat fallback plane (--no-pointmap; layout in relative units)"
+
+
+def _run_line(run: dict) -> str:
+    scored = f"Scored in {run['workers']} process{'es' if run['workers'] > 1 else ''}" if "workers" in run else ""
+    took = f", {run['seconds']:.0f} s in all" if "seconds" in run else ""
+    return f"{scored}{took}." if scored else ""
+
+
 def to_markdown(results: dict) -> str:
     """The tables of results.md: overall, per object group, per occlusion level; then failures and settings."""
     ds, st, models = results["dataset"], results["settings"], results["models"]
@@ -448,6 +652,7 @@ def to_markdown(results: dict) -> str:
         f"Dataset `{ds['path']}`: {ds['evaluated']} of {ds['samples']} samples. Created {results['created']}.",
         f"Shape from {'stage 2 meshes' if st['stage2'] else 'stage-1 voxels'} for models; {st['points']} surface "
         f"points per shape, EMD on {st['emd_points']}, seed {st['seed']}. Metric definitions: docs/evaluation.md.",
+        f"Models were given {_pointmap_words(st)}; the baselines the true depth. {_run_line(results.get('run', {}))}",
         "",
         "Models:",
         *[f"- `{m['name']}`: {m['description']} (weights {m['weights']})" for m in models],
