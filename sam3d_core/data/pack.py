@@ -383,6 +383,7 @@ class ViewSettings:
     p_occluder: float = 0.1
     p_mask_noise: float = 0.5
     p_flat_pointmap: float = 0.2  # share of views given the no-depth fallback plane instead of the true points
+    p_wall: float = 0.4  # of the others: the background gets a wall's depth (as a depth model gives) instead of NaN
     held_out_objects: tuple[int, ...] = ()  # pack indices never drawn (validation objects)
 
 
@@ -422,7 +423,7 @@ class RenderPackDataset:
     def __getitem__(self, index: int):
         from sam3d_core.data.sample import Sample
         from sam3d_core.data.synth import SceneConfig, background_crop, mask_noise, render_scene, sample_scene
-        from sam3d_core.inputs.camera import fallback_pointmap
+        from sam3d_core.inputs.camera import fallback_pointmap, pointmap_from_depth
 
         s = self.settings
         rng = np.random.default_rng([self.seed, int(index)])
@@ -456,6 +457,12 @@ class RenderPackDataset:
             pointmap = fallback_pointmap(s.size, s.size, fov)[0].astype(np.float32)
         else:
             pointmap = np.where(view.coverage[..., None], view.pointmap, np.nan).astype(np.float32)
+            if rng.uniform() < s.p_wall:  # a depth model gives depth everywhere: the photo as a wall behind
+                wall = pointmap_from_depth(
+                    np.full((s.size, s.size), float(scene.target.translation[2]) * rng.uniform(1.3, 3.0), np.float32),
+                    scene.K,
+                )
+                pointmap = np.where(view.coverage[..., None], pointmap, wall).astype(np.float32)
         t = scene.target
         return Sample(
             sample_id=f"pack:{obj}:{int(index)}",
