@@ -47,7 +47,7 @@ demo: $(STAMP) $(BSTAMP)
 demo-blend: $(BSTAMP)
 	$(BPY) addon/build.py vendor
 	PYTHONPATH=addon $(BPY) -m sam3d_blender.demo_scene demo_out/scene.json --blend demo_out/scene.blend \
-		--render demo_out/render.png --photo assets/examples/coffee.png --mask assets/examples/coffee_mask.png
+		--render demo_out/render.png --photo assets/examples/armchair.png --mask assets/examples/armchair_mask.png
 
 # The installable extension zip (manifest next to the add-on's __init__.py), validated by Blender's own checker.
 addon: $(BSTAMP)

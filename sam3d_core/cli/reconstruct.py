@@ -26,6 +26,11 @@ from sam3d_core.inputs.imageio import load_mask, load_photo
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 EXAMPLE_PHOTO = ASSETS / "examples" / "coffee.png"
 EXAMPLE_MASK = ASSETS / "examples" / "coffee_mask.png"
+# The demo: an armchair of the default model's training kind (bench/make_demo_photo.py; assets/examples/README.md)
+DEMO_PHOTO = ASSETS / "examples" / "armchair.png"
+DEMO_MASK = ASSETS / "examples" / "armchair_mask.png"
+DEMO_DEPTH = ASSETS / "examples" / "armchair_depth.npy"
+DEMO_FOV_DEG = 50.0
 
 
 class StageBar:
@@ -314,7 +319,11 @@ def cmd_stage1(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the bundled example: photo + mask -> placed, textured object, scene GLB and JSON."""
-    args.photo, args.mask, args.point, args.box = str(EXAMPLE_PHOTO), [str(EXAMPLE_MASK)], None, None
+    args.photo, args.mask, args.point, args.box = str(DEMO_PHOTO), [str(DEMO_MASK)], None, None
+    if getattr(args, "depth", None) is None:
+        args.depth = str(DEMO_DEPTH)  # the photo's exact depth: metric placement without a depth model
+    if getattr(args, "fov", None) is None:
+        args.fov = DEMO_FOV_DEG
     return cmd_reconstruct(args)
 
 

@@ -31,6 +31,8 @@ def cmd_train_default(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         one_call=args.one_call,
+        ema_decay=args.ema_decay,
+        warmup_steps=args.warmup_steps,
     )
     result = run(plan, log=lambda s: print(s, file=sys.stderr, flush=True), progress=ProgressBar())
     print(f"{result['status']}: " + ", ".join(f"{k} {v}" for k, v in result.items() if k != "status"))
@@ -56,6 +58,8 @@ def add_train_default_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=0, help="flow-model optimizer steps (0: from --flow-minutes)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights (lower for short runs)")
+    p.add_argument("--warmup-steps", type=int, default=300)
     p.add_argument("--one-call", action="store_true", help="end and export within --minutes (no later call)")
     p.set_defaults(func=cmd_train_default)
     return p
