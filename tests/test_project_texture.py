@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("skimage", reason="the occupancy surface needs scikit-image: pip install 'sam3d[export]'")
 pytest.importorskip("xatlas")
@@ -22,6 +23,7 @@ from sam3d_core.export.gltf import TexturedMesh
 from sam3d_core.export.project import PhotoProjection, occupancy_surface, project_texture
 from sam3d_core.export.uv import decimate_and_unwrap
 from sam3d_core.geometry import frames
+from sam3d_core.models.ss_vae import cap_voxels
 from sam3d_core.pipeline.reconstruct import Pipeline
 
 R = 64
@@ -122,15 +124,21 @@ def test_thin_rod_survives_the_smoothing_and_isolated_voxels_do_not():
 
 
 def test_capped_voxels_move_the_surface_as_the_cap_does():
-    """With cap_voxels' factor 2 the surface shrinks about its box centre as the capped voxels do (the pose's scale
-    is doubled)."""
-    radius = 0.3
-    full, _ = occupancy_surface(_sphere_logits(radius))
-    half, _ = occupancy_surface(_sphere_logits(radius), downsample_factor=2)
-    centre = (half.max(0) + half.min(0)) / 2
-    assert np.abs(centre).max() < VOXEL  # the sphere's box is centred: so is the capped one
-    ratio = (half.max(0) - half.min(0)) / (full.max(0) - full.min(0))
-    assert np.all((ratio > 0.45) & (ratio < 0.5)), ratio  # (size / 2 - 1) / (size - 1), as cap_voxels
+    """With cap_voxels' factor 2 the surface lands where the capped voxels are (the pose's scale is doubled)."""
+    half = np.array([0.35, 0.25, 0.12])
+    logits = _box_logits(half)
+    coords = np.argwhere(logits > 0)
+    capped, factor = cap_voxels(
+        torch.from_numpy(np.c_[np.zeros(len(coords)), coords]).int(), max_voxels=len(coords) - 1
+    )
+    assert factor == 2
+    v, _ = occupancy_surface(logits, downsample_factor=2)
+    c = capped[:, 1:].numpy()
+    voxel_lo, voxel_hi = c.min(0) * VOXEL - 0.5, (c.max(0) + 1) * VOXEL - 0.5  # the capped voxels' outer faces
+    assert np.abs(v.min(0) - voxel_lo).max() < VOXEL and np.abs(v.max(0) - voxel_hi).max() < VOXEL
+    full, _ = occupancy_surface(logits)
+    ratio = (v.max(0) - v.min(0)) / (full.max(0) - full.min(0))
+    assert np.all((ratio > 0.4) & (ratio < 0.5)), ratio  # about half on every axis: (size / 2 - 1) / (size - 1)
 
 
 def test_surface_errors_name_the_problem():

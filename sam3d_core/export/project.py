@@ -56,9 +56,9 @@ _NEAR = 1e-6  # faces with a vertex at camera depth <= this are not drawn (behin
 def _cap_map(occupied: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
     """The affine map (per axis: x -> lo' + (x - lo) * ratio) that `cap_voxels` applies, with its rounding left
     out, for grid coordinates: (offset [3], ratio [3]) with x_capped = offset + x * ratio. occupied [R, R, R]."""
-    idx = np.stack([np.flatnonzero(occupied.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)])
-    lo = np.array([i[0] for i in idx], np.float64)
-    hi = np.array([i[-1] for i in idx], np.float64)
+    used = [np.flatnonzero(occupied.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]  # per axis
+    lo = np.array([u[0] for u in used], np.float64)
+    hi = np.array([u[-1] for u in used], np.float64)
     size = hi - lo + 1
     target = size / factor
     target_lo = lo + (size - target) / 2
@@ -181,12 +181,15 @@ class PhotoProjection:
         scale = float(np.linalg.norm(self.pose[:3, :3], axis=0).mean())
         self.tolerance = 2.0 * scale / 64 if tolerance is None else float(tolerance)
 
-        # 1. depth buffer of the placed mesh (perspective-correct depth: 1 / z is linear on screen)
+        # 1. depth buffer of the placed mesh. The rasteriser interpolates its depth linearly on screen, so it gets
+        # -1 / z (linear on screen: an exact z-test, nearest first), and the depth is perspective-correct.
         v_cam = frames.transform_points(self.pose, vertices)  # [V, 3]
         f = np.asarray(faces, dtype=np.int64)
         f = f[(v_cam[:, 2] > _NEAR)[f].all(axis=1)]
         rows, cols = self.size
-        pos = torch.from_numpy(np.concatenate([frames.project_points(v_cam, self.K), v_cam[:, 2:]], 1))
+        with np.errstate(divide="ignore"):
+            key = -1.0 / v_cam[:, 2:]  # [V, 1]
+        pos = torch.from_numpy(np.concatenate([frames.project_points(v_cam, self.K), key], 1))
         pos = torch.where(torch.isfinite(pos), pos, 0.0).clamp(-(2.0**19), 2.0**19)  # culled vertices' junk
         raster = rasterize(pos, torch.from_numpy(f), rows, cols)
         face_id = raster.face_id.numpy().astype(np.int64)  # [rows, cols]
