@@ -169,13 +169,14 @@ def test_client_reports_a_worker_that_fails_to_start():
 
 def test_reconstruct_options_are_validated():
     base = {"photo": "/p.png", "mask": "/m.png", "out": "/o"}
-    for ok in ({"vram": "low"}, {"texture_size": 64, "faces": 100, "stage2": False, "name": "cup"}):
+    for ok in ({"vram": "low"}, {"texture_size": 64, "faces": 100, "stage2": False, "name": "cup"}, {"voxels": True}):
         assert P.request("reconstruct", **base, **ok)["type"] == "reconstruct"
     for bad, field in (
         ({"vram": "huge"}, "vram"),
         ({"texture_size": 9}, "texture_size"),
         ({"faces": 10**7}, "faces"),
         ({"stage2": "yes"}, "stage2"),
+        ({"voxels": 1}, "voxels"),
     ):
         with pytest.raises(P.ProtocolError) as info:
             P.request("reconstruct", **base, **bad)

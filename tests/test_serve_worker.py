@@ -63,7 +63,7 @@ def test_hello_handshake(worker):
 
 
 def test_reconstruct_reports_progress_and_writes_glb(worker, files, tmp_path):
-    job = _reconstruct(worker, files, tmp_path / "out", seed=3, steps=2, stage2=False)
+    job = _reconstruct(worker, files, tmp_path / "out", seed=3, steps=2, stage2=False, voxels=True)
     events = list(job.events(timeout=120))
     final = events[-1]
     assert final["type"] == "result", final
@@ -101,6 +101,23 @@ def test_reconstruct_textured_mesh_with_blender_placement(worker, files, tmp_pat
     assert Path(final["mesh_glb"]).name == "cup.glb" and Path(final["scene_glb"]).is_file()
 
 
+def test_reconstruct_without_stage2_projects_the_photo(worker, files, tmp_path):
+    """stage2: false -> stage 1's shape with the photo projected as its texture: mesh_glb, no Gaussians."""
+    import trimesh
+
+    job = _reconstruct(worker, files, tmp_path / "out", seed=1, steps=1, stage2=False, texture_size=64, faces=300)
+    events = list(job.events(timeout=300))
+    final = events[-1]
+    assert final["type"] == "result", final
+    stages = [e["stage"] for e in events[:-1]]
+    assert "stage2" not in stages and stages.index("stage1") < stages.index("postprocess") < stages.index("bake")
+    mesh = trimesh.load(final["mesh_glb"], force="mesh")
+    assert isinstance(mesh.visual, trimesh.visual.TextureVisuals) and len(mesh.faces) <= 300
+    assert mesh.visual.material.baseColorTexture.size == (64, 64)
+    assert "gaussians_ply" not in final and "glb" not in final and final["settings"]["texture"].startswith("projected")
+    assert "projected_texture" in worker.hello()["capabilities"]
+
+
 def test_open_photo_and_segment_requests(worker, files, tmp_path):
     pytest.importorskip("sam3d_core.segment.session", reason="the worker's segment lane needs segment.session")
     info = worker.open_photo(str(files["photo"])).result(timeout=60)
@@ -126,7 +143,7 @@ def test_open_photo_and_segment_requests(worker, files, tmp_path):
 def test_cancel_running_and_queued_jobs(worker, files, tmp_path):
     long = _reconstruct(worker, files, tmp_path / "long", steps=25)
     queued = _reconstruct(worker, files, tmp_path / "queued", steps=2)
-    after = _reconstruct(worker, files, tmp_path / "after", steps=2, stage2=False)
+    after = _reconstruct(worker, files, tmp_path / "after", steps=2, stage2=False, voxels=True)
     status = worker.status()
     assert status["state"] == "busy" and status["queued"][-1] == after.id
     assert status["running"] is None or status["running"]["id"] == long.id

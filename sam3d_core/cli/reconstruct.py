@@ -5,7 +5,9 @@
 
 Both write per object NAME.glb (UV-textured mesh), NAME.ply (Gaussians), NAME_mask.png, and for the photo
 scene.glb (objects placed, camera at the origin) and scene.json (poses, intrinsics, provenance); see
-`Pipeline.export`. Progress goes to stderr as one line per stage.
+`Pipeline.export`. Progress goes to stderr as one line per stage. With --no-stage2 (or a model without stage 2)
+NAME.glb is stage 1's coarse shape with the photo projected as its texture, and there is no NAME.ply; with
+--voxels NAME_voxels.glb holds the stage-1 voxels instead.
 """
 
 from __future__ import annotations
@@ -79,6 +81,17 @@ def add_model_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--faces", type=int, default=20000, help="target face count after decimation (default 20000)")
     sp.add_argument("--low-vram", action="store_true", help="one stage on the GPU at a time (about 8 GB or less)")
     sp.add_argument(
+        "--no-stage2",
+        action="store_true",
+        help="stage 1 only: its coarse shape with the photo projected as the texture (seconds on a CPU; the "
+        "default for models without a stage 2)",
+    )
+    sp.add_argument(
+        "--voxels",
+        action="store_true",
+        help="stage 1 only, written as its voxels (NAME_voxels.glb, untextured) instead of a textured mesh",
+    )
+    sp.add_argument(
         "--max-voxels",
         type=int,
         default=None,
@@ -151,10 +164,16 @@ def _prepare(args, objects: int = 1):
     masks = [load_mask(m, photo) for m in getattr(args, "mask", None) or ()]
     overwrite = getattr(args, "overwrite", False)
     folder = output_folder(args.out, overwrite=overwrite, inputs=_inputs(args), what="--out folder")
+    stage2 = not (getattr(args, "no_stage2", False) or getattr(args, "voxels", False))
     pipe, which = Pipeline.load(
-        args.model, args.device, low_vram=args.low_vram, compile=args.compile, max_voxels=args.max_voxels
+        args.model, args.device, low_vram=args.low_vram, compile=args.compile, max_voxels=args.max_voxels, stage2=stage2
     )
+    pipe.voxels_only = getattr(args, "voxels", False)
     print(f"model: {which}", file=sys.stderr)
+    if pipe.stage2 is None and not pipe.voxels_only:
+        print(
+            "stage 1 only: the coarse shape, textured by projecting the photo (--voxels: the voxels)", file=sys.stderr
+        )
     folder.check_room(pipe.estimate_bytes(objects, texture_size=args.texture_size, faces=args.faces))
     depth_model = getattr(args, "depth_model", "auto")
     ctx = pipe.open_photo(photo, fov_deg=args.fov, depth=depth, depth_model=depth_model)

@@ -12,7 +12,7 @@ class GPUOutOfMemory(ReconstructionError):
 
 
 class EmptyMeshError(ReconstructionError):
-    """Stage 2 produced no surface for an object."""
+    """Stage 2 (or, without stage 2, stage 1's occupancy) produced no surface for an object."""
 
 
 def is_out_of_memory(e: BaseException) -> bool:

@@ -8,8 +8,11 @@
 Per object, numbered steps: 1. mask checks, 2. stage 1 (coarse voxels + pose), 3. stage 2 (SLAT ->
 Gaussians + dense mesh), 4. mesh clean-up, decimation and UV unwrap, 5. texture bake from the dense
 mesh's colours, 6. placement (pose matrices in every convention) and the reprojection IoU against the
-mask. Everything geometric stays in the model's local frame (z up) with the pose beside it; the frames
-module turns the pose into glTF node and Blender object matrices (docs/architecture.md, Frames).
+mask. Without stage 2 (a model without one, `Pipeline(stage1, None)`, or `stage2=False`), steps 4-5 make the
+mesh from stage 1's occupancy logits and texture it by projecting the photo (export/project.py); with
+`voxels` (`Pipeline.voxels_only`) the stage-1 voxels are written instead. Everything geometric stays in the
+model's local frame (z up) with the pose beside it; the frames module turns the pose into glTF node and
+Blender object matrices (docs/architecture.md, Frames).
 
 Low-VRAM mode keeps every network on the CPU and moves one stage at a time to the GPU (bf16), so a
 whole object fits in a few GB; after a CUDA out-of-memory error, `reconstruct` retries the object once
@@ -123,7 +126,7 @@ class ObjectResult:
     translation: list[float]
     scale: list[float]
     num_voxels: int
-    mesh: object | None  # export.gltf.TexturedMesh (local frame) or None when stage 2 did not run
+    mesh: object | None  # export.gltf.TexturedMesh (local frame) or None: voxels only (`voxels`)
     gaussians: object | None  # gaussians.Gaussians (local frame) or None
     mask_iou: float | None  # silhouette of the placed mesh (or voxels) vs the mask
     settings: dict = field(default_factory=dict)  # seeds, steps, weights hashes, dtype: provenance
@@ -242,6 +245,9 @@ class Pipeline:
         # kernel instead, so whether batching stage 2 pays is measured (bench/e2e.py --no-batch-stage2).
         self.batch_stage2 = True
         self.uv_piece_faces = 5000  # xatlas charts pieces of this many faces on its threads (unwrap_uv)
+        # Without stage 2: False makes a mesh from stage 1's occupancy textured by projecting the photo
+        # (export/project.py); True writes the stage-1 voxels (NAME_voxels.glb), as before that existed.
+        self.voxels_only = False
         self.mesh_workers = default_mesh_workers()  # processes for decimation, clean-up and UVs (0: in-process)
         self._pool: ProcessPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -395,12 +401,15 @@ class Pipeline:
         faces: int = 20000,
         stage2: bool = True,
         gaussians: bool = True,
+        voxels: bool | None = None,
         progress: Progress | None = None,
         on_object: Callable[[ObjectResult], None] | None = None,
     ) -> list[ObjectResult]:
         """Reconstruct every mask of one photo (object i gets seed + i). `on_object` sees each object as it
         finishes, in order, so a cancel or an error later keeps what finished. gaussians=False skips the
-        Gaussian decoder (ObjectResult.gaussians is None: no PLY).
+        Gaussian decoder (ObjectResult.gaussians is None: no PLY). Without stage 2 (stage2=False or none loaded)
+        the mesh is stage 1's surface with the photo projected as its texture, or with voxels=True (default:
+        `voxels_only`) no mesh, the stage-1 voxels only.
 
         The objects go through stage 1 and stage 2 together, up to `max_batch` at a time (one batched sampling
         run per stage, each object with its own seed: the same result as one at a time, bit for bit in float32
@@ -413,7 +422,8 @@ class Pipeline:
         if len(names) != len(masks):
             raise ValueError(f"got {len(names)} names for {len(masks)} masks; give one name per mask")
         results: list[ObjectResult] = []
-        if stage2 and self.stage2 is not None:
+        voxels = self.voxels_only if voxels is None else bool(voxels)
+        if (stage2 and self.stage2 is not None) or not voxels:
             self.warm_up(wait=False)  # the mesh worker processes start while the networks run
 
         def deliver(res: ObjectResult) -> None:
@@ -439,6 +449,7 @@ class Pipeline:
             faces=faces,
             stage2=stage2,
             gaussians=gaussians,
+            voxels=voxels,
             progress=progress,
         )
         threads = min(len(masks), FINISH_THREADS)
@@ -548,6 +559,7 @@ class Pipeline:
         faces: int,
         stage2: bool,
         gaussians: bool = True,
+        voxels: bool = False,
         progress: Progress | None,
     ):
         """Steps 1-3 of several objects of one photo: both stages sampled as one batch, then each object's
@@ -590,6 +602,8 @@ class Pipeline:
             del cond, inputs
         shared["stage1_batch"] = lap("stage1")
         records, latents = [], []  # latents: the training targets of each candidate (`export(latents=True)`)
+        # without stage 2, each object's occupancy logits [64, 64, 64] and cap factor: its projected-texture mesh
+        shapes = [(o.logits, o.downsample_factor) if o.logits is not None and not voxels else None for o in outs1]
         for out1, seed in zip(outs1, seeds, strict=True):
             pose = out1.pose
             rotation = pose.rotation[0].double().cpu().numpy()
@@ -608,7 +622,7 @@ class Pipeline:
                 (pose, frames.pose_matrix(rotation, translation, scale), out1.coords[:, 1:].cpu().numpy(), settings)
             )
 
-        def finish_of(i: int, dense, gauss, seconds: dict) -> Callable[[Progress | None], ObjectResult]:
+        def finish_of(i: int, dense, gauss, seconds: dict, shape=None) -> Callable[[Progress | None], ObjectResult]:
             pose, pose4, voxels, settings = records[i]
             timings = {
                 "preprocess": round(shared["preprocess"] / n, 4),
@@ -634,12 +648,13 @@ class Pipeline:
                 settings,
                 timings,
                 report,
+                shape=shape,
             )
             return _with_latents(finish, latents[i])
 
         if not (stage2 and self.stage2 is not None):
             for i in range(n):
-                yield finish_of(i, None, None, {})
+                yield finish_of(i, None, None, {}, shape=shapes[i])
             return
         # 3. Stage 2: SLAT on the stage-1 voxels, every object in one sampling run; then per object the
         # Gaussian and mesh decoders, yielding its finish as soon as its mesh exists.
@@ -692,6 +707,7 @@ class Pipeline:
         timings,
         report,
         progress: Progress | None = None,
+        shape: tuple | None = None,
     ) -> ObjectResult:
         report = progress or report
         t = time.perf_counter()
@@ -706,6 +722,10 @@ class Pipeline:
         if dense is not None:
             # 4. Clean-up, decimation, UVs. 5. Texture bake from the dense mesh's vertex colours.
             mesh, clean_report = self._finish_mesh(dense, name, texture_size, faces, report, lap)
+        elif shape is not None:
+            # 4. Stage 1's surface, cleaned, decimated, unwrapped. 5. Its texture projected from the photo.
+            mesh, clean_report = self._finish_projected(ctx, mask, name, texture_size, faces, shape, pose4, report, lap)
+            settings["texture"] = "projected from the photo (no stage 2)"
         # 6. Placement check: the silhouette of the placed geometry against the mask.
         report("export", 0, 1)
         translation, scale = pose4[:3, 3], np.linalg.norm(pose4[:3, :3], axis=0)
@@ -777,6 +797,35 @@ class Pipeline:
         )
         return mesh, clean_report
 
+    def _finish_projected(self, ctx, mask, name: str, texture_size: int, faces: int, shape, pose4, report, lap):
+        """Steps 4-5 without stage 2: the level-0 surface of the occupancy logits through the mesh chain (clean-up,
+        decimation, UVs; in the worker processes), then the photo projected into its texture (export/project.py)."""
+        from sam3d_core.export.project import occupancy_surface, project_texture
+        from sam3d_core.export.uv import decimate_and_unwrap
+
+        report("postprocess", 0, 1)
+        logits, factor = shape
+        if not bool((logits > 0).any()):
+            raise EmptyMeshError("stage 1 found no occupied voxel for this object; try another seed or a tighter mask")
+        v, f = occupancy_surface(logits, downsample_factor=factor)
+        uv, clean_report = decimate_and_unwrap(
+            v,
+            f,
+            target_faces=faces,
+            texture_size=texture_size,
+            executor=self._mesh_pool(),
+            uv_piece_faces=self.uv_piece_faces,
+        )
+        clean_report["surface_faces"] = len(f)
+        lap("postprocess")
+        report("bake", 0, 1)
+        rgb = ctx.photo.rgb
+        mesh, clean_report["projection"] = project_texture(
+            uv.vertices, uv.faces, uv.uvs, rgb, mask, pose4, ctx.K, texture_size=texture_size, name=name
+        )
+        lap("bake")
+        return mesh, clean_report
+
     # ---------------------------------------------------------------------------------------------
     # Worker processes for the mesh chain
     # ---------------------------------------------------------------------------------------------
@@ -821,13 +870,21 @@ class Pipeline:
     # ---------------------------------------------------------------------------------------------
 
     def estimate_bytes(
-        self, objects: int = 1, *, texture_size: int = 1024, faces: int = 20000, stage2: bool = True
+        self,
+        objects: int = 1,
+        *,
+        texture_size: int = 1024,
+        faces: int = 20000,
+        stage2: bool = True,
+        voxels: bool | None = None,
     ) -> int:
         """An upper bound of what `export` writes for `objects` objects: the room checked before the GPU work."""
-        voxels = self.stage1.cfg.max_voxels
-        per = voxels * 400 + (64 << 10)  # a voxel GLB (or the mask PNG) and headroom
-        if stage2 and self.stage2 is not None:
-            per += voxels * self.stage2.cfg.gaussian.num_gaussians * 68  # PLY: 17 float32 per Gaussian
+        n_voxels = self.stage1.cfg.max_voxels
+        per = n_voxels * 400 + (64 << 10)  # a voxel GLB (or the mask PNG) and headroom
+        textured = stage2 and self.stage2 is not None
+        if textured:
+            per += n_voxels * self.stage2.cfg.gaussian.num_gaussians * 68  # PLY: 17 float32 per Gaussian
+        if textured or not (self.voxels_only if voxels is None else voxels):  # stage 2's mesh or the projected one
             per += 2 * (texture_size * texture_size * 4 + faces * 64)  # the object GLB and its copy in scene.glb
         return objects * per + (1 << 20)
 
@@ -839,6 +896,7 @@ class Pipeline:
         texture_size: int = 1024,
         faces: int = 20000,
         stage2: bool = True,
+        voxels: bool | None = None,
         overwrite: bool = False,
         inputs: Sequence[str | Path | None] = (),
     ) -> OutputFolder:
@@ -846,7 +904,9 @@ class Pipeline:
         objects. Raises OutputError (a ValueError) naming the problem and the fix; creates nothing.
         Pass the result to `export`. `inputs`: files of the job (photo, masks, depth) that are never written over."""
         folder = output_folder(out, overwrite=overwrite, inputs=inputs)
-        folder.check_room(self.estimate_bytes(objects, texture_size=texture_size, faces=faces, stage2=stage2))
+        folder.check_room(
+            self.estimate_bytes(objects, texture_size=texture_size, faces=faces, stage2=stage2, voxels=voxels)
+        )
         return folder
 
     def export(

@@ -48,6 +48,9 @@ class Stage1Output:
     pointmap_scale: torch.Tensor  # [1, 3]
     pointmap_shift: torch.Tensor  # [1, 3]
     settings: dict = field(default_factory=dict)  # seed, steps, cfg, mode, weights id: provenance
+    # [64, 64, 64] float16 on the CPU: the decoder's occupancy logits (axes x, y, z of coords), the surface of
+    # the projected-texture mesh when there is no stage 2 (export/project.py); None where not kept
+    logits: torch.Tensor | None = None
 
 
 class Stage1Pipeline:
@@ -238,8 +241,11 @@ class Stage1Pipeline:
             own = {k: v[i : i + 1] for k, v in latents.items()}
             scale, shift = inputs[i]["pointmap_scale"], inputs[i]["pointmap_shift"]
             pose = decode_pose({k: v.float() for k, v in own.items()}, scale.float(), shift.float(), factor)
+            own_logits = logits[i, 0].clamp(-6e4, 6e4).to("cpu", torch.float16)  # [64, 64, 64]: 0.5 MB
             outs.append(
-                Stage1Output(own, coords, coords_original, factor, pose, scale, shift, {"seed": seeds[i], **settings})
+                Stage1Output(
+                    own, coords, coords_original, factor, pose, scale, shift, {"seed": seeds[i], **settings}, own_logits
+                )
             )
         return outs
 

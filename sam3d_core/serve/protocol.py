@@ -249,7 +249,8 @@ def _check_reconstruct(msg: dict) -> None:
             "bad_request", f'reconstruct request: "steps" is {steps}, expected 1..1000 or null', {"field": "steps"}
         )
     _field(msg, "fast", (bool,), False, "true or false")
-    _field(msg, "stage2", (bool,), False, "true or false (false: stage 1 only, voxels)")
+    _field(msg, "stage2", (bool,), False, "true or false (false: stage 1 only, its shape textured from the photo)")
+    _field(msg, "voxels", (bool,), False, "true or false (true: without stage 2, the voxels instead of a mesh)")
     _field(msg, "name", (str,), False, "an object name string")
     vram = _field(msg, "vram", (str,), False, '"auto", "low", "medium" or "high"')
     if vram is not None and vram not in VRAM_PRESETS:

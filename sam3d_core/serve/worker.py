@@ -46,6 +46,7 @@ CAPABILITIES = [
     "stage2",
     "texture_bake",
     "output_policy",  # `overwrite` fields, numbered suffixes, all-or-nothing writes (docs/protocol.md, Output files)
+    "projected_texture",  # without stage 2: a mesh textured from the photo; `voxels: true` for the voxels
 ]
 
 
@@ -508,6 +509,7 @@ class Worker:
             raise _bad_input(e) from None
         # the output folder, before any GPU work: writable, room for the files, nothing of the user's replaced
         stage2 = req.get("stage2", True) is not False
+        voxels = bool(req.get("voxels", False))  # without stage 2: the voxels, not the projected-texture mesh
         texture_size, faces = req.get("texture_size") or 1024, req.get("faces") or 20000
         try:
             folder = pipe.check_output(
@@ -515,6 +517,7 @@ class Worker:
                 texture_size=texture_size,
                 faces=faces,
                 stage2=stage2,
+                voxels=voxels,
                 overwrite=bool(req.get("overwrite", False)),
                 inputs=[ctx.photo.path, mask_path],
             )
@@ -535,6 +538,7 @@ class Worker:
                 texture_size=texture_size,
                 faces=faces,
                 stage2=stage2,
+                voxels=voxels,
                 progress=stage,
             )
         except InputError as e:
