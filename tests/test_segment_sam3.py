@@ -1,0 +1,268 @@
+"""SAM 3 concept prompts against a fixture made with Meta's own `sam3` code (tests/make_sam3_fixture.py).
+
+tests/fixtures/sam3_tiny holds a reduced SAM 3 with random weights (float16, its config in the metadata), a photo,
+and for three prompts (text, exemplar boxes, both) what Meta's Sam3Processor fed the model, what the model returned
+and what the processor made of it. Everywhere: our pre-processing, exemplar-box conversion and post-processing
+reproduce Meta's; the import refuses wrong and truncated checkpoints; a concept prompt with no SAM 3 says how to get
+it. Where `sam3` imports (it needs a torchvision whose C ops load beside torch: not the CPU CI), the back-end itself
+runs the fixture's model end to end and must give the same boxes, scores and masks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from sam3d_core.segment import ConceptUnavailable, SegmentSession, load_concept_segmenter
+from sam3d_core.segment import weights as W
+from sam3d_core.segment.sam3 import (
+    OFFICIAL,
+    ConceptPrompt,
+    Sam3Config,
+    boxes_to_model,
+    import_error,
+    postprocess,
+    preprocess,
+)
+from sam3d_core.weights.store import CheckpointError
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "sam3_tiny"
+META = json.loads((FIXTURE / "cases.json").read_text())
+CASES = {c["name"]: c for c in META["cases"]}
+DATA = load_file(str(FIXTURE / "cases.safetensors"))
+PHOTO = np.asarray(Image.open(FIXTURE / "photo.png").convert("RGB"))
+H, W_ = PHOTO.shape[:2]
+SAM3_MISSING = import_error()
+needs_sam3 = pytest.mark.skipif(
+    SAM3_MISSING is not None, reason=f"Meta's sam3 cannot be imported here ({SAM3_MISSING}); see docs/segmentation.md"
+)
+
+
+def _bpe_or_skip() -> Path:
+    try:
+        return W.find_bpe()
+    except CheckpointError as e:
+        pytest.skip(str(e))
+
+
+def _by_score(scores: np.ndarray, *arrays):
+    order = np.argsort(-scores, kind="stable")
+    return [a[order] for a in (scores, *arrays)]
+
+
+def test_fixture_is_what_the_tests_assume():
+    assert META["config"] == json.loads(Sam3Config.from_json(json.dumps(META["config"])).to_json())
+    kept = {name: int(DATA[f"{name}.scores"].numel()) for name in CASES}
+    assert kept == {name: c["kept"] for name, c in CASES.items()}
+    q = META["config"]["num_queries"]
+    assert all(0 < k < q for k in kept.values()), kept  # the threshold keeps some instances of each case, not all
+    assert DATA["image"].shape == (3, META["config"]["resolution"], META["config"]["resolution"])
+
+
+def test_preprocessing_reproduces_sam3_processor():
+    ours = preprocess(PHOTO, META["config"]["resolution"])[0]
+    ref = DATA["image"]
+    assert ours.shape == ref.shape and ours.dtype == torch.float32
+    # uint8 resize then /255: equal up to float rounding (one uint8 step would be 2/255)
+    assert (ours - ref).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("case", ["exemplar", "combined"])
+def test_exemplar_boxes_reproduce_sam3_normalisation(case):
+    boxes, labels = boxes_to_model([tuple(b) for b in CASES[case]["boxes"]], W_, H)
+    assert torch.allclose(boxes, DATA[f"{case}.boxes_normalised"], atol=1e-6)
+    assert labels.tolist() == [bool(b[4]) for b in CASES[case]["boxes"]]
+
+
+@pytest.mark.parametrize("case", ["text", "exemplar", "combined"])
+def test_postprocessing_reproduces_sam3_processor(case):
+    raw = {k.split(".raw.")[1]: v for k, v in DATA.items() if k.startswith(f"{case}.raw.")}
+    scores, boxes, masks = postprocess(raw, W_, H, min_score=META["threshold"])
+    ref_scores, ref_boxes, ref_masks = _by_score(
+        DATA[f"{case}.scores"].numpy(), DATA[f"{case}.boxes"].numpy(), DATA[f"{case}.masks"].numpy()
+    )
+    assert len(scores) == CASES[case]["kept"] and np.all(np.diff(scores) <= 0)  # best first
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-6)
+    np.testing.assert_allclose(boxes, ref_boxes, atol=1e-4)
+    got = np.stack([m() for m in masks])
+    assert got.shape == (len(scores), H, W_) and got.dtype == bool
+    assert np.array_equal(got, ref_masks.astype(bool))
+    assert 0 < got.mean() < 1  # real masks, not all-empty or all-full
+    # max_objects keeps the best ones; a higher min_score drops the weakest
+    top = postprocess(raw, W_, H, min_score=META["threshold"], max_objects=1)
+    assert len(top[0]) == 1 and top[0][0] == scores[0]
+    assert len(postprocess(raw, W_, H, min_score=float(scores[-1]))[0]) == len(scores) - 1
+
+
+def test_concept_prompt_is_checked():
+    with pytest.raises(ValueError, match="concept prompt is empty"):
+        ConceptPrompt().validate(H, W_)
+    with pytest.raises(ValueError, match="every exemplar box is negative"):
+        ConceptPrompt(boxes=((1, 1, 5, 5, 0),)).validate(H, W_)
+    with pytest.raises(ValueError, match="does not overlap the 160x120 photo"):
+        ConceptPrompt(text="cup", boxes=((200, 1, 300, 5, 1),)).validate(H, W_)
+    ConceptPrompt(text="cup", boxes=((1, 1, 5, 5, 0),)).validate(H, W_)  # text plus a negative exemplar is fine
+
+
+# -- checkpoints --------------------------------------------------------------------------------------------------
+
+
+def test_fixture_checkpoint_imports_as_sam3_with_its_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAM3D_HOME", str(tmp_path / "home"))
+    folder = W.import_sam_checkpoint(FIXTURE / "sam3_tiny.safetensors", name="sam3_tiny")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["kind"] == "sam3" and manifest["model_type"] == "custom"
+    assert manifest["config"] == META["config"]
+    assert [m["name"] for m in W.list_sam(kind="sam3")] == ["sam3_tiny"] and W.list_sam(kind="sam2") == []
+    assert W.verify("sam3_tiny") == []
+    with pytest.raises(CheckpointError, match="is a sam3 checkpoint, not sam2"):
+        W.load_sam2_state("sam3_tiny")
+
+
+def test_official_layout_is_recognised_from_a_full_checkpoint(tmp_path):
+    """A sam3.pt holds {"model": {"detector.*": ..., "tracker.*": ...}}: the detector is kept, its prefix removed;
+    without a config in the file its sizes must be the official ones."""
+    sd = {f"detector.{k}": v for k, v in load_file(str(FIXTURE / "sam3_tiny.safetensors")).items()}
+    sd["tracker.maskmem_tpos_enc"] = torch.zeros(7, 1, 1, 64)
+    pt = tmp_path / "sam3.pt"
+    torch.save({"model": sd}, pt)
+    state = W.read_checkpoint(pt)
+    assert "backbone.vision_backbone.trunk.patch_embed.proj.weight" in state
+    assert not any(k.startswith(("detector.", "tracker.")) for k in state)
+    # the tiny weights are not the official size, and a .pt carries no config: refused, naming the size
+    with pytest.raises(CheckpointError, match="vit_dim is 32 in the weights but the official SAM 3 has 1024"):
+        W.import_sam_checkpoint(pt, root=tmp_path / "seg")
+    assert not (tmp_path / "seg" / "sam3").exists()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate", "cannot be read as a safetensors file"),
+        ("no_geometry", "no 'geometry_encoder.' entries; not a complete SAM 3 image checkpoint"),
+        ("tracker_only", "only video-tracker entries"),
+        ("wrong_config", "d_model is 32 in the weights but its sam3d_sam3_config metadata says 64"),
+        ("pickle_code", "could run code"),
+    ],
+)
+def test_wrong_sam3_checkpoints_are_refused_with_the_reason(tmp_path, damage, message):
+    src = FIXTURE / "sam3_tiny.safetensors"
+    sd = load_file(str(src))
+    meta = {"sam3d_sam3_config": json.dumps(META["config"])}
+    bad = tmp_path / "bad.safetensors"
+    if damage == "truncate":
+        data = src.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "no_geometry":
+        save_file({k: v for k, v in sd.items() if not k.startswith("geometry_encoder.")}, str(bad), meta)
+    elif damage == "tracker_only":
+        bad = tmp_path / "bad.pt"
+        torch.save({"model": {"tracker.maskmem_tpos_enc": torch.zeros(7, 1, 1, 64)}}, bad)
+    elif damage == "wrong_config":
+        save_file(sd, str(bad), {"sam3d_sam3_config": json.dumps({**META["config"], "d_model": 64})})
+    elif damage == "pickle_code":
+        bad = tmp_path / "bad.pt"
+        torch.save({"model": {"detector.x": torch.zeros(1)}, "hook": os.getcwd}, bad)
+    root = tmp_path / "seg"
+    with pytest.raises(CheckpointError, match=message):
+        W.import_sam_checkpoint(bad, name="sam3", root=root)
+    assert not root.exists() or not any(root.iterdir())  # nothing half-imported
+
+
+def test_imported_sam3_file_changed_on_disk_is_refused(tmp_path):
+    folder = W.import_sam_checkpoint(FIXTURE / "sam3_tiny.safetensors", name="t", root=tmp_path)
+    with open(folder / "sam.safetensors", "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\0" * 8)
+    with pytest.raises(CheckpointError, match="failed its integrity check"):
+        W.load_sam3_state("t", tmp_path)
+
+
+def test_bpe_vocabulary_is_checked_and_kept(tmp_path):
+    import gzip
+
+    fake = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
+    fake.write_bytes(b"not gzip")
+    with pytest.raises(CheckpointError, match="is not a gzipped vocabulary"):
+        W.import_sam_checkpoint(FIXTURE / "sam3_tiny.safetensors", root=tmp_path / "a", bpe=fake)
+    with gzip.open(fake, "wt") as f:
+        f.write('"bpe_simple_vocab_16e6.txt#version: 0.2\ne r\n')
+    folder = W.import_sam_checkpoint(FIXTURE / "sam3_tiny.safetensors", name="t", root=tmp_path / "b", bpe=fake)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"sam.safetensors", "bpe_simple_vocab_16e6.txt.gz"}
+    assert W.find_bpe(folder) == (folder / "bpe_simple_vocab_16e6.txt.gz").resolve()
+    cfg, state, bpe, digest = W.load_sam3_state("t", tmp_path / "b")
+    assert cfg == Sam3Config.from_json(json.dumps(META["config"])) and cfg != OFFICIAL
+    assert (
+        bpe.parent == folder.resolve()
+        and len(digest) == 64
+        and len(state) == len(load_file(str(FIXTURE / "sam3_tiny.safetensors")))
+    )
+
+
+# -- no SAM 3 -----------------------------------------------------------------------------------------------------
+
+
+def test_text_prompt_without_sam3_weights_says_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAM3D_HOME", str(tmp_path / "home"))
+    with pytest.raises(ConceptUnavailable, match="no SAM 3 weights are imported") as e:
+        load_concept_segmenter()
+    assert "facebook/sam3" in str(e.value) and "sam3d weights import-sam sam3.pt" in str(e.value)
+    s = SegmentSession(backend="basic")
+    with pytest.raises(ConceptUnavailable, match="request access to facebook/sam3"):
+        s.segment_concept(FIXTURE / "photo.png", text="chair")
+    with pytest.raises(ValueError, match="min_score 1.5"):  # bad options are named before anything loads
+        s.segment_concept(FIXTURE / "photo.png", text="chair", min_score=1.5)
+    with pytest.raises(ValueError, match="exemplar box \\[1, 2\\]"):
+        s.segment_concept(FIXTURE / "photo.png", boxes=[[1, 2]])
+
+
+# -- the back-end end to end (needs sam3) -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sam3(tmp_path_factory):
+    if SAM3_MISSING is not None:
+        pytest.skip(f"Meta's sam3 cannot be imported here ({SAM3_MISSING})")
+    bpe = _bpe_or_skip()
+    root = tmp_path_factory.mktemp("seg")
+    W.import_sam_checkpoint(FIXTURE / "sam3_tiny.safetensors", name="sam3_tiny", root=root, bpe=bpe)
+    from sam3d_core.segment.sam3 import Sam3Segmenter
+
+    return Sam3Segmenter.from_imported("sam3_tiny", root=root)
+
+
+@needs_sam3
+@pytest.mark.parametrize("case", ["text", "exemplar", "combined"])
+def test_backend_reproduces_meta_end_to_end(tiny_sam3, case):
+    c = CASES[case]
+    tiny_sam3.set_image(PHOTO)
+    prompt = ConceptPrompt(text=c["text"], boxes=tuple(tuple(b) for b in c["boxes"]))
+    raw = tiny_sam3.raw_outputs(prompt)
+    for k, v in raw.items():
+        assert torch.allclose(v, DATA[f"{case}.raw.{k}"], atol=1e-5), k
+    found = tiny_sam3.segment_concept(prompt, min_score=META["threshold"])
+    ref_scores, ref_boxes, ref_masks = _by_score(
+        DATA[f"{case}.scores"].numpy(), DATA[f"{case}.boxes"].numpy(), DATA[f"{case}.masks"].numpy()
+    )
+    assert [round(f.score, 5) for f in found] == [round(float(s), 5) for s in ref_scores]
+    np.testing.assert_allclose([f.detected_box for f in found], ref_boxes, atol=1e-3)
+    assert np.array_equal(np.stack([f.mask for f in found]), ref_masks.astype(bool))
+    assert {f.score_kind for f in found} == {"presence x probability"}
+
+
+@needs_sam3
+def test_session_caches_the_photo_and_answers_each_prompt(tiny_sam3, tmp_path):
+    s = SegmentSession(backend="basic", concept_segmenter=tiny_sam3)
+    a = s.segment_concept(FIXTURE / "photo.png", text="chair", min_score=META["threshold"])
+    b = s.segment_concept(FIXTURE / "photo.png", boxes=[[20, 30, 70, 90], [100, 10, 150, 60, 0]],
+                          min_score=META["threshold"], max_objects=3)  # fmt: skip
+    assert len(a) == CASES["text"]["kept"] and len(b) == 3
+    assert len(s._concept_cache) == 1  # one encoded photo for both prompts
