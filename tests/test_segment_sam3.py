@@ -266,3 +266,97 @@ def test_session_caches_the_photo_and_answers_each_prompt(tiny_sam3, tmp_path):
                           min_score=META["threshold"], max_objects=3)  # fmt: skip
     assert len(a) == CASES["text"]["kept"] and len(b) == 3
     assert len(s._concept_cache) == 1  # one encoded photo for both prompts
+
+
+# -- the command line ---------------------------------------------------------------------------------------------
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    from sam3d_core.cli.main import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_text_without_sam3_says_how_to_get_it_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SAM3D_HOME", str(tmp_path / "home"))
+    out = tmp_path / "masks"
+    code, _, err = _cli(capsys, "segment", FIXTURE / "photo.png", "--text", "chair", "--out", out)
+    assert code == 2 and err.count("\n") == 1 and "no SAM 3 weights are imported" in err
+    assert "sam3d weights import-sam sam3.pt" in err and not out.exists()
+    code, _, err = _cli(capsys, "scene", FIXTURE / "photo.png", "--text", "chair", "--out", out, "--model", "tiny")
+    assert code == 2 and "no SAM 3 weights are imported" in err and not out.exists()  # before any model loaded
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--text", "chair", "--point", "5,5"], "give one of: --all, a click prompt"),
+        (["--text", "chair", "--min-score", "1.5"], "argument --min-score: '1.5': expected a score 0 <= s < 1"),
+        (["--text", "chair", "--max-objects", "0"], "argument --max-objects: '0': expected a whole number >= 1"),
+        (["--exemplar", "1,2,3"], "--exemplar '1,2,3': expected X0,Y0,X1,Y1"),
+        (["--exemplar", "10,10,50,50,-"], "every exemplar box is negative"),
+        (["--text", "chair", "--backend", "sam2"], "--backend sam2 answers clicks; --text / --exemplar need SAM 3"),
+        (["--point", "5,5", "--max-objects", "2"], "--min-score and --max-objects go with --text"),
+    ],
+)
+def test_cli_concept_options_are_checked(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.setenv("SAM3D_HOME", str(tmp_path / "home"))
+    code, _, err = _cli(capsys, "segment", FIXTURE / "photo.png", *argv, "--out", tmp_path / "o")
+    assert code == 2 and message in err, err
+
+
+@needs_sam3
+def test_cli_imports_sam3_and_writes_one_mask_per_instance(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SAM3D_HOME", str(tmp_path / "home"))
+    code, out, err = _cli(
+        capsys,
+        "weights",
+        "import-sam",
+        FIXTURE / "sam3_tiny.safetensors",
+        "--name",
+        "sam3_tiny",
+        "--bpe",
+        _bpe_or_skip(),
+    )
+    assert code == 0 and "SAM 3 text vocabulary" in out, err
+    masks = tmp_path / "masks"
+    code, out, err = _cli(
+        capsys, "segment", FIXTURE / "photo.png", "--text", "red mug", "--exemplar=-10,40,60,130",
+        "--min-score", META["threshold"], "--out", masks,
+    )  # fmt: skip
+    assert code == 0, err
+    index = json.loads((masks / "objects.json").read_text())
+    assert index["backend"].startswith("sam3") and index["concept"]["text"] == "red mug"
+    ref_scores, _, ref_masks = _by_score(
+        DATA["combined.scores"].numpy(), DATA["combined.boxes"].numpy(), DATA["combined.masks"].numpy()
+    )
+    assert [o["score"] for o in index["objects"]] == [round(float(s), 5) for s in ref_scores]
+    for o, ref in zip(index["objects"], ref_masks, strict=True):
+        assert np.array_equal(np.asarray(Image.open(masks / o["mask"])) > 127, ref.astype(bool))
+    code, out, err = _cli(capsys, "segment", FIXTURE / "photo.png", "--text", "chair", "--max-objects", "1",
+                          "--min-score", META["threshold"], "--out", masks)  # fmt: skip
+    assert code == 0 and "found 1 instance(s) of 'chair'" in out  # beside the first results, nothing replaced
+    assert (masks / "objects.json").is_file() and len(list(masks.glob("objects*.json"))) == 2
+
+
+@needs_sam3
+@pytest.mark.slow
+def test_cli_scene_reconstructs_and_places_every_instance(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("trimesh")
+    monkeypatch.setenv("SAM3D_HOME", str(tmp_path / "home"))
+    W.import_sam_checkpoint(FIXTURE / "sam3_tiny.safetensors", name="sam3_tiny", bpe=_bpe_or_skip())
+    out = tmp_path / "scene"
+    code, _, err = _cli(
+        capsys, "scene", FIXTURE / "photo.png", "--text", "chair", "--text", "red mug", "--max-objects", "1",
+        "--min-score", META["threshold"], "--model", "tiny", "--device", "cpu", "--steps", "1",
+        "--max-voxels", "64", "--texture-size", "64", "--faces", "200", "--depth-model", "none", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    scene = json.loads((out / "scene.json").read_text())
+    assert [o["name"] for o in scene["objects"]] == ["chair_0", "red_mug_0"]
+    assert all(len(o["pose"]["translation"]) == 3 for o in scene["objects"])

@@ -80,9 +80,9 @@ class ConceptUnavailable(CheckpointError):
     get it (a ValueError: the CLI prints it on one line, the worker answers missing_weights)."""
 
 
-def load_concept_segmenter(checkpoint: str | None = None, device: str | None = None):
-    """A ready SAM 3 segmenter for concept prompts; ConceptUnavailable saying how to get SAM 3 when there is none.
-    checkpoint: an imported SAM 3 checkpoint name (default: the largest imported)."""
+def check_concept_available(checkpoint: str | None = None) -> str:
+    """The SAM 3 checkpoint that concept prompts would use, without loading it; ConceptUnavailable saying what is
+    missing and how to get it otherwise (cheap: run it before any heavy work)."""
     imported = weights.list_sam(kind="sam3")
     if checkpoint is None and not imported:
         raise ConceptUnavailable(
@@ -98,6 +98,13 @@ def load_concept_segmenter(checkpoint: str | None = None, device: str | None = N
         )
     if checkpoint is None:
         checkpoint = max(imported, key=lambda m: m["bytes"])["name"]
+    return checkpoint
+
+
+def load_concept_segmenter(checkpoint: str | None = None, device: str | None = None):
+    """A ready SAM 3 segmenter for concept prompts; ConceptUnavailable saying how to get SAM 3 when there is none.
+    checkpoint: an imported SAM 3 checkpoint name (default: the largest imported)."""
+    checkpoint = check_concept_available(checkpoint)
     seg = sam3_backend.Sam3Segmenter.from_imported(checkpoint, device)
     seg.reason = f"{seg.name} (imported weights {checkpoint!r}; concept prompts)"
     return seg
