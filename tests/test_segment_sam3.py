@@ -297,7 +297,7 @@ def test_cli_text_without_sam3_says_how_to_get_it_and_writes_nothing(tmp_path, m
     [
         (["--text", "chair", "--point", "5,5"], "give one of: --all, a click prompt"),
         (["--text", "chair", "--min-score", "1.5"], "argument --min-score: '1.5': expected a score 0 <= s < 1"),
-        (["--text", "chair", "--max-objects", "0"], "argument --max-objects: '0': expected a whole number >= 1"),
+        (["--text", "chair", "--max-objects", "0"], "--max-objects 0: expected at least 1"),
         (["--exemplar", "1,2,3"], "--exemplar '1,2,3': expected X0,Y0,X1,Y1"),
         (["--exemplar", "10,10,50,50,-"], "every exemplar box is negative"),
         (["--text", "chair", "--backend", "sam2"], "--backend sam2 answers clicks; --text / --exemplar need SAM 3"),

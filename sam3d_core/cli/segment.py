@@ -95,16 +95,6 @@ def min_score_arg(text: str) -> float:
     return v
 
 
-def max_objects_arg(text: str) -> int:
-    try:
-        v = int(text)
-        if v < 1:
-            raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1") from None
-    return v
-
-
 def add_concept_args(sp: argparse.ArgumentParser, repeat_text: bool = False) -> None:
     """--text, --exemplar, --min-score, --max-objects (segment and scene)."""
     sp.add_argument(
@@ -131,7 +121,7 @@ def add_concept_args(sp: argparse.ArgumentParser, repeat_text: bool = False) -> 
     )
     sp.add_argument(
         "--max-objects",
-        type=max_objects_arg,
+        type=int,
         default=None,
         help="at most this many objects, best first: per --text phrase (default: every instance above --min-score)"
         + ("; without --text, of those the segmenter finds (default 5)" if repeat_text else ""),
@@ -224,6 +214,8 @@ def _cmd_concept(args: argparse.Namespace) -> int:
 
     if args.backend not in ("auto", "sam3"):
         raise ValueError(f"--backend {args.backend} answers clicks; --text / --exemplar need SAM 3 (--backend sam3)")
+    if args.max_objects is not None and args.max_objects < 1:
+        raise ValueError(f"--max-objects {args.max_objects}: expected at least 1 (or leave it out: every instance)")
     text = (args.text or "").strip() or None
     image = load_photo(args.photo).rgb
     ConceptPrompt(text=text, boxes=tuple(args.exemplar or ())).validate(*image.shape[:2])  # before SAM 3 loads

@@ -114,6 +114,11 @@ def load_segmenter(name: str = "auto", checkpoint: str | None = None, device: st
     """A ready segmenter. name: auto | sam2 | sam | basic (auto: SAM 2 > SAM > basic, the first usable).
     checkpoint: an imported checkpoint name of that kind (default: the largest imported). The result's
     `reason` says which back-end was chosen and why."""
+    if name in CONCEPT_BACKENDS:
+        raise ValueError(
+            f"backend {name!r} answers concept prompts (a noun phrase, exemplar boxes), not clicks: use "
+            "load_concept_segmenter() (CLI: --text / --exemplar); clicks use auto, sam2, sam or basic"
+        )
     if name not in BACKENDS + ("auto",):
         raise ValueError(f"backend {name!r}: expected auto, sam2, sam or basic")
     status = {s.name: s for s in available_backends()}

@@ -132,8 +132,8 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     files and anything that is not one of the two model families."""
     sd = _read_state(path)
     if family_of(sd) == "sam3":
-        from sam3d_core.segment.sam3 import WHERE_TO_GET as SAM3_WHERE_TO_GET
-        from sam3d_core.segment.sam3 import detector_state
+        from sam3d_core.segment.sam3_config import WHERE_TO_GET as SAM3_WHERE_TO_GET
+        from sam3d_core.segment.sam3_config import detector_state
 
         det = detector_state(sd)
         missing = [p for p in SAM3_REQUIRED if not any(k.startswith(p) for k in det)]
@@ -202,7 +202,7 @@ def sam3_config_of(sd: dict[str, torch.Tensor], metadata: dict | None, name: str
     """(Sam3Config, "official" | "custom") for a SAM 3 image state dict: the config in the file's metadata, else the
     official one; either must agree with every size the shapes show (CheckpointError naming the first that does
     not)."""
-    from sam3d_core.segment.sam3 import OFFICIAL, WHERE_TO_GET, Sam3Config
+    from sam3d_core.segment.sam3_config import OFFICIAL, WHERE_TO_GET, Sam3Config
 
     try:
         sizes = sam3_sizes(sd)
@@ -251,7 +251,7 @@ def import_sam_checkpoint(
     name defaults to the model type (vit_b, ...) for SAM, to sam2.1_hiera_<size> (or sam2_hiera_<size>)
     for SAM 2 and to sam3 for SAM 3. bpe: SAM 3's text vocabulary (bpe_simple_vocab_16e6.txt.gz), copied beside the
     weights; when not given, one beside the checkpoint file is taken."""
-    from sam3d_core.segment.sam3 import BPE_NAME
+    from sam3d_core.segment.sam3_config import BPE_NAME
 
     if name is not None:
         check_model_name(name, "checkpoint name")  # before anything is read
@@ -307,7 +307,7 @@ def import_sam_checkpoint(
 
 def _check_bpe(path: Path) -> None:
     """A CLIP byte-pair vocabulary: a gzip of text lines, the first one its "#version" header."""
-    from sam3d_core.segment.sam3 import BPE_HINT
+    from sam3d_core.segment.sam3_config import BPE_HINT
 
     if not path.is_file():
         raise CheckpointError(f"--bpe {path}: no such file; {BPE_HINT}")
@@ -325,7 +325,7 @@ def find_bpe(folder: Path | None = None) -> Path:
     the package, else open_clip's packaged copy. CheckpointError saying how to get it otherwise."""
     import importlib.util
 
-    from sam3d_core.segment.sam3 import BPE_HINT, BPE_NAME
+    from sam3d_core.segment.sam3_config import BPE_HINT, BPE_NAME
 
     candidates = [folder / BPE_NAME] if folder is not None else []
     for pkg, rel in (("sam3", ("..", "assets", BPE_NAME)), ("sam3", ("assets", BPE_NAME)), ("open_clip", (BPE_NAME,))):
@@ -418,7 +418,7 @@ def load_sam_state(name: str | Path, root: Path | None = None) -> tuple[str, dic
 def load_sam3_state(name: str | Path, root: Path | None = None):
     """(Sam3Config, image-model state dict, path of the BPE vocabulary, sha256) of an imported SAM 3 checkpoint,
     after checking its hashes."""
-    from sam3d_core.segment.sam3 import Sam3Config
+    from sam3d_core.segment.sam3_config import Sam3Config
 
     manifest, sd = _load_checked(name, root, "sam3")
     folder = resolve(name, root)
