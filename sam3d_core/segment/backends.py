@@ -105,6 +105,10 @@ def load_concept_segmenter(checkpoint: str | None = None, device: str | None = N
     """A ready SAM 3 segmenter for concept prompts; ConceptUnavailable saying how to get SAM 3 when there is none.
     checkpoint: an imported SAM 3 checkpoint name (default: the largest imported)."""
     checkpoint = check_concept_available(checkpoint)
+    if device is None:  # SAM 3 is large (840 M parameters): the GPU when there is one
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     seg = sam3_backend.Sam3Segmenter.from_imported(checkpoint, device)
     seg.reason = f"{seg.name} (imported weights {checkpoint!r}; concept prompts)"
     return seg
