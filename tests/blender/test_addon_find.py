@@ -92,7 +92,7 @@ def test_find_field_lists_every_instance_and_each_is_placed(addon, clean_scene, 
         assert it.status == "DONE", it.message
         obj = it.object
         assert obj is not None and obj.name == it.name and props.collection in obj.users_collection
-        assert obj["sam3d_mask"] == it.mask or obj["sam3d_mask"].endswith(".png")
+        assert obj["sam3d_mask"] == os.path.abspath(it.mask)  # the instance mask it was made from
         # placed: its vertices (world space) lie in front of the photo's camera (random weights: not always inside
         # the frame), each instance somewhere else
         from bpy_extras.object_utils import world_to_camera_view
