@@ -3,7 +3,7 @@
     seg = Sam3Segmenter.from_imported("sam3")               # an imported checkpoint (`sam3d weights import-sam`)
     seg.set_image(rgb)                                      # [H, W, 3] uint8; the image encoder runs once
     found = seg.segment_concept(ConceptPrompt(text="chair"), min_score=0.5, max_objects=20)
-    for c in found: c.mask, c.score, c.box                  # [H, W] bool; presence-weighted probability
+    for c in found: c.mask, c.score, c.detected_box         # [H, W] bool; presence x probability; SAM 3's box
 
 What this module does itself, and is tested against Meta's own `Sam3Processor` on a fixture made with its code
 (tests/fixtures/sam3_tiny, tests/make_sam3_fixture.py): the pre-processing (the photo squashed to a
@@ -398,17 +398,15 @@ class Sam3Segmenter:
         h, w = self.image.shape[:2] if self.image is not None else (0, 0)
         out = self.raw_outputs(prompt)
         scores, boxes, masks = postprocess(out, w, h, min_score, max_objects)
-        found = []
-        for score, box, mask in zip(scores, boxes, masks, strict=True):
-            c = MaskCandidate(mask(), float(score), self.name, SCORE_KIND)
-            c.detected_box = tuple(float(v) for v in box)  # SAM 3's own box (x0, y0, x1, y1), photo pixels
-            found.append(c)
-        return found
+        return [
+            MaskCandidate(mask(), float(score), self.name, SCORE_KIND, detected_box=tuple(map(float, box)))
+            for score, box, mask in zip(scores, boxes, masks, strict=True)
+        ]
 
 
 def check_limits(min_score: float, max_objects: int | None) -> None:
     if not (isinstance(min_score, (int, float)) and 0.0 <= min_score < 1.0):
         raise ValueError(f"min_score {min_score!r}: expected 0 <= min_score < 1 (0.5 is SAM 3's default)")
-    if max_objects is not None and (isinstance(max_objects, bool) or not isinstance(max_objects, int)
-                                    or max_objects < 1):  # fmt: skip
+    bad_count = isinstance(max_objects, bool) or not isinstance(max_objects, int) or max_objects < 1
+    if max_objects is not None and bad_count:
         raise ValueError(f"max_objects {max_objects!r}: expected a whole number >= 1, or none for every instance")
