@@ -94,6 +94,14 @@ def test_instances_stream_one_event_each_then_the_result(tmp_path):
             min_score=META["threshold"],
         )  # fmt: skip
         msgs = list(job.events(timeout=300))
+        # click refinement still works on any one instance: its mask is the previous mask of a click prompt
+        first = msgs[0]
+        x0, y0, x1, y1 = first["box"]
+        cx, cy = min(max((x0 + x1) / 2, 0), 159), min(max((y0 + y1) / 2, 0), 119)
+        refined = client.segment(
+            str(FIXTURE / "photo.png"), str(tmp_path / "refined.png"), points=[[cx, cy, 1]], previous=first["mask"]
+        ).result(timeout=120)
+        assert Path(refined["mask"]).is_file() and refined["area"] > 0
     finally:
         assert client.close() == 0, "\n".join(logs)
     *events, final = msgs
