@@ -136,8 +136,9 @@ def test_filter_objects_drops_background_parts_and_crumbs():
 def test_auto_choice_says_which_and_why(monkeypatch, tmp_path):
     monkeypatch.setenv("SAM3D_HOME", str(tmp_path))
     status = {s.name: s for s in available_backends()}
-    assert list(status) == ["sam2", "sam", "basic"] and status["basic"].usable
+    assert list(status) == ["sam2", "sam", "basic", "sam3"] and status["basic"].usable
     assert not status["sam2"].usable and not status["sam"].usable  # nothing imported in this empty data dir
+    assert not status["sam3"].usable  # concept prompts (text / exemplars); never chosen for clicks
     seg = load_segmenter("auto")
     assert seg.is_basic and seg.reason.startswith(BASIC_LABEL) and "sam:" in seg.reason and "sam2:" in seg.reason
     for name in ("sam", "sam2"):
@@ -145,6 +146,8 @@ def test_auto_choice_says_which_and_why(monkeypatch, tmp_path):
             load_segmenter(name)
     with pytest.raises(ValueError, match="expected auto, sam2, sam or basic"):
         load_segmenter("grabcut")
+    with pytest.raises(ValueError, match="'sam3' answers concept prompts"):
+        load_segmenter("sam3")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +266,7 @@ def test_cli_errors_name_the_value(tmp_path):
         _run([str(bad), "--point", "1,1", "--out", str(tmp_path / "m.png")])
     with pytest.raises(InputError, match="does not exist"):
         _run([str(tmp_path / "missing.jpg"), "--point", "1,1", "--out", str(tmp_path / "m.png")])
-    with pytest.raises(ValueError, match="either --all or a prompt"):
+    with pytest.raises(ValueError, match="give one of: --all, a click prompt"):
         _run([str(photo), "--out", str(tmp_path / "m.png")])
     with pytest.raises(SystemExit):
         _run([str(photo), "--point", "3;4", "--out", str(tmp_path / "m.png")])

@@ -245,6 +245,21 @@ class SAM3D_OT_find_objects(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class SAM3D_OT_find_concept(bpy.types.Operator):
+    """Find every instance of the Find field's phrase (and/or of what the drawn box shows) with SAM 3: each becomes
+    an object row"""
+
+    bl_idname = "sam3d.find_concept"
+    bl_label = "Find"
+
+    def execute(self, context):
+        try:
+            tasks.request_find(context)
+        except ValueError as e:
+            return _fail(self, _props(context), str(e))
+        return {"FINISHED"}
+
+
 class SAM3D_OT_remove_item(bpy.types.Operator):
     """Remove the active object from the list (a placed object stays in the scene)"""
 
@@ -466,6 +481,7 @@ CLASSES = (
     SAM3D_OT_add_object,
     SAM3D_OT_add_mask,
     SAM3D_OT_find_objects,
+    SAM3D_OT_find_concept,
     SAM3D_OT_remove_item,
     SAM3D_OT_reconstruct,
     SAM3D_OT_cancel,

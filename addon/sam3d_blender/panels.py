@@ -55,6 +55,10 @@ def _draw(layout, context) -> None:
     row.operator("sam3d.add_object", icon="ADD")
     row.operator("sam3d.add_mask", text="From File", icon="FILE_IMAGE")
     box.operator("sam3d.find_objects", icon="VIEWZOOM")
+    row = box.row(align=True)  # SAM 3: every instance of a word (the drawn box, if any, is an example)
+    row.prop(props, "find_text", text="Find", icon="VIEWZOOM")
+    row.operator("sam3d.find_concept", text="Find")
+    box.prop(props, "find_min_score", slider=True)
     box.prop(props, "show_overlay")
 
     layout.template_list("SAM3D_UL_items", "", props, "items", props, "active_item", rows=3)

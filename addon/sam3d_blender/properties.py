@@ -69,6 +69,14 @@ class SAM3D_SceneProps(bpy.types.PropertyGroup):
     status_level: StringProperty(default="INFO")
     show_overlay: BoolProperty(default=True, name="Show masks")
     best_of: IntProperty(name="Candidates", default=3, min=2, max=8, description="N for best of N")
+    find_text: StringProperty(
+        name="Find",
+        description="A short noun phrase (e.g. chair): every instance in the photo becomes an object row (SAM 3). "
+        "With a box drawn, the box is an example of what to find",
+    )
+    find_min_score: FloatProperty(
+        name="Min score", default=0.5, min=0.0, max=0.99, description="Keep instances SAM 3 scores above this"
+    )
 
 
 CLASSES = (SAM3D_Prompt, SAM3D_Item, SAM3D_SceneProps)

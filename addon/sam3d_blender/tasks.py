@@ -325,6 +325,86 @@ class SegmentAllTask(Task):
         return True
 
 
+def request_find(context: bpy.types.Context) -> None:
+    """Send the Find field (a noun phrase) and/or the current box (an example) to the worker's SAM 3; every
+    instance arrives as an object row (see FindConceptTask)."""
+    props = context.scene.sam3d
+    if not props.photo:
+        raise ValueError("open a photo first (SAM 3D panel > Open Photo)")
+    text = props.find_text.strip()
+    if not text and not props.use_box:
+        raise ValueError("type what to find (e.g. chair) in the Find field, or draw a box around one instance")
+    if not ensure_worker(props):
+        return
+    out = os.path.join(work_dir(context.scene, props.photo, preferences.get()), f"find_{uuid.uuid4().hex[:6]}")
+    req = {
+        "type": "segment_concept",
+        "photo": props.photo,
+        "out_dir": out,
+        "text": text or None,
+        "boxes": [[*props.box, 1]] if props.use_box else [],
+        "min_score": round(float(props.find_min_score), 4),
+    }
+    from .session import add_task
+
+    add_task(FindConceptTask(context.scene, req))
+    report(props, f"finding {text or 'what the box shows'} ...")
+
+
+def _row_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:40] or "found"
+
+
+class FindConceptTask(Task):
+    """A segment_concept request: each "instance" event becomes an object row at once (removable before
+    Reconstruct); the final answer reports how many, or why none (e.g. no SAM 3 weights, and how to get them)."""
+
+    def __init__(self, scene: bpy.types.Scene, request: dict):
+        super().__init__(scene)
+        self.request = request
+        self.photo = request["photo"]
+        self.added = 0
+
+    def tick(self) -> bool:
+        props = self.props
+        if props is None or props.photo != self.photo:
+            return True  # another photo was opened meanwhile
+        if self.job is None:
+            if (gone := self._worker_gone()) is not None:
+                report(props, gone, "ERROR")
+                return True
+            if SESSION.state != "ready":
+                return False
+            if not SESSION.capable("segment_concept"):
+                msg = "this worker cannot find objects from a word (no 'segment_concept' capability); update sam3d"
+                report(props, msg, "ERROR")
+                return True
+            self.job = SESSION.submit(self.request)
+        base = _row_name(self.request.get("text") or "found")
+        for msg in self.job.poll():
+            if msg.get("type") == "instance" and msg.get("mask"):
+                taken = {it.name for it in props.items}
+                i = self.added
+                while f"{base}_{i}" in taken:
+                    i += 1
+                item = new_item(props, f"{base}_{i}", msg["mask"])
+                item.message = f"score {float(msg.get('score', 0)):.2f}"
+                self.added += 1
+        if not self.job.done():
+            return False
+        msg = self.job.final
+        if msg.get("type") != "result":
+            report(props, f"finding failed: {self._error_text(msg)}", "ERROR")
+            return True
+        what = self.request.get("text") or "the box's kind of object"
+        if not self.added:
+            report(props, f"found no {what} above score {self.request.get('min_score')}; lower Min score", "WARNING")
+        else:
+            report(props, f"found {self.added} {what} ({msg.get('segmenter')}); remove rows you do not want, then "
+                   "Reconstruct")  # fmt: skip
+        return True
+
+
 # -- reconstruction ---------------------------------------------------------------------------------
 
 

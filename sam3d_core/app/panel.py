@@ -9,6 +9,7 @@ every message for the user goes to the status line (`status_text`), never to a t
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -114,6 +115,7 @@ class Panel(QWidget):
             tools.addWidget(w)
         tools.addStretch(1)
         root.addLayout(tools)
+        root.addLayout(self._find_row())
         split = QSplitter(Qt.Orientation.Vertical)
         self.view = PhotoView()
         self.view.clicked.connect(self.add_click)
@@ -145,6 +147,19 @@ class Panel(QWidget):
         root.addLayout(status)
         for keys, slot in (("Ctrl+Z", self.undo), ("Ctrl+Shift+Z", self.redo), ("Ctrl+Y", self.redo)):
             QShortcut(QKeySequence(keys), self, slot, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
+
+    def _find_row(self) -> QHBoxLayout:
+        """The Find field (SAM 3): a word, and/or the drawn box as an example -> one object row per instance."""
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Find:"))
+        self.find_edit = QLineEdit()
+        self.find_edit.setPlaceholderText("every instance of a word, e.g. chair (SAM 3); a drawn box is an example")
+        self.find_edit.returnPressed.connect(lambda: self.find_concept())
+        row.addWidget(self.find_edit, 1)
+        self.find_concept_button = QPushButton("Find")
+        self.find_concept_button.clicked.connect(lambda: self.find_concept())
+        row.addWidget(self.find_concept_button)
+        return row
 
     def _objects_box(self) -> QGroupBox:
         box = QGroupBox("Objects")
@@ -575,6 +590,45 @@ class Panel(QWidget):
         out = str(self.work_dir() / f"all_{uuid.uuid4().hex[:6]}")
         self.link.submit({"type": "segment_all", "photo": photo, "out_dir": out}, on_done=done)
         self.report("finding objects ...")
+
+    def find_concept(self, text: str | None = None, min_score: float = 0.5) -> bool:
+        """SAM 3: every instance of `text` (default: the Find field) and/or of what the drawn box shows; each
+        instance becomes an object row as it arrives (remove the unwanted ones, then Reconstruct)."""
+        text = (self.find_edit.text() if text is None else text).strip()
+        _, box = self.prompts
+        if not self.photo:
+            self.report("open a photo first", "ERROR")
+            return False
+        if not text and box is None:
+            self.report("type what to find (e.g. chair) in the Find field, or draw a box around one instance", "ERROR")
+            return False
+        if not self.ensure_worker():
+            return False
+        photo, s, base = self.photo, self.scale, re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:40] or "found"
+        added: list[ObjectItem] = []
+
+        def event(msg: dict) -> None:
+            if msg.get("type") == "instance" and msg.get("mask") and photo == self.photo:
+                added.append(self._add_item(msg["mask"], f"{base}_{len(added)}"))
+                self.refresh()
+
+        def done(msg: dict) -> None:
+            if photo != self.photo:
+                return
+            if msg.get("type") != "result":
+                self.report(f"finding failed: {msg.get('message', msg.get('type'))}", "ERROR")
+                return
+            what = text or "the box's kind of object"
+            self.report(f"found {len(added)} {what} ({msg.get('segmenter')})"
+                        + ("; remove the rows you do not want, then Reconstruct" if added else
+                           f"; none scored above {min_score}"), "INFO" if added else "WARNING")  # fmt: skip
+
+        out = str(self.work_dir() / f"find_{uuid.uuid4().hex[:6]}")
+        req = {"type": "segment_concept", "photo": photo, "out_dir": out, "text": text or None,
+               "boxes": [] if box is None else [[*(v * s for v in box), 1]], "min_score": min_score}  # fmt: skip
+        self.link.submit(req, on_event=event, on_done=done)
+        self.report(f"finding {text or 'what the box shows'} ...")
+        return True
 
     # ------------------------------------------------------------------------------------------
     # Reconstruction, cancel, re-roll, best of N

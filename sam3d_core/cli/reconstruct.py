@@ -2,6 +2,7 @@
 
     sam3d reconstruct PHOTO (--mask M.png ... | --point X,Y[,+/-] ... | --box X0,Y0,X1,Y1) --out DIR
     sam3d scene PHOTO --out DIR                     # every object the segmenter finds
+    sam3d scene PHOTO --text chair [--text lamp] --out DIR   # every instance of each phrase (SAM 3)
 
 Both write per object NAME.glb (UV-textured mesh), NAME.ply (Gaussians), NAME_mask.png, and for the photo
 scene.glb (objects placed, camera at the origin) and scene.json (poses, intrinsics, provenance); see
@@ -15,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from sam3d_core.cli.segment import check_clicks, parse_box, parse_point, path_arg
+from sam3d_core.cli.segment import add_concept_args, check_clicks, concept_instances, parse_box, parse_point, path_arg
 from sam3d_core.export.output import output_folder
 from sam3d_core.inputs.imageio import load_mask, load_photo
 
@@ -138,7 +140,7 @@ def check_common(args) -> None:
     fov = getattr(args, "fov", None)
     if fov is not None and not (math.isfinite(fov) and 1.0 <= fov <= 179.0):
         raise ValueError(f"--fov {fov}: expected a horizontal field of view of 1..179 degrees")
-    if getattr(args, "max_objects", 1) < 1:
+    if getattr(args, "max_objects", None) is not None and args.max_objects < 1:
         raise ValueError(f"--max-objects {args.max_objects}: expected at least 1")
 
 
@@ -263,15 +265,61 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return _run(pipe, ctx, masks, names, args, folder)
 
 
+def _concept_names(phrase: str | None, count: int, taken: set[str]) -> list[str]:
+    """Object names from a phrase: 'red mug' -> red_mug_0, red_mug_1, ... (letters, digits, '_' and '-' only)."""
+    base = re.sub(r"[^A-Za-z0-9_-]+", "_", phrase or "exemplar").strip("_")[:40] or "object"
+    names = []
+    i = 0
+    while len(names) < count:
+        if f"{base}_{i}" not in taken:
+            names.append(f"{base}_{i}")
+        i += 1
+    return names
+
+
+def _scene_concepts(args, pipe, ctx, folder) -> int:
+    """`scene --text A [--text B] [--exemplar ...]`: every instance of each phrase, reconstructed and placed."""
+    from sam3d_core.segment import ConceptPrompt, load_concept_segmenter
+
+    phrases = [t.strip() for t in args.text or () if t.strip()] or [None]  # exemplars alone: one "phrase"
+    for p in phrases:
+        ConceptPrompt(text=p, boxes=tuple(args.exemplar or ())).validate(ctx.height, ctx.width)
+    seg = load_concept_segmenter(device=args.device)
+    print(f"segmenter: {seg.reason}", file=sys.stderr)
+    seg.set_image(ctx.photo.rgb)
+    masks, names = [], []
+    for p in phrases:
+        found = concept_instances(seg, ctx.photo.rgb, p, args.exemplar, args.min_score, args.max_objects)
+        print(f"{p or 'exemplars'}: {len(found)} instance(s) above score {args.min_score}", file=sys.stderr)
+        masks += [pipe.load_mask(ctx, c.mask) for c in found]
+        names += _concept_names(p, len(found), set(names))
+    if not masks:
+        raise ValueError(
+            f"SAM 3 found no instance of {', '.join(repr(p) for p in phrases if p) or 'the exemplars'} above score "
+            f"{args.min_score}; try a lower --min-score, another phrase, or an --exemplar box around one instance"
+        )
+    return _run(pipe, ctx, masks, names, args, folder)
+
+
 def cmd_scene(args: argparse.Namespace) -> int:
     from sam3d_core.segment import load_segmenter
 
     args.mask = None
-    pipe, ctx, folder, _ = _prepare(args, objects=args.max_objects)
+    concept = bool(args.text) or bool(args.exemplar)
+    if not concept and (args.min_score != 0.5):
+        raise ValueError("--min-score goes with --text / --exemplar (SAM 3 concept prompts)")
+
+    if concept:
+        from sam3d_core.segment.backends import check_concept_available
+
+        check_concept_available()  # no SAM 3: say how to get it before any model loads
+    pipe, ctx, folder, _ = _prepare(args, objects=args.max_objects or 5)
+    if concept:
+        return _scene_concepts(args, pipe, ctx, folder)
     seg = load_segmenter("auto")
     print(f"segmenter: {seg.name}", file=sys.stderr)
     seg.set_image(ctx.photo.rgb)
-    cands = seg.segment_all()[: args.max_objects]
+    cands = seg.segment_all()[: args.max_objects or 5]
     if not cands:
         raise ValueError(
             "the segmenter found no object in this photo; pick objects with "
@@ -367,9 +415,11 @@ def add_reconstruct_parsers(sub) -> None:
     add_model_args(r)
     r.set_defaults(func=cmd_reconstruct)
 
-    s = sub.add_parser("scene", help="every object of a photo -> placed, textured objects")
+    s = sub.add_parser(
+        "scene", help="every object of a photo, or every instance of --text phrases -> placed, textured objects"
+    )
     s.add_argument("photo", type=path_arg("photo"))
-    s.add_argument("--max-objects", type=int, default=5)
+    add_concept_args(s, repeat_text=True)  # --text (repeatable), --exemplar, --min-score, --max-objects
     add_model_args(s)
     s.set_defaults(func=cmd_scene)
 

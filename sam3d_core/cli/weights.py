@@ -89,21 +89,37 @@ def _on_store(name: str, sam3d_fn, sam_fn, depth_fn):
 
 
 def cmd_import_sam(args: argparse.Namespace) -> int:
-    dest = sam_weights.import_sam_checkpoint(args.file, name=args.name, overwrite=args.overwrite)
+    dest = sam_weights.import_sam_checkpoint(args.file, name=args.name, overwrite=args.overwrite, bpe=args.bpe)
     print(f"imported {args.file} into {dest} (sha256 recorded; checked on every load)")
+    manifest = json.loads((dest / "manifest.json").read_text())
+    if manifest.get("kind") == "sam3":
+        try:
+            bpe = sam_weights.find_bpe(dest)
+            print(f"SAM 3 text vocabulary: {bpe}")
+        except CheckpointError as e:  # the weights are in; text prompts need the vocabulary too
+            print(f"note: {e}")
     return 0
 
 
 def add_weights_sam_parser(weights_subparsers) -> argparse.ArgumentParser:
     """Add `weights import-sam FILE` to the main CLI's `weights` subparsers."""
     s = weights_subparsers.add_parser(
-        "import-sam", help="import a segment-anything (.pth) or SAM 2 (.pt) checkpoint, or its .safetensors"
+        "import-sam",
+        help="import a segment-anything (.pth), SAM 2 (.pt) or SAM 3 (sam3.pt) checkpoint, or its .safetensors",
     )
     s.add_argument("file", type=path_arg("FILE"))
     s.add_argument(
         "--name",
         default=None,
-        help="default: the model type (vit_h, vit_l, vit_b; SAM 2: sam2.1_hiera_tiny, _small, _base_plus, _large)",
+        help="default: the model type (vit_h, vit_l, vit_b; SAM 2: sam2.1_hiera_tiny, _small, _base_plus, _large; "
+        "SAM 3: sam3)",
+    )
+    s.add_argument(
+        "--bpe",
+        type=path_arg("--bpe"),
+        default=None,
+        help="SAM 3 only: CLIP's bpe_simple_vocab_16e6.txt.gz for its text encoder, kept with the weights "
+        "(default: one beside FILE; else sam3's or open_clip's copy is looked for when loading)",
     )
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_import_sam)

@@ -77,6 +77,7 @@ class MaskCandidate:
     backend: str
     score_kind: str = ""
     native: np.ndarray | None = field(default=None, repr=False)  # back-end state to refine with
+    detected_box: tuple[float, float, float, float] | None = None  # a detector's own box (SAM 3), photo pixels
 
     @property
     def area(self) -> int:

@@ -6,6 +6,7 @@
     mask, *_ = s.predict([[320, 200, 1], [330, 260, 0]], previous=mask)    # refine with a - click
     s.save_mask(mask, "mask.png")                 # PNG, 0 / 255
     s.describe()                                  # {"name", "fallback", "reason", ...}
+    for inst in s.segment_concept("photo.jpg", text="chair", min_score=0.5): ...   # SAM 3: every chair
 
 Inputs are JSON-friendly: points as [[x, y, label], ...] (photo pixels, label 1 = include, 0 = exclude),
 box as [x0, y0, x1, y1]. Bad input raises ValueError naming the value and the fix.
@@ -22,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from sam3d_core.inputs.imageio import load_photo
-from sam3d_core.segment.backends import load_segmenter
-from sam3d_core.segment.base import Prompt
+from sam3d_core.segment.backends import load_concept_segmenter, load_segmenter
+from sam3d_core.segment.base import MaskCandidate, Prompt
+from sam3d_core.segment.sam3 import ConceptPrompt, check_limits
 
 MAX_PHOTOS = 4  # encoded photos kept; a SAM 2 embedding with its high-res features is ~16 MB
 
@@ -71,6 +73,18 @@ def _box(box) -> tuple[float, float, float, float] | None:
     return tuple(float(v) for v in box)
 
 
+def _exemplar(box) -> tuple[float, float, float, float, int]:
+    """[x0, y0, x1, y1] (an example) or [x0, y0, x1, y1, label] -> (x0, y0, x1, y1, label)."""
+    ok = isinstance(box, (list, tuple, np.ndarray)) and len(box) in (4, 5)
+    ok = ok and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in box)
+    if not ok or (len(box) == 5 and box[4] not in (0, 1)):
+        raise ValueError(
+            f"exemplar box {box!r}: expected [x0, y0, x1, y1] or [x0, y0, x1, y1, label] in photo pixels, label 1 "
+            "(an example of what to find) or 0 (not one)"
+        )
+    return (*(float(v) for v in box[:4]), int(box[4]) if len(box) == 5 else 1)
+
+
 class SegmentSession:
     """One segmenter plus an LRU cache of encoded photos (at most `max_photos`).
 
@@ -85,6 +99,7 @@ class SegmentSession:
         device: str | None = None,
         max_photos: int = MAX_PHOTOS,
         segmenter=None,
+        concept_segmenter=None,
     ):
         if max_photos < 1:
             raise ValueError(f"max_photos={max_photos}: keep at least 1 encoded photo")
@@ -94,6 +109,8 @@ class SegmentSession:
         self._cache: OrderedDict[tuple, tuple] = OrderedDict()  # key -> segmenter image state
         self._current: tuple | None = None
         self._last: dict = {}  # key -> (mask, native) of the last answer, to refine with its logits
+        self._concept = concept_segmenter  # SAM 3, loaded on the first concept prompt
+        self._concept_cache: OrderedDict[tuple, tuple] = OrderedDict()  # key -> SAM 3 image state
 
     # -- the back-end -----------------------------------------------------------------------------
     @property
@@ -210,6 +227,56 @@ class SegmentSession:
         self._last[self._current] = (best.mask, best.native)
         score = None if best.score_kind in ("", "none") else float(best.score)
         return best.mask, score, best.backend, {"predict_s": round(seconds, 4)}
+
+    # -- concept prompts (SAM 3) --------------------------------------------------------------------
+    @property
+    def concept_segmenter(self):
+        """SAM 3 (loaded on first use); ConceptUnavailable, saying how to get it, when there is none."""
+        if self._concept is None:
+            _, _, device = self._spec
+            self._concept = load_concept_segmenter(device=device)
+        return self._concept
+
+    def segment_concept(
+        self,
+        photo: str | os.PathLike | np.ndarray,
+        text: str | None = None,
+        boxes=(),
+        min_score: float = 0.5,
+        max_objects: int | None = None,
+        key: str | None = None,
+    ) -> list[MaskCandidate]:
+        """Every instance of a concept on `photo` (a path, or an array cached by `key` as in `open`), best first.
+
+        text: a noun phrase; boxes: exemplars [[x0, y0, x1, y1, label], ...] in photo pixels (label 1 = an example,
+        0 = not one; [x0, y0, x1, y1] alone is an example). Inputs are checked before SAM 3 is loaded."""
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"text {text!r}: expected a noun phrase such as 'chair', or none")
+        exemplars = tuple(_exemplar(b) for b in boxes or ())
+        check_limits(min_score, max_objects)
+        prompt = ConceptPrompt(text=text, boxes=exemplars)
+        if isinstance(photo, np.ndarray):
+            digest = hashlib.blake2b(np.ascontiguousarray(photo).data, digest_size=16).hexdigest()
+            rgb, cache_key = photo, ("array", key, photo.shape, digest)
+        else:
+            path = Path(photo).expanduser()
+            if not path.is_file():
+                raise ValueError(f"photo {str(path)!r} does not exist; give the path of an image file")
+            st = path.stat()
+            rgb, cache_key = None, ("file", str(path.resolve()), st.st_mtime_ns, st.st_size)
+        if rgb is None:
+            rgb = load_photo(path).rgb
+        prompt.validate(*rgb.shape[:2])  # before SAM 3 loads
+        seg = self.concept_segmenter
+        if cache_key in self._concept_cache:
+            seg.restore_image_state(self._concept_cache[cache_key])
+            self._concept_cache.move_to_end(cache_key)
+        else:
+            seg.set_image(rgb)
+            self._concept_cache[cache_key] = seg.image_state()
+            while len(self._concept_cache) > self.max_photos:
+                self._concept_cache.popitem(last=False)
+        return seg.segment_concept(prompt, min_score=min_score, max_objects=max_objects)
 
     def segment_all(self) -> list[np.ndarray]:
         """Every object the back-end finds on the current photo: [H, W] bool masks, largest first."""

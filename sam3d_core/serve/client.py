@@ -233,6 +233,29 @@ class WorkerClient:
         """Every object the segmenter finds, as mask PNGs in `out_dir`."""
         return self.submit({"type": "segment_all", "photo": photo, "out_dir": out_dir, "max_objects": max_objects})
 
+    def segment_concept(
+        self,
+        photo: str,
+        out_dir: str,
+        text: str | None = None,
+        boxes=(),
+        min_score: float | None = None,
+        max_objects: int | None = None,
+    ) -> Job:
+        """SAM 3: every instance of a noun phrase and/or exemplar boxes [[x0, y0, x1, y1, 1|0], ...] (photo pixels),
+        as mask PNGs in `out_dir`; one "instance" event per instance, then the result listing them all."""
+        return self.submit(
+            {
+                "type": "segment_concept",
+                "photo": photo,
+                "out_dir": out_dir,
+                "text": text,
+                "boxes": [list(b) for b in boxes],
+                "min_score": min_score,
+                "max_objects": max_objects,
+            }
+        )
+
     def close(self, timeout: float = 15) -> int | None:
         """Ask the worker to shut down (cancelling its jobs), wait up to `timeout` s, then kill it."""
         self._closing = True

@@ -21,9 +21,19 @@ import uuid
 
 PROTOCOL_VERSION = 1
 
-REQUEST_TYPES = ("hello", "reconstruct", "cancel", "shutdown", "status", "open_photo", "segment", "segment_all")
-RESPONSE_TYPES = ("hello", "progress", "result", "error", "cancelled", "status", "photo")
-# Responses that end a request (progress events do not). A cancel request gets no reply of its own.
+REQUEST_TYPES = (
+    "hello",
+    "reconstruct",
+    "cancel",
+    "shutdown",
+    "status",
+    "open_photo",
+    "segment",
+    "segment_all",
+    "segment_concept",
+)
+RESPONSE_TYPES = ("hello", "progress", "result", "error", "cancelled", "status", "photo", "instance")
+# Responses that end a request (progress and instance events do not). A cancel request gets no reply of its own.
 FINAL_TYPES = ("hello", "result", "error", "cancelled", "status", "photo")
 # Progress stages this version sends, in order; clients must accept others (a newer worker may add some).
 STAGES = ("preprocess", "stage1", "stage2", "postprocess", "bake", "export")
@@ -328,6 +338,44 @@ def _check_segment_all(msg: dict) -> None:
     _field(msg, "overwrite", (bool,), False, "true (replace masks sam3d wrote there) or false")
 
 
+def _check_segment_concept(msg: dict) -> None:
+    _path(msg, "photo", "an image file path string")
+    _path(msg, "out_dir", "a folder path string for the mask PNGs")
+    text = _field(msg, "text", (str,), False, 'a short noun phrase such as "chair", or null')
+    if text is not None and len(text) > 200:
+        raise ProtocolError(
+            "bad_request", f"segment_concept request: text of {len(text)} characters; send a short noun phrase",
+            {"field": "text"},
+        )  # fmt: skip
+    boxes = _field(msg, "boxes", (list,), False, "a list of exemplar boxes [x0, y0, x1, y1, label]") or []
+    for b in boxes:
+        if (
+            not isinstance(b, list)
+            or len(b) not in (4, 5)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)
+            or (len(b) == 5 and b[4] not in (0, 1))
+        ):
+            raise ProtocolError(
+                "bad_request",
+                f"segment_concept request: exemplar box {b!r} is not [x0, y0, x1, y1] or [x0, y0, x1, y1, label] "
+                "with label 1 (an example of the concept) or 0 (not one), in photo pixels",
+                {"field": "boxes"},
+            )
+    if not (text or "").strip() and not boxes:
+        raise ProtocolError(
+            "bad_request",
+            'segment_concept request needs a "text" (a noun phrase) and/or exemplar "boxes"',
+            {"field": "text"},
+        )
+    score = _field(msg, "min_score", (int, float), False, "a score 0 <= s < 1, or null (0.5)")
+    if score is not None and not 0 <= score < 1:
+        raise ProtocolError(
+            "bad_request", f"segment_concept request: min_score {score} is not in [0, 1)", {"field": "min_score"}
+        )
+    _bounded(msg, "max_objects", 1, 100, "the most instances to return")
+    _field(msg, "overwrite", (bool,), False, "true (replace masks sam3d wrote there) or false")
+
+
 def _check_cancel(msg: dict) -> None:
     _field(msg, "target", (str,), True, "the id of the job to cancel")
 
@@ -353,6 +401,7 @@ _REQUEST_CHECKS = {
     "open_photo": _check_open_photo,
     "segment": _check_segment,
     "segment_all": _check_segment_all,
+    "segment_concept": _check_segment_concept,
 }
 _RESPONSE_CHECKS = {"progress": _check_progress, "error": _check_error}
 

@@ -43,6 +43,7 @@ CAPABILITIES = [
     "open_photo",
     "segment",
     "segment_all",
+    "segment_concept",  # SAM 3: a noun phrase and/or exemplar boxes -> every instance, streamed ("instance" events)
     "stage2",
     "texture_bake",
     "output_policy",  # `overwrite` fields, numbered suffixes, all-or-nothing writes (docs/protocol.md, Output files)
@@ -590,6 +591,9 @@ class Worker:
     def _on_segment_all(self, req: dict) -> None:
         self._interactive(req)
 
+    def _on_segment_concept(self, req: dict) -> None:
+        self._interactive(req)
+
     def _interactive(self, req: dict) -> None:
         if self._ready.is_set() and self.model.error is not None:
             raise self.model.error
@@ -609,6 +613,8 @@ class Worker:
                 msg = getattr(self, f"_do_{req['type']}")(req)
             except BadInput as e:
                 msg = P.error(req["id"], "bad_input", str(e), e.details)
+            except P.ProtocolError as e:
+                msg = e.to_message(req["id"])
             except Exception as e:
                 if is_out_of_memory(e):
                     _free_gpu_memory()
@@ -732,6 +738,68 @@ class Worker:
             masks=[str(p) for p in paths],
             areas=[int(m.sum()) for m in masks],
             segmenter=self._segment_info()["name"],
+        )
+
+    def _do_segment_concept(self, req: dict) -> dict:
+        """SAM 3: every instance of a noun phrase and/or exemplar boxes. Each instance's mask is written (on its own,
+        under the output policy) and announced with an "instance" event as it is ready; the result lists them all."""
+        from sam3d_core.segment.backends import ConceptUnavailable
+        from sam3d_core.weights.store import CheckpointError
+
+        ctx = self._photo(req["photo"])
+        text = (req.get("text") or "").strip() or None
+        boxes = req.get("boxes") or []
+        try:
+            folder = output_folder(
+                Path(req["out_dir"]).expanduser(),
+                overwrite=bool(req.get("overwrite", False)),
+                inputs=[ctx.photo.path],
+                what="mask folder",
+            )
+        except OutputError as e:
+            raise BadInput(str(e), field="out_dir", **e.details) from None
+        t0 = time.perf_counter()
+        try:
+            found = self._segmenter().segment_concept(
+                ctx.photo.rgb,
+                text=text,
+                boxes=boxes,
+                min_score=0.5 if req.get("min_score") is None else float(req["min_score"]),
+                max_objects=req.get("max_objects"),
+                key=str(ctx.photo.path),
+            )
+        except ConceptUnavailable as e:
+            raise P.ProtocolError("missing_weights", str(e), {"backend": "sam3"}) from None
+        except CheckpointError as e:  # an imported SAM 3 that fails its checks
+            raise P.ProtocolError(
+                "missing_weights", f"the SAM 3 checkpoint cannot be used: {e}", {"backend": "sam3"}
+            ) from None
+        except ValueError as e:
+            raise BadInput(str(e), field="boxes" if boxes else "text") from None
+        name = found[0].backend if found else self._segmenter().concept_segmenter.name
+        records = []
+        for i, c in enumerate(found):
+            (path,) = self._write_masks(folder, [(f"instance_{i}", ".png", c.mask)], "out_dir")
+            rec = {
+                "index": i,
+                "mask": str(path),
+                "score": round(float(c.score), 5),
+                "box": [round(float(v), 2) for v in c.detected_box],
+                "area": int(c.area),
+            }
+            records.append(rec)
+            self.send(P.response("instance", req["id"], **rec, segmenter=name))
+        return P.response(
+            "result",
+            req["id"],
+            masks=[r["mask"] for r in records],
+            scores=[r["score"] for r in records],
+            boxes=[r["box"] for r in records],
+            areas=[r["area"] for r in records],
+            text=text,
+            segmenter=name,
+            score_kind=found[0].score_kind if found else None,
+            seconds=round(time.perf_counter() - t0, 4),
         )
 
     # -- main thread ---------------------------------------------------------------------------
