@@ -101,7 +101,8 @@ def test_not_a_pack_is_refused_with_the_command_that_makes_one(tmp_path):
 
 
 def test_rendered_views_are_deterministic_valid_samples_with_exact_targets(pack):
-    ds = RenderPackDataset(pack, seed=3, settings=ViewSettings(size=96, p_flat_pointmap=0.0, p_mask_noise=0.0, p_wall=0))
+    views = ViewSettings(size=96, p_flat_pointmap=0.0, p_mask_noise=0.0, p_wall=0)
+    ds = RenderPackDataset(pack, seed=3, settings=views)
     a, b, c = ds[7], ds[7], ds[8]
     assert (a.photo == b.photo).all() and (a.mask == b.mask).all() and a.sample_id == b.sample_id
     assert a.sample_id != c.sample_id
@@ -120,7 +121,8 @@ def test_rendered_views_are_deterministic_valid_samples_with_exact_targets(pack)
 
 
 def test_wall_views_give_the_background_a_depth_behind_the_object(pack):
-    ds = RenderPackDataset(pack, seed=2, settings=ViewSettings(size=64, p_flat_pointmap=0.0, p_wall=1.0, p_occluded=0, p_occluder=0))
+    views = ViewSettings(size=64, p_flat_pointmap=0.0, p_wall=1.0, p_occluded=0, p_occluder=0)
+    ds = RenderPackDataset(pack, seed=2, settings=views)
     s = ds[4]
     assert np.isfinite(s.pointmap).all()
     back = s.pointmap[~s.amodal_mask][..., 2]

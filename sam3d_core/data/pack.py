@@ -438,7 +438,7 @@ class RenderPackDataset:
         for j in rng.choice(self.objects, size=min(3, n), replace=False):
             if int(j) != obj:
                 others.append((self.pack.meta["objects"][int(j)]["name"], self._render_mesh(int(j)), 1.0))
-        for attempt in range(8):  # a view whose target is (nearly) hidden is drawn again, deterministically
+        for _attempt in range(8):  # a view whose target is (nearly) hidden is drawn again, deterministically
             scene = sample_scene(rng, self._render_mesh(obj), meta["size_m"], others, cfg)
             bg = self.pack.background(int(rng.integers(0, self.pack.num_backgrounds)))
             try:

@@ -35,8 +35,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from sam3d_core.config import save_json
-
 PRESET = "default"
 MAX_FILE_BYTES = 16_000_000  # shipped files stay under 16 MB (carry limits of the GPU machine; issue 14)
 
@@ -479,8 +477,9 @@ def run(
                 last = rec
     done_steps = max([r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if "step" in r] or [0])
     state["flow"] = {
-        "steps": done_steps, "planned_steps": cfg.steps, "batch_size": cfg.batch_size, "samples": done_steps * cfg.batch_size, "lr": cfg.lr,
-        "ema_decay": cfg.ema_decay, "loss": last.get("loss", float("nan")),
+        "steps": done_steps, "planned_steps": cfg.steps, "batch_size": cfg.batch_size,
+        "samples": done_steps * cfg.batch_size, "lr": cfg.lr, "ema_decay": cfg.ema_decay,
+        "loss": last.get("loss", float("nan")),
     }  # fmt: skip
     state["pack"] = {
         "objects": len(pack), "backgrounds": pack.num_backgrounds, "licences": pack.meta.get("licences", {}),
