@@ -126,7 +126,7 @@ def postprocess(
         keep = keep[:max_objects]
     cx, cy, w, h = outputs["pred_boxes"][0, keep].float().unbind(-1)
     boxes = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
-    boxes = boxes * torch.tensor([width, height, width, height], dtype=torch.float32)
+    boxes = boxes * torch.tensor([width, height, width, height], dtype=torch.float32, device=boxes.device)
     logits = outputs["pred_masks"][0, keep]  # [K, h, w]
 
     def mask(i: int):
