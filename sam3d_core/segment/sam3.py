@@ -164,12 +164,22 @@ def cpu_safe():
 
 
 def import_error() -> str | None:
-    """Why sam3 cannot be used here, or None when it imports (torchvision's C ops included)."""
+    """Why sam3 cannot be used here, or None when it imports (torchvision's C ops included).
+
+    Importing sam3 (its package __init__ imports model_builder) switches TensorFloat-32 on for every matmul and
+    convolution of the process on Ampere and later GPUs. In our worker that would silently change the precision of
+    both reconstruction stages after the first concept prompt (and it broke the float32 tolerance of the sparse-conv
+    GPU tests run after it), so the flags are restored right after the import."""
+    import torch
+
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         import sam3.model.sam3_image  # noqa: F401
         import torchvision.ops  # noqa: F401  (a torchvision built for another torch fails only here)
     except Exception as e:  # ImportError, or RuntimeError "operator torchvision::nms does not exist"
         return f"{type(e).__name__}: {e}"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     return None
 
 
