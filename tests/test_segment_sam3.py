@@ -406,3 +406,21 @@ def test_official_size_runs_on_cuda():
     found = seg.segment_concept(ConceptPrompt(text="chair"), min_score=0.0, max_objects=5)
     assert len(found) == 5 and found[0].mask.shape == (720, 1280)
     assert all(torch.isfinite(v).all() for v in raw.values())
+
+
+@needs_sam3
+@pytest.mark.gpu
+def test_importing_sam3_leaves_the_process_matmul_precision_alone():
+    """sam3's package __init__ turns TF32 on for the whole process on Ampere+ GPUs; our import restores the flags
+    (a fresh interpreter, so that sam3's import really runs here; on a CPU machine sam3 changes nothing)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; torch.backends.cuda.matmul.allow_tf32 = False; torch.backends.cudnn.allow_tf32 = False\n"
+        "from sam3d_core.segment.sam3 import import_error; assert import_error() is None\n"
+        "print(torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "False"]
