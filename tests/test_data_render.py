@@ -150,6 +150,16 @@ def test_mask_noise_stays_near_the_mask_and_never_empties_it():
         assert ("erode_px" in how) != ("dilate_px" in how)
         changed += not np.array_equal(noisy, mask)
     assert changed == 20
+    # On a large photo no noisy pixel lies far from the object: the jitter stays in the boundary band (it once
+    # scattered specks over the whole photo, which an IoU on a small canvas did not see).
+    from scipy.ndimage import distance_transform_edt
+
+    big = np.zeros((400, 400), bool)
+    big[150:210, 160:240] = True
+    far = distance_transform_edt(~big)
+    for seed in range(30):
+        noisy, how = mask_noise(big, np.random.default_rng(seed))
+        assert far[noisy].max() <= 3 + 9, how  # dilation (<= 3 px) + the blur's band (3 sigma <= 9 px)
     tiny = np.zeros((50, 50), bool)
     tiny[25, 25] = True  # erosion would empty it: the input comes back
     outs = [mask_noise(tiny, np.random.default_rng(s))[0] for s in range(10)]
