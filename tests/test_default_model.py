@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -130,9 +131,17 @@ def test_wall_views_give_the_background_a_depth_behind_the_object(pack):
 
 
 def test_flat_point_map_views_use_the_no_depth_fallback_plane(pack):
-    ds = RenderPackDataset(pack, seed=0, settings=ViewSettings(size=64, p_flat_pointmap=1.0))
-    s = ds[0]
+    views = ViewSettings(size=64, p_flat_pointmap=1.0, p_occluded=0, p_occluder=0, p_mask_noise=0)
+    s = RenderPackDataset(pack, seed=0, settings=views)[0]
+    metric = RenderPackDataset(pack, seed=0, settings=replace(views, p_flat_pointmap=0.0))[0]  # the same scene
     assert np.isfinite(s.pointmap).all() and np.allclose(s.pointmap[..., 2], 1.0)
+    # The target is the scene scaled so that the visible surface sits at depth ~1 (relative units, as the product
+    # places objects without depth): same rotation, same direction and size-to-distance ratio as the metric pose.
+    assert np.allclose(s.rotation, metric.rotation) and (s.photo == metric.photo).all()
+    seen = metric.pointmap[metric.mask][:, 2]
+    assert np.allclose(s.translation, metric.translation / np.median(seen))
+    assert np.allclose(s.scale, metric.scale / np.median(seen))
+    assert 0.8 < s.translation[2] < 1.6
 
 
 def test_a_dataloader_worker_gets_a_working_copy(pack):

@@ -452,9 +452,16 @@ class RenderPackDataset:
                 break
         else:
             raise ValueError(f"pack object {obj}: no usable view in 8 draws (index {index})")
+        t = scene.target
+        translation, size = np.asarray(t.translation, np.float64), float(meta["size_m"])
         if rng.uniform() < s.p_flat_pointmap:
             fov = 2 * math.degrees(math.atan(s.size / 2 / scene.K[0, 0]))
             pointmap = fallback_pointmap(s.size, s.size, fov)[0].astype(np.float32)
+            # Without depth the product places the object about the plane's unit distance away (relative units):
+            # the target is the scene scaled so that the visible surface lies at depth 1, as it is then.
+            seen = view.pointmap[view.mask & view.coverage][:, 2]
+            unit = float(np.median(seen)) if len(seen) else float(translation[2])
+            translation, size = translation / unit, size / unit
         else:
             pointmap = np.where(view.coverage[..., None], view.pointmap, np.nan).astype(np.float32)
             if rng.uniform() < s.p_wall:  # a depth model gives depth everywhere: the photo as a wall behind
@@ -463,7 +470,6 @@ class RenderPackDataset:
                     scene.K,
                 )
                 pointmap = np.where(view.coverage[..., None], pointmap, wall).astype(np.float32)
-        t = scene.target
         return Sample(
             sample_id=f"pack:{obj}:{int(index)}",
             photo=view.rgb,
@@ -471,8 +477,8 @@ class RenderPackDataset:
             amodal_mask=view.amodal,
             K=scene.K,
             rotation=np.asarray(t.rotation, np.float64),
-            translation=np.asarray(t.translation, np.float64),
-            scale=np.full(3, meta["size_m"]),
+            translation=translation,
+            scale=np.full(3, size),
             occupancy=np.argwhere(self.pack.occupancy(obj)),
             pointmap=pointmap,
             ss_latent=self.pack.latents[obj],
