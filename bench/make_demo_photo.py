@@ -1,7 +1,7 @@
 """Make the bundled demo photo: a Sweet Home 3D armchair (CC0; one of the default model's training objects, not a
 benchmark object) rendered by the training renderer into an OpenCV sample photo, with its exact mask and depth.
 
-    python bench/make_demo_photo.py --out assets/examples [--cache DIR]
+    python bench/make_demo_photo.py --out assets/examples [--cache DIR] [--overwrite]
 
 Writes armchair.png (640 x 480), armchair_mask.png (255 = object), armchair_depth.npy (metres; the background is a
 wall 1.2 m behind the chair, as a depth model would give) and prints the horizontal field of view (the demo passes
@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--cache", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace armchair*.* files already in --out")
     args = p.parse_args()
     cache = Path(args.cache) if args.cache else bm.default_cache()
     furn = bm.fetch_source("sweethome3d-furniture", cache) / bm.FURNITURE
@@ -51,12 +55,26 @@ def main() -> None:
     light = Light(direction=np.array([0.4, 0.6, -0.7]), ambient=0.45, diffuse=0.65)
     view = render_view([Placed(RenderMesh.from_asset(asset), rot, t, size)], K, h, w, light, bg)
     out = Path(args.out)
+    names = ("armchair.png", "armchair_mask.png", "armchair_depth.npy")
+    if not args.overwrite and any((out / n).exists() for n in names):
+        sys.exit(f"{out} already holds {', '.join(n for n in names if (out / n).exists())}; pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(view.rgb).save(out / "armchair.png", optimize=True)
-    Image.fromarray((view.mask * 255).astype(np.uint8)).save(out / "armchair_mask.png", optimize=True)
     depth = np.where(np.isfinite(view.depth), view.depth, t[2] + 1.2).astype(np.float32)
-    np.save(out / "armchair_depth.npy", depth.astype(np.float16))  # half the size; read back as float32
     assert np.isfinite(pointmap_from_depth(depth, K)).all()
+    writers = {
+        names[0]: lambda f: Image.fromarray(view.rgb).save(f, format="PNG", optimize=True),
+        names[1]: lambda f: Image.fromarray((view.mask * 255).astype(np.uint8)).save(f, format="PNG", optimize=True),
+        names[2]: lambda f: np.save(f, depth.astype(np.float16)),  # half the size; read back as float32
+    }
+    for name, write in writers.items():  # each under a temporary name, then renamed into place
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, out / name)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     print(f"wrote {out}: fov {FOV_DEG} degrees, {int(view.mask.sum())} object pixels, size {size:.2f} m")
 
 

@@ -7,7 +7,6 @@ that needs the GPU machine to train: docs/training.md)."""
 from __future__ import annotations
 
 import json
-import math
 import pickle
 from dataclasses import replace
 
@@ -151,24 +150,17 @@ def test_a_dataloader_worker_gets_a_working_copy(pack):
     assert clone._meshes == {} and (clone[0].photo == ds[0].photo).all()
 
 
-def test_folding_the_latent_scale_is_exact():
-    from sam3d_core.models.ss_vae import SSDecoder, SSEncoder
-    from sam3d_core.registry import encoder_preset, stage1_preset
-    from sam3d_core.training.default_model import fold_latent_scale, init_for_training
+def test_the_analytic_latent_holds_each_blocks_occupied_fraction_in_the_decoders_layout():
+    from sam3d_core.models.ss_vae import pixel_shuffle_3d
+    from sam3d_core.training.default_model import occupancy_latent
 
-    enc = init_for_training(SSEncoder(encoder_preset("tiny").ss_encoder), 0).double()
-    dec = init_for_training(SSDecoder(stage1_preset("tiny").decoder), 1).double()
-    x = torch.zeros(1, 1, 64, 64, 64, dtype=torch.float64)
-    x[0, 0, 20:40, 10:50, 30:34] = 1
-    with torch.no_grad():
-        mean, logvar = enc(x)
-        before = dec(mean)
-        fold_latent_scale(enc, dec, 3.5)
-        mean2, logvar2 = enc(x)
-        after = dec(mean2)
-    assert torch.allclose(mean2 * 3.5, mean, atol=1e-10)
-    assert torch.allclose(logvar2, logvar - 2 * math.log(3.5), atol=1e-10)
-    assert torch.allclose(after, before, atol=1e-6)  # the decoder returns float32
+    grid = torch.zeros(1, 1, 64, 64, 64)
+    grid[0, 0, 8:12, 20:24, 40:42] = 1  # half of the 4^3 block (2, 5, 10)
+    lat = occupancy_latent(grid)
+    assert lat.shape == (1, 8, 8, 8, 8) and float(lat.sum()) == 0.5
+    # the decoder's pixel shuffle puts channel i*4 + j*2 + k of cell (x, y, z) at block (2x + i, 2y + j, 2z + k)
+    frac = pixel_shuffle_3d(lat, 2)  # [1, 1, 16, 16, 16]
+    assert float(frac[0, 0, 2, 5, 10]) == 0.5 and float(frac.sum()) == 0.5
 
 
 def test_a_fresh_flow_model_predicts_zero_and_its_blocks_are_the_identity():
@@ -214,8 +206,8 @@ def trained(tmp_path_factory, pack):
     shutil.copytree(pack.folder, folder)
     (folder / "latents.npy").unlink()  # the run encodes its own
     plan = DefaultPlan(
-        pack=str(folder), out=str(root / "run"), preset="default-tiny", device="cpu", workers=0, vae_steps=2,
-        vae_batch=1, steps=3, batch_size=2, warmup_steps=1, save_every=1, max_file_bytes=600_000,
+        pack=str(folder), out=str(root / "run"), preset="default-tiny", device="cpu", workers=0, decoder_steps=2,
+        decoder_batch=1, steps=3, batch_size=2, warmup_steps=1, save_every=1, max_file_bytes=600_000,
     )  # fmt: skip
     logs: list[str] = []
     first = run(plan, log=logs.append, stop_after_s=0.0)
@@ -243,6 +235,17 @@ def test_train_default_pauses_resumes_and_exports_a_loadable_split_fp16_model(tr
     assert all(p.dtype == torch.float32 for p in pipe.model.parameters())
     card = (out / "README.md").read_text()
     assert "CC0-1.0" in card and "What it cannot do" in card
+
+
+def test_train_default_refuses_a_folder_that_is_not_its_own(tmp_path, pack):
+    from sam3d_core.training.default_model import DefaultPlan, run
+
+    out = tmp_path / "mine"
+    (out / "decoder").mkdir(parents=True)
+    (out / "decoder" / "notes.txt").write_text("the user's")
+    with pytest.raises(ValueError, match="not a run folder of `sam3d train-default`"):
+        run(DefaultPlan(pack=str(pack.folder), out=str(out), preset="default-tiny", device="cpu"), log=lambda s: None)
+    assert (out / "decoder" / "notes.txt").read_text() == "the user's" and not (out / "state.json").exists()
 
 
 def test_the_bundled_default_is_chosen_without_imported_weights_and_says_so(trained, monkeypatch, tmp_path):

@@ -23,9 +23,9 @@ def cmd_train_default(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers,
         seed=args.seed,
-        vae_steps=args.vae_steps,
-        vae_batch=args.vae_batch,
-        vae_minutes=args.vae_minutes,
+        decoder_steps=args.decoder_steps,
+        decoder_batch=args.decoder_batch,
+        decoder_minutes=args.decoder_minutes,
         flow_minutes=args.flow_minutes,
         steps=args.steps,
         batch_size=args.batch_size,
@@ -47,9 +47,9 @@ def add_train_default_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="", help="torch device (default: cuda when present)")
     p.add_argument("--workers", type=int, default=-1, help="view-rendering processes (default: cores - 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=3000)
-    p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--vae-minutes", type=float, default=0.0, help="time box of the VAE phase (0: --vae-steps)")
+    p.add_argument("--decoder-steps", type=int, default=3000, help="occupancy-decoder optimizer steps")
+    p.add_argument("--decoder-batch", type=int, default=32)
+    p.add_argument("--decoder-minutes", type=float, default=0.0, help="time box of the decoder phase (0: the steps)")
     p.add_argument(
         "--flow-minutes", type=float, default=15.0,
         help="training time of the flow model: the first call measures its steps per second and fixes the number of "

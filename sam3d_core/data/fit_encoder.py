@@ -37,7 +37,6 @@ class FitConfig:
     eval_every: int = 250
     resolution: int = 64  # occupancy grid side
     seed: int = 0
-    max_seconds: float = 0.0  # stop after this long (0 = no limit): a time-boxed run on a lent GPU
 
 
 @dataclass
@@ -96,35 +95,20 @@ def fit_ss_encoder(
     held_out: Sequence[np.ndarray],
     cfg: FitConfig = FitConfig(),
     progress: Callable[[int, float, float], None] | None = None,
-    train_decoder: bool = False,
 ) -> FitResult:
     """Train `encoder` in place against the frozen `decoder` until the held-out IoU reaches cfg.target_iou or
     cfg.max_steps. train / held_out: occupancies [N, 3] int on the cfg.resolution grid. progress(step, loss, iou) is
-    called at every evaluation.
-
-    `train_decoder`: train the decoder too (a whole sparse-structure VAE from scratch, for a model of our own such
-    as the default one): both get gradients, and a binary cross-entropy on the occupancy logits joins the dice
-    loss (dice alone gives a fresh decoder almost no signal on the empty voxels)."""
+    called at every evaluation."""
     if not train or not held_out:
         raise ValueError(f"train: got {len(train)} shapes, held_out {len(held_out)}; both need at least one")
     device = next(encoder.parameters()).device
-    params = list(encoder.parameters())
-    if train_decoder:
-        decoder.train().requires_grad_(True)
-        params += list(decoder.parameters())
-    else:
-        decoder.eval().requires_grad_(False)
+    decoder.eval().requires_grad_(False)
     encoder.train()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     result = FitResult(steps=0, iou=decoded_iou(encoder, decoder, held_out, cfg.resolution), reached=False)
     result.history.append((0, float("nan"), result.iou))
-    import time
-
-    t0 = time.perf_counter()
     for step in range(1, cfg.max_steps + 1):
-        if cfg.max_seconds and time.perf_counter() - t0 > cfg.max_seconds and step > 1:
-            break
         pick = torch.randint(len(train), (cfg.batch_size,), generator=gen).tolist()
         x = _grids([train[i] for i in pick], cfg.resolution, device)  # [B, 1, R, R, R]
         mean, logvar = encoder(x)  # [B, C, r, r, r] each
@@ -133,28 +117,21 @@ def fit_ss_encoder(
         logits = decoder(torch.cat([mean, z]))  # [2B, 1, R, R, R]: the mean (the target we store) and the sample
         loss = dice_loss(logits[: len(x)], x) + dice_loss(logits[len(x) :], x)
         loss = loss + cfg.kl_weight * kl_divergence(mean, logvar)
-        if train_decoder:
-            target = torch.cat([x, x])
-            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.grad_clip)
         opt.step()
         result.steps = step
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             encoder.eval()
-            decoder.eval()
             result.iou = decoded_iou(encoder, decoder, held_out, cfg.resolution)
             encoder.train()
-            if train_decoder:
-                decoder.train()
             result.history.append((step, float(loss.detach()), result.iou))
             if progress is not None:
                 progress(step, float(loss.detach()), result.iou)
             if result.iou >= cfg.target_iou:
                 break
     encoder.eval()
-    decoder.eval().requires_grad_(False)
     result.reached = result.iou >= cfg.target_iou
     with torch.no_grad():  # encoder only: cheaper than another decoded_iou
         latents = torch.cat([encoder(_grids([s], cfg.resolution, device))[0] for s in held_out])

@@ -274,10 +274,9 @@ def _pack_backgrounds(cache: Path, guard, report: BuildReport, log) -> tuple[lis
                 report.skip("held out", path.name, r)
                 continue
             h, w = rgb.shape[:2]
-            spread = float(np.std(rgb.astype(np.float32).mean(axis=(0, 1)) - rgb.astype(np.float32).mean()))
             chroma = float(np.abs(rgb.astype(np.int16) - rgb.mean(axis=2, keepdims=True)).mean())
             if min(h, w) < 200 or chroma < 4.0:  # thumbnails and grey-level pictures make poor backgrounds
-                report.skip("photo unsuitable", path.name, f"{w}x{h}, colourfulness {chroma:.1f} (spread {spread:.1f})")
+                report.skip("photo unsuitable", path.name, f"{w}x{h}, colourfulness {chroma:.1f}")
                 continue
             s = BACKGROUND_SIDE / max(h, w)
             if s < 1:
@@ -487,13 +486,6 @@ class RenderPackDataset:
             group=meta["group"],
             occlusion=info["occlusion"],
         )
-
-    def info(self) -> dict:
-        return {
-            "folder": str(self.pack.folder),
-            "samples": "rendered on the fly",
-            "licences": self.pack.meta["licences"],
-        }
 
 
 def _usable(mask: np.ndarray) -> bool:

@@ -717,10 +717,10 @@ class Worker:
             raise BadInput(f"{why}; nothing was written", field=field, path=str(folder.path)) from None
         return [folder.path / n for n in names]
 
-    def _do_segment_all(self, req: dict) -> dict:
-        ctx = self._photo(req["photo"])
+    def _mask_folder(self, req: dict, ctx):
+        """The request's out_dir under the output policy (new, empty or ours; the photo is never written over)."""
         try:
-            folder = output_folder(
+            return output_folder(
                 Path(req["out_dir"]).expanduser(),
                 overwrite=bool(req.get("overwrite", False)),
                 inputs=[ctx.photo.path],
@@ -728,6 +728,10 @@ class Worker:
             )
         except OutputError as e:
             raise BadInput(str(e), field="out_dir", **e.details) from None
+
+    def _do_segment_all(self, req: dict) -> dict:
+        ctx = self._photo(req["photo"])
+        folder = self._mask_folder(req, ctx)
         seg = self._segmenter()
         seg.open(ctx.photo.rgb, key=str(ctx.photo.path))
         masks = seg.segment_all()[: req.get("max_objects") or 10]
@@ -749,15 +753,7 @@ class Worker:
         ctx = self._photo(req["photo"])
         text = (req.get("text") or "").strip() or None
         boxes = req.get("boxes") or []
-        try:
-            folder = output_folder(
-                Path(req["out_dir"]).expanduser(),
-                overwrite=bool(req.get("overwrite", False)),
-                inputs=[ctx.photo.path],
-                what="mask folder",
-            )
-        except OutputError as e:
-            raise BadInput(str(e), field="out_dir", **e.details) from None
+        folder = self._mask_folder(req, ctx)
         t0 = time.perf_counter()
         try:
             found = self._segmenter().segment_concept(

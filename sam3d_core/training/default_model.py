@@ -5,10 +5,8 @@
     -> RUN/default/  a model folder (fp16 safetensors, files <= 16 MB, model card) for assets/default
 
 Phases (each one's output is its completion marker, so a call that finds it moves on):
-  1. vae    the sparse-structure VAE (encoder + decoder) on the pack's 64^3 occupancies (`fit_ss_encoder` with
-            `train_decoder`); the latents are rescaled to unit variance (folded exactly into the encoder's mean
-            head and the decoder's input convolution: a zero-padded convolution is linear in its input, so only a
-            scale, never a shift, can be folded) and written beside the pack (latents.npy).
+  1. decoder  the shape latents, analytic (`occupancy_latent`: occupied fractions of the 64^3 occupancy, standardised
+            over the pack, written beside it as latents.npy), and the occupancy decoder trained to invert them.
   2. base   RUN/base: a model folder holding the trained decoder and freshly initialised condition embedder and
             flow model (`init_for_training`: DiT-style zero-initialised modulation and output layers).
   3. flow   `sam3d train` (the one loop) on views rendered on the fly from the pack (`data.pack`): stage 1, every
@@ -51,10 +49,10 @@ class DefaultPlan:
     device: str = ""
     workers: int = -1  # data-loader processes rendering views (-1: every core but one)
     seed: int = 0
-    vae_steps: int = 3000
-    vae_batch: int = 32
-    vae_lr: float = 1e-3
-    vae_minutes: float = 0.0  # time box of the VAE phase (0 = vae_steps)
+    decoder_steps: int = 3000
+    decoder_batch: int = 32
+    decoder_lr: float = 1e-3
+    decoder_minutes: float = 0.0  # time box of the decoder phase (0 = decoder_steps)
     steps: int = 0  # flow-model steps; 0: measured in the first call so that training takes `flow_minutes`
     flow_minutes: float = 15.0
     batch_size: int = 64
@@ -118,21 +116,8 @@ def init_for_training(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Phase 1: the sparse-structure VAE
+# Phase 1: the shape latents and the occupancy decoder
 # ---------------------------------------------------------------------------------------------------
-
-
-def fold_latent_scale(encoder: nn.Module, decoder: nn.Module, s: float) -> None:
-    """Make the latent z' = z / s exact: the encoder's mean head (the first half of its last convolution's
-    output channels) divided by s, the decoder's input convolution multiplied by s. The log-variance shifts by
-    -2 log s so the posterior stays the same distribution, rescaled."""
-    with torch.no_grad():
-        conv = encoder.out_layer[-1]  # Conv3d -> 2C channels: mean then logvar
-        c = conv.out_channels // 2
-        conv.weight[:c] /= s
-        conv.bias[:c] /= s
-        conv.bias[c:] -= 2 * math.log(s)
-        decoder.input_layer.weight *= s
 
 
 def occupancy_latent(grid: torch.Tensor) -> torch.Tensor:
@@ -147,7 +132,7 @@ def occupancy_latent(grid: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, 8, 8, 8, 8)
 
 
-def train_vae(plan: DefaultPlan, pack, run: Path, device: torch.device, log: Callable[[str], None]) -> dict:
+def train_decoder(plan: DefaultPlan, pack, run: Path, device: torch.device, log: Callable[[str], None]) -> dict:
     """Phase 1: the shape latents (analytic, `occupancy_latent`, standardised over the pack) and the decoder that
     maps them back to the 64^3 surface occupancy (binary cross-entropy with positive weight + soft dice)."""
     from sam3d_core.data.fit_encoder import dice_loss
@@ -166,7 +151,7 @@ def train_vae(plan: DefaultPlan, pack, run: Path, device: torch.device, log: Cal
     train = [i for i in range(n) if i % 20] or list(range(n))
     torch.manual_seed(plan.seed)
     decoder = init_for_training(SSDecoder(cfg.decoder), plan.seed + 1).to(device).train()
-    opt = torch.optim.AdamW(decoder.parameters(), lr=plan.vae_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(decoder.parameters(), lr=plan.decoder_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(plan.seed)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")  # 3D convolutions at 64^3
     pos_weight = torch.tensor(4.0, device=device)
@@ -188,10 +173,10 @@ def train_vae(plan: DefaultPlan, pack, run: Path, device: torch.device, log: Cal
     t0 = time.perf_counter()
     history = []
     step = 0
-    for step in range(1, plan.vae_steps + 1):
-        if plan.vae_minutes and time.perf_counter() - t0 > plan.vae_minutes * 60:
+    for step in range(1, plan.decoder_steps + 1):
+        if plan.decoder_minutes and time.perf_counter() - t0 > plan.decoder_minutes * 60:
             break
-        pick = [train[int(i)] for i in torch.randint(len(train), (plan.vae_batch,), generator=gen)]
+        pick = [train[int(i)] for i in torch.randint(len(train), (plan.decoder_batch,), generator=gen)]
         x = grids[pick].to(device).float()
         with autocast:
             logits = decoder(latents[pick].to(device))
@@ -217,19 +202,19 @@ def train_vae(plan: DefaultPlan, pack, run: Path, device: torch.device, log: Cal
         "seconds": time.perf_counter() - t0,
         "history": history,
     }
-    vae_dir = run / "vae"
-    tmp = run / ".vae-tmp"
+    phase_dir = run / "decoder"
+    tmp = run / ".decoder-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
     save_file(state, str(tmp / "ss_decoder.safetensors"))
-    (tmp / "vae.json").write_text(json.dumps(info, indent=1))
+    (tmp / "decoder.json").write_text(json.dumps(info, indent=1))
     pack.save_latents(latents.numpy(), info)
-    if vae_dir.exists():
-        shutil.rmtree(vae_dir)
-    os.replace(tmp, vae_dir)
+    if phase_dir.exists():
+        shutil.rmtree(phase_dir)
+    os.replace(tmp, phase_dir)
     log(f"decoder: held-out IoU {held_iou:.3f}, training IoU {train_iou:.3f}, {info['seconds']:.0f} s, {step} steps")
     return info
 
@@ -249,7 +234,7 @@ def write_base(plan: DefaultPlan, run: Path) -> Path:
     cfg = stage1_preset(plan.preset)
     torch.manual_seed(plan.seed)
     model = init_for_training(Stage1Model(cfg), plan.seed)
-    model.decoder.load_state_dict(load_file(str(run / "vae" / "ss_decoder.safetensors")))
+    model.decoder.load_state_dict(load_file(str(run / "decoder" / "ss_decoder.safetensors")))
     card = (
         "# default (untrained start)\n\nFreshly initialised condition embedder and flow model; the trained decoder.\n"
     )
@@ -359,7 +344,7 @@ def export_default(
 
 
 def model_card(info: dict) -> str:
-    vae, flow, pack = info.get("vae", {}), info.get("flow", {}), info.get("pack", {})
+    dec, flow, pack = info.get("decoder", {}), info.get("flow", {}), info.get("pack", {})
     lic = ", ".join(f"{k} ({v})" for k, v in sorted(pack.get("licences", {}).items()))
     return f"""# sam3d default model (stage 1, trained from scratch)
 
@@ -383,7 +368,7 @@ backgrounds) with random camera, upright pose, light, flying occluders (other fu
 Attribution of every model and photo: `pack.json` of the pack (`sam3d data pack`).
 
 ## Training
-- VAE: {vae.get("steps", "?")} steps, held-out decoded IoU {vae.get("held_out_iou", float("nan")):.3f}.
+- Decoder: {dec.get("steps", "?")} steps, held-out decoded IoU {dec.get("held_out_iou", float("nan")):.3f}.
 - Flow: {flow.get("steps", "?")} steps x batch {flow.get("batch_size", "?")} ({flow.get("samples", "?")} views),
   lr {flow.get("lr", "?")}, EMA {flow.get("ema_decay", "?")}; final loss {flow.get("loss", float("nan")):.4f}.
 - Device time: {info.get("device_time_s", 0) / 60:.1f} min on {info.get("device_name", "?")}.
@@ -398,6 +383,29 @@ ellipsoid baselines and the untrained model.
 # ---------------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------------
+
+
+RUN_FORMAT = "sam3d-train-default"
+
+
+def _open_run(out: Path, state_path: Path) -> dict:
+    """The run folder's state: a new or empty folder starts a run; a folder of ours (state.json of this format)
+    resumes it; any other folder is refused, because the phases replace sub-folders of their own names in it."""
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        if state.get("format") == RUN_FORMAT:
+            return state
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(
+            f"--out {out}: exists and is not a run folder of `sam3d train-default` (no state.json of ours); "
+            "name a new or empty folder, or the folder of the run to resume"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"format": RUN_FORMAT, "device_time_s": 0.0}
+    tmp = state_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, state_path)
+    return state
 
 
 def _has_checkpoint(flow: Path) -> bool:
@@ -421,9 +429,8 @@ def run(
 
     t0 = time.perf_counter()
     out = Path(plan.out)
-    out.mkdir(parents=True, exist_ok=True)
     state_path = out / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"device_time_s": 0.0}
+    state = _open_run(out, state_path)
     device = torch.device(plan.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pack = RenderPack.load(plan.pack)
 
@@ -435,8 +442,8 @@ def run(
         os.replace(tmp, state_path)
 
     t_mark = [t0]
-    if not (out / "vae" / "vae.json").is_file() or pack.latents is None:
-        state["vae"] = train_vae(plan, pack, out, device, log)
+    if not (out / "decoder" / "decoder.json").is_file() or pack.latents is None:
+        state["decoder"] = train_decoder(plan, pack, out, device, log)
         save_state()
     if not (out / "base" / "manifest.json").is_file():
         write_base(plan, out)
@@ -468,14 +475,10 @@ def run(
         if result.paused:
             log(f"paused at step {result.steps}/{cfg.steps} (loss {result.loss:.4f}); call again to resume")
             return {"status": "paused", "step": result.steps, "steps": cfg.steps, "loss": result.loss}
-    last = {}
     metrics = out / "flow" / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            rec = json.loads(line)
-            if "loss" in rec:
-                last = rec
-    done_steps = max([r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if "step" in r] or [0])
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    last = next((r for r in reversed(records) if "loss" in r), {})
+    done_steps = max([r["step"] for r in records if "step" in r] or [0])
     state["flow"] = {
         "steps": done_steps, "planned_steps": cfg.steps, "batch_size": cfg.batch_size,
         "samples": done_steps * cfg.batch_size, "lr": cfg.lr, "ema_decay": cfg.ema_decay,
@@ -487,7 +490,8 @@ def run(
     state["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     state["command"] = (
         f"sam3d train-default --pack PACK --out RUN --steps {cfg.steps} --batch-size {cfg.batch_size} "
-        f"--vae-steps {plan.vae_steps} --vae-batch {plan.vae_batch} --vae-minutes {plan.vae_minutes:g} "
+        f"--decoder-steps {plan.decoder_steps} --decoder-batch {plan.decoder_batch} "
+        f"--decoder-minutes {plan.decoder_minutes:g} "
         f"--minutes {plan.minutes:g}" + (" --one-call" if plan.one_call else "")
     )
     state["plan"] = dataclasses.asdict(plan)
@@ -499,4 +503,4 @@ def run(
     return {"status": "done", "weights": str(shipped), "device_time_s": state["device_time_s"]}
 
 
-__all__ = ["DefaultPlan", "export_default", "fold_latent_scale", "init_for_training", "run"]
+__all__ = ["DefaultPlan", "export_default", "init_for_training", "run"]

@@ -313,8 +313,9 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     else:
         folder = models_dir() / check_model_name(name_or_path)
         where = str(models_dir())
-        if name_or_path == DEFAULT_MODEL and not (folder / "manifest.json").is_file() and bundled_default_dir():
-            folder = bundled_default_dir()
+        bundled = bundled_default_dir() if name_or_path == DEFAULT_MODEL else None
+        if bundled is not None and not (folder / "manifest.json").is_file():
+            folder = bundled
     if not (folder / "manifest.json").is_file():
         raise CheckpointError(
             f"no imported model {str(name_or_path)!r} (looked in {where}); "
