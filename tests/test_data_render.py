@@ -126,11 +126,10 @@ def mixed_shots(n: int, height: int, width: int, device="cpu", seed=0) -> list[S
     close enough to cross the image borders and the near plane, every seventh adds a wall through the camera
     plane; backgrounds None, uint8, float and tensor; default and random lights."""
     rng = np.random.default_rng(seed)
-    s = trimesh.creation.icosphere(subdivisions=2)
-    sphere = RenderMesh.from_asset(asset_from_arrays("s", s.vertices, s.faces, rng.uniform(0, 1, (len(s.vertices), 3))))
-    small = trimesh.creation.icosphere(subdivisions=1)
+    s, small = trimesh.creation.icosphere(subdivisions=2), trimesh.creation.icosphere(subdivisions=1)
+    colours = rng.uniform(0, 1, (len(s.vertices), 3))
+    sphere = RenderMesh.from_asset(asset_from_arrays("s", s.vertices, s.faces, colours), device)
     occluder = RenderMesh.from_asset(asset_from_arrays("o", small.vertices, small.faces, [0.2, 0.4, 0.8]), device)
-    sphere = RenderMesh.from_asset(asset_from_arrays("s", s.vertices, s.faces, sphere.colors.numpy()), device)
     box = textured_box(rng, device)
     cfg = SceneConfig(width=width, height=height)
     shots = []
@@ -184,6 +183,20 @@ def test_a_batch_of_views_renders_each_view_as_render_view_does():
     assert torch.equal(flat.amodal, flat.mask) and torch.equal(flat.mask, torch.from_numpy(batch.mask[:4]))
 
 
+def test_a_view_with_nothing_in_front_of_the_camera_is_empty():
+    sphere = trimesh.creation.icosphere(subdivisions=1)
+    mesh = RenderMesh.from_asset(asset_from_arrays("s", sphere.vertices, sphere.faces, [0.5, 0.5, 0.5]))
+    k = np.array([[50.0, 0, 16], [0, 50, 16], [0, 0, 1]])
+    behind = Shot([Placed(mesh, np.eye(3), np.array([0, 0, -3.0]), 1.0)], k)
+    seen = Shot([Placed(mesh, np.eye(3), np.array([0, 0, 3.0]), 1.0), behind.placed[0]], k)
+    alone = render_views([behind], 32, 32)  # no face survives the near-plane cull (this once raised IndexError)
+    assert not alone.coverage.any() and not alone.amodal.any() and (alone.rgb == 0).all()
+    assert np.isinf(alone.depth).all() and (alone.pointmap == 0).all()
+    both = render_views([behind, seen, behind], 32, 32)
+    assert not both.coverage[[0, 2]].any() and both.mask[1].sum() > 100
+    assert_same_view(one_view(seen, 32, 32), both[1])
+
+
 def test_render_views_bad_inputs_name_the_problem():
     shots = mixed_shots(3, 20, 24)
     with pytest.raises(ValueError, match="shots: got no views"):
@@ -205,7 +218,7 @@ def test_cuda_batch_renders_what_the_cpu_renders_one_at_a_time():
         for name in ("mask", "amodal", "coverage"):
             assert np.array_equal(getattr(one, name), getattr(batch[i], name)), (i, name)
         assert np.abs(one.rgb.astype(int) - batch[i].rgb.astype(int)).max() <= 1
-        assert_same_view(one_view(cuda[i], height, width), batch[i])
+        assert_same_view(one_view(cuda[i], height, width), batch[i], rgb_step=1)
 
 
 @pytest.mark.gpu

@@ -244,9 +244,8 @@ def _raster(sc: _Scenes, views: int, height: int, width: int) -> tuple[torch.Ten
         also = (alone >= 0).nonzero().squeeze(1)
         faces, band = torch.cat([faces, faces[also]]), torch.cat([band, alone[also]])
     raster = rasterize_batch(sc.pos, sc.faces[faces], band, views + sc.alone_views.numel(), height, width)
-    fid = raster.face_id.long()
-    fid = torch.where(fid >= 0, faces[fid.clamp(min=0)], fid)  # back to indices into sc.faces
-    return fid, raster.bary
+    lut = torch.cat([faces, faces.new_tensor([-1])])  # raster face -> sc.faces row; -1 (empty, the last) stays -1
+    return lut[raster.face_id.long()], raster.bary
 
 
 def silhouette(
