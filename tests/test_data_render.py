@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sam3d_core.data.meshio import Asset, asset_from_arrays
-from sam3d_core.data.render import Light, Placed, RenderMesh, render_view
-from sam3d_core.data.synth import look_rotation, random_rotation
+from sam3d_core.data.render import Light, Placed, RenderMesh, Shot, render_view, render_views
+from sam3d_core.data.synth import SceneConfig, intrinsics, look_rotation, place_occluder, place_target, random_rotation
 from sam3d_core.geometry import frames
 
 trimesh = pytest.importorskip("trimesh")
@@ -100,6 +100,125 @@ def test_texture_lookup_is_upright():
     assert view.rgb[top, right].tolist() == [0, 255, 0]
     assert view.rgb[bottom, left].tolist() == [0, 0, 255]
     assert view.rgb[bottom, right].tolist() == [255, 255, 255]
+
+
+def textured_box(rng, device="cpu") -> RenderMesh:
+    """A box with unshared vertices, random UVs past [0, 1] (wrapping), two textures and some untextured faces."""
+    m = trimesh.creation.box(extents=(1.0, 0.6, 0.8))
+    v = np.asarray(m.vertices)[np.asarray(m.faces)].reshape(-1, 3)
+    tex = [rng.integers(0, 256, (7, 9, 3)).astype(np.uint8), rng.integers(0, 256, (4, 5, 3)).astype(np.uint8)]
+    asset = Asset(
+        name="box",
+        vertices=v,
+        faces=np.arange(len(v)).reshape(-1, 3),
+        colors=rng.uniform(0.3, 1.0, (len(v), 3)).astype(np.float32),
+        size=1.0,
+        centre=np.zeros(3),
+        uvs=rng.uniform(-0.5, 1.5, (len(v), 2)).astype(np.float32),
+        face_texture=np.array([-1, -1, 0, 0, 1, 1, 0, 1, -1, 0, 1, 0]),
+        textures=tex,
+    )
+    return RenderMesh.from_asset(asset, device)
+
+
+def mixed_shots(n: int, height: int, width: int, device="cpu", seed=0) -> list[Shot]:
+    """Views of a vertex-coloured sphere and a textured box with 0-2 occluders; every fifth view puts its target
+    close enough to cross the image borders and the near plane, every seventh adds a wall through the camera
+    plane; backgrounds None, uint8, float and tensor; default and random lights."""
+    rng = np.random.default_rng(seed)
+    s, small = trimesh.creation.icosphere(subdivisions=2), trimesh.creation.icosphere(subdivisions=1)
+    colours = rng.uniform(0, 1, (len(s.vertices), 3))
+    sphere = RenderMesh.from_asset(asset_from_arrays("s", s.vertices, s.faces, colours), device)
+    occluder = RenderMesh.from_asset(asset_from_arrays("o", small.vertices, small.faces, [0.2, 0.4, 0.8]), device)
+    box = textured_box(rng, device)
+    cfg = SceneConfig(width=width, height=height)
+    shots = []
+    for i in range(n):
+        K = intrinsics(rng, cfg)
+        target = place_target(rng, cfg, K, [sphere, box][i % 2], 1.0)
+        if i % 5 == 3:
+            target = Placed(target.mesh, random_rotation(rng), np.array([0.1, -0.1, 0.35]), 1.5)
+        placed = [target] + [place_occluder(rng, K, target, [occluder, box][(i + j) % 2], 1.0) for j in range(i % 3)]
+        if i % 7 == 6:
+            placed.append(Placed(box, random_rotation(rng), np.array([0.0, 0.0, 0.2]), 3.0))
+        photo = rng.integers(0, 256, (height, width, 3)).astype(np.uint8)
+        background = [None, photo, photo / 255.0, torch.from_numpy(photo).to(device)][i % 4]
+        shots.append(Shot(placed, K, None if i % 6 == 0 else Light.random(rng), background))
+    return shots
+
+
+def one_view(shot: Shot, height: int, width: int):
+    return render_view(shot.placed, shot.K, height, width, shot.light, shot.background)
+
+
+def assert_same_view(one, other, rgb_step: int = 0):
+    for name in ("mask", "amodal", "coverage"):
+        assert np.array_equal(getattr(one, name), getattr(other, name)), name
+    assert np.abs(one.rgb.astype(int) - other.rgb.astype(int)).max() <= rgb_step
+    torch.testing.assert_close(torch.from_numpy(other.depth), torch.from_numpy(one.depth), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(other.pointmap), torch.from_numpy(one.pointmap), rtol=1e-6, atol=1e-6)
+
+
+def test_a_batch_of_views_renders_each_view_as_render_view_does():
+    height, width = 40, 56
+    shots = mixed_shots(14, height, width)
+    batch = render_views(shots, height, width)
+    assert len(batch) == 14 and batch.rgb.shape == (14, height, width, 3) and batch.mask.shape == (14, height, width)
+    for i, shot in enumerate(shots):
+        assert_same_view(one_view(shot, height, width), batch[i])
+    # The scenes exercise what they claim: occluders cut masks, targets cross the borders and the near plane,
+    # textured faces are seen, some view shows no target at all.
+    assert (batch.amodal & ~batch.mask).any(axis=(1, 2)).sum() >= 3
+    assert batch.coverage[3].all() and batch.coverage[8].all()  # the close views: surfaces fill the image
+    t = shots[3].placed[0]
+    z = ((t.mesh.vertices.numpy() * t.scale) @ t.rotation + t.translation)[:, 2]
+    assert z.min() < 0 < z.max()  # part of the target lies behind the camera (its faces there are dropped)
+    boxes = [i for i in range(14) if shots[i].placed[0].mesh.uvs is not None]
+    assert any(batch.mask[i].sum() > 50 for i in boxes)
+    # Splitting the batch differently changes nothing; amodal=False gives amodal == mask everywhere.
+    halves = [render_views(shots[:5], height, width), render_views(shots[5:], height, width)]
+    for i in range(14):
+        assert_same_view(batch[i], halves[i >= 5][i - 5 * (i >= 5)])
+    flat = render_views(shots[:4], height, width, amodal=False, to_numpy=False)
+    assert torch.equal(flat.amodal, flat.mask) and torch.equal(flat.mask, torch.from_numpy(batch.mask[:4]))
+
+
+def test_a_view_with_nothing_in_front_of_the_camera_is_empty():
+    sphere = trimesh.creation.icosphere(subdivisions=1)
+    mesh = RenderMesh.from_asset(asset_from_arrays("s", sphere.vertices, sphere.faces, [0.5, 0.5, 0.5]))
+    k = np.array([[50.0, 0, 16], [0, 50, 16], [0, 0, 1]])
+    behind = Shot([Placed(mesh, np.eye(3), np.array([0, 0, -3.0]), 1.0)], k)
+    seen = Shot([Placed(mesh, np.eye(3), np.array([0, 0, 3.0]), 1.0), behind.placed[0]], k)
+    alone = render_views([behind], 32, 32)  # no face survives the near-plane cull (this once raised IndexError)
+    assert not alone.coverage.any() and not alone.amodal.any() and (alone.rgb == 0).all()
+    assert np.isinf(alone.depth).all() and (alone.pointmap == 0).all()
+    both = render_views([behind, seen, behind], 32, 32)
+    assert not both.coverage[[0, 2]].any() and both.mask[1].sum() > 100
+    assert_same_view(one_view(seen, 32, 32), both[1])
+
+
+def test_render_views_bad_inputs_name_the_problem():
+    shots = mixed_shots(3, 20, 24)
+    with pytest.raises(ValueError, match="shots: got no views"):
+        render_views([], 20, 24)
+    with pytest.raises(ValueError, match=r"shots\[1\]: got no meshes"):
+        render_views([shots[0], Shot([], shots[1].K)], 20, 24)
+    with pytest.raises(ValueError, match=r"shots\[2\].background: got shape \(20, 24, 3\), expected \[21, 24, 3\]"):
+        render_views([s._replace(background=None) for s in shots[:2]] + [shots[1]], 21, 24)
+
+
+@pytest.mark.gpu
+def test_cuda_batch_renders_what_the_cpu_renders_one_at_a_time():
+    height, width = 64, 80
+    cpu = mixed_shots(12, height, width)
+    cuda = mixed_shots(12, height, width, device="cuda")
+    batch = render_views(cuda, height, width)
+    for i, shot in enumerate(cpu):
+        one = one_view(shot, height, width)
+        for name in ("mask", "amodal", "coverage"):
+            assert np.array_equal(getattr(one, name), getattr(batch[i], name)), (i, name)
+        assert np.abs(one.rgb.astype(int) - batch[i].rgb.astype(int)).max() <= 1
+        assert_same_view(one_view(cuda[i], height, width), batch[i], rgb_step=1)
 
 
 @pytest.mark.gpu

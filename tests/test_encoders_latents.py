@@ -17,6 +17,7 @@ from sam3d_core.data.latents import (
     one_colour,
     project,
     render,
+    render_batch,
     render_mesh,
     sphere_views,
 )
@@ -118,6 +119,13 @@ def test_rendered_depth_matches_ray_casting_and_the_silhouette_matches_frames(en
         np.testing.assert_allclose(z_ours[hit], t_hit[hit], rtol=0, atol=5e-4)  # 1/256-pixel vertex snapping
         lit = rgb[:, np.isfinite(depth.numpy())]
         assert (lit > 0).all() and (rgb[:, ~np.isfinite(depth.numpy())] == 0).all()  # grey + headlight, black bg
+    # the encoder renders its views in batches: each exactly the view rendered alone
+    rgbs, depths = render_batch(rmesh, views, [7, 0, 3], HEADLIGHT)
+    assert rgbs.shape == (3, 3, s, s) and rgbs.is_contiguous() and depths.shape == (3, s, s)
+    for b, i in enumerate((7, 0, 3)):
+        rgb, depth = render(rmesh, views, i, HEADLIGHT)
+        assert torch.equal(rgbs[b], rgb) and torch.equal(depths[b], depth)
+    assert not torch.equal(depths[0], depths[1])
 
 
 def test_texture_uv_orientation_and_vertex_colours():

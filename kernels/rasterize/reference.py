@@ -10,6 +10,12 @@ Conventions
            (each >= 0, summing to 1 up to float rounding; 0 where empty). They are linear in screen space (no
            perspective correction), and so is the depth used for the z-test.
 
+Batches (`rasterize_batch_reference`): many independent views of one size in one pass. face_view [F] names the
+view (0 .. views - 1) each face is drawn into; face_id [views, H, W] indexes the whole `faces`, bary is
+[views, H, W, 3]. Each view is its own image: a face's coordinates are its view's pixels, its bounding box is
+clipped to its view, and only faces of one view compete at its pixels, so every view comes out bit for bit as
+`rasterize` of that view's faces alone (in their order in `faces`) would give.
+
 Exactness. x and y are snapped to 1/256 pixel (`SUBPIXEL`), as hardware rasterizers do, and the edge functions
 are evaluated in int64, so coverage is decided exactly and identically by every backend:
   * edge rule (top-left): a pixel centre exactly on an edge belongs to the triangle for which that edge is a top
@@ -17,7 +23,9 @@ are evaluated in int64, so coverage is decided exactly and identically by every 
     Two triangles that share an edge, one on each side, therefore cover every pixel centre along it exactly once.
   * tie rule: at a pixel the smallest depth (float32) wins; equal depths go to the smallest face index.
   * skipped: triangles with zero area after snapping, a non-finite coordinate, or no pixel centre in the image.
-The snapped coordinates must stay within +-2^20 pixels (`MAX_COORD`) so that the edge functions fit in int64.
+The snapped coordinates must stay within +-2^20 pixels (`MAX_COORD`) so that the edge functions fit in int64
+(per view: views never share coordinates, only the buffer). At most 2^31 - 1 faces per call, batch included:
+the packed key below holds a face's row in its low 32 bits and face_id is int32.
 
 Passes: `setup` (per-triangle integer edge coefficients and clipped bounding boxes) -> coverage (per covered
 pixel centre the packed key (depth, triangle) is min-reduced into a [H * W] int64 buffer: `coverage_reference`
@@ -33,19 +41,21 @@ import torch
 SUBPIXEL = 256  # snapping grid: 1/256 pixel, 8 fractional bits
 MAX_COORD = 2**20  # |x|, |y| in pixels; keeps the int64 edge functions far from overflow
 MAX_SIZE = 2**15  # height, width; a clipped bounding box then has < 2^30 pixels (int32 in the Triton kernel)
+MAX_FACES = 2**31 - 1  # per call (all views of a batch): the key's low 32 bits hold the face's row; face_id int32
 EMPTY_KEY = torch.iinfo(torch.int64).max
 _LOW32 = 0xFFFFFFFF
 
 
 @dataclass
 class Raster:
-    """The result of `rasterize`: face_id [H, W] int32 (-1 = empty), bary [H, W, 3] float32."""
+    """The result of `rasterize`: face_id [H, W] int32 (-1 = empty), bary [H, W, 3] float32; of
+    `rasterize_batch`: face_id [views, H, W], bary [views, H, W, 3]."""
 
     face_id: torch.Tensor
     bary: torch.Tensor
 
     @property
-    def mask(self) -> torch.Tensor:  # [H, W] bool, True where a triangle covers the pixel centre
+    def mask(self) -> torch.Tensor:  # [..., H, W] bool, True where a triangle covers the pixel centre
         return self.face_id >= 0
 
 
@@ -58,16 +68,18 @@ class Setup:
                       units, oriented so that the interior is E_k > 0; bias 1 on owned (top/left) edges, else 0;
                       a pixel centre is covered when E_k + bias > 0 for all k; E_k / (2 area) = weight of vertex k
     zw    [T, 4] float32   z0, z1, z2, 1 / (2 area in subpixel units squared)
-    box   [T, 4] int64   first column, first row, width, height of the pixel-centre bounding box, clipped
+    box   [T, 4] int64   first column, first row, width, height of the pixel-centre bounding box, clipped to the view
+    view  [T] int64   the view (image band of the key buffer) the triangle is drawn into; 0 for a single view
     """
 
     face: torch.Tensor
     coef: torch.Tensor
     zw: torch.Tensor
     box: torch.Tensor
+    view: torch.Tensor
 
 
-def check_raster_inputs(pos: torch.Tensor, faces: torch.Tensor, height: int, width: int) -> None:
+def check_raster_inputs(pos: torch.Tensor, faces: torch.Tensor, height: int, width: int, views: int = 1) -> None:
     if pos.ndim != 2 or pos.shape[1] != 3 or not pos.is_floating_point():
         raise ValueError(
             f"pos must be a float [V, 3] tensor (x, y in pixels, z = depth); got {pos.dtype} {tuple(pos.shape)}. "
@@ -80,8 +92,7 @@ def check_raster_inputs(pos: torch.Tensor, faces: torch.Tensor, height: int, wid
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SIZE:
             raise ValueError(f"{name} must be an int in [1, {MAX_SIZE}]; got {value!r}")
-    if faces.shape[0] >= 2**31:
-        raise ValueError(f"at most 2^31 - 1 faces can be rasterized in one call; got {faces.shape[0]}")
+    check_face_count(faces.shape[0], views)
     if faces.numel() and (int(faces.min()) < 0 or int(faces.max()) >= pos.shape[0]):
         raise ValueError(
             f"faces index vertices {int(faces.min())}..{int(faces.max())} but pos has {pos.shape[0]} rows; "
@@ -89,8 +100,44 @@ def check_raster_inputs(pos: torch.Tensor, faces: torch.Tensor, height: int, wid
         )
 
 
-def setup(pos: torch.Tensor, faces: torch.Tensor, height: int, width: int) -> Setup:
-    """Snap, orient and bound every triangle; drop the ones that cannot cover a pixel centre (see module doc)."""
+def check_face_count(count: int, views: int = 1) -> None:
+    """At most MAX_FACES faces per call, all views of a batch together (the key's face bits, int32 face_id)."""
+    if count > MAX_FACES:
+        where = f" over {views} views" if views > 1 else ""
+        raise ValueError(
+            f"at most 2^31 - 1 faces can be rasterized in one call (the packed (depth, face) key keeps the face in "
+            f"32 bits and face_id is int32); got {count} faces{where}: split the mesh or render fewer views per call"
+        )
+
+
+def check_batch_inputs(
+    pos: torch.Tensor, faces: torch.Tensor, face_view: torch.Tensor, views: int, height: int, width: int
+) -> None:
+    """The arguments of `rasterize_batch`: those of `rasterize`, then the view count and face_view."""
+    if not isinstance(views, int) or isinstance(views, bool) or views < 1:
+        raise ValueError(f"views must be an int >= 1 (the number of images in the batch); got {views!r}")
+    check_raster_inputs(pos, faces, height, width, views)
+    if not torch.is_tensor(face_view):
+        raise ValueError(f"face_view must be an integer [F] tensor (a view index per face); got {type(face_view)}")
+    if face_view.shape != faces.shape[:1] or face_view.is_floating_point() or face_view.dtype == torch.bool:
+        raise ValueError(
+            f"face_view must be an integer [F] tensor, one view index per face ([{faces.shape[0]}] here); "
+            f"got {face_view.dtype} {tuple(face_view.shape)}"
+        )
+    if face_view.device != faces.device:
+        raise ValueError(f"faces are on {faces.device} but face_view on {face_view.device}; move both to one device")
+    if face_view.numel() and (int(face_view.min()) < 0 or int(face_view.max()) >= views):
+        raise ValueError(
+            f"face_view names views {int(face_view.min())}..{int(face_view.max())} but views is {views}; "
+            f"each face's view must lie in 0..{views - 1}"
+        )
+
+
+def setup(
+    pos: torch.Tensor, faces: torch.Tensor, height: int, width: int, face_view: torch.Tensor | None = None
+) -> Setup:
+    """Snap, orient and bound every triangle; drop the ones that cannot cover a pixel centre (see module doc).
+    face_view [F] (a batch): each face's view, carried to `Setup.view`; None: every face in view 0."""
     tri = pos[faces.long()]  # [F, 3 vertices, 3]
     finite = torch.isfinite(tri).flatten(1).all(1)
     xy = torch.where(finite[:, None, None], tri[..., :2].double(), 0.0)
@@ -122,7 +169,8 @@ def setup(pos: torch.Tensor, faces: torch.Tensor, height: int, width: int) -> Se
     inv_area2 = (1.0 / area2[face].abs().double()).float()
     zw = torch.cat([tri[face, :, 2].float(), inv_area2[:, None]], dim=1)  # [T, 4]
     box = torch.stack([col0, row0, col1 - col0 + 1, row1 - row0 + 1], dim=1)[face]
-    return Setup(face=face, coef=coef.contiguous(), zw=zw.contiguous(), box=box.contiguous())
+    view = torch.zeros_like(face) if face_view is None else face_view.long()[face]
+    return Setup(face=face, coef=coef.contiguous(), zw=zw.contiguous(), box=box.contiguous(), view=view)
 
 
 def depth_keys(e: list[torch.Tensor], z: list[torch.Tensor], inv: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
@@ -148,15 +196,16 @@ def _columns(st: Setup, rows: torch.Tensor) -> tuple[list[list[torch.Tensor]], l
     return [[c.index_select(0, rows) for c in edge] for edge in coef], [c.index_select(0, rows) for c in zw]
 
 
-def coverage_reference(st: Setup, height: int, width: int, chunk: int = 1 << 20) -> torch.Tensor:
-    """-> [H * W] int64: per pixel the min over covering triangles of `depth_keys`, EMPTY_KEY where none.
+def coverage_reference(st: Setup, height: int, width: int, views: int = 1, chunk: int = 1 << 20) -> torch.Tensor:
+    """-> [views * H * W] int64: per pixel of each view the min over the view's covering triangles of
+    `depth_keys`, EMPTY_KEY where none.
 
     Vectorised over (triangle, bounding-box row) pairs: the pairs are bucketed by row length rounded up to a power
     of two and each bucket is evaluated as dense [rows, length] blocks (at most 2x padding, no per-pixel
     gathers), about `chunk` candidate pixels at a time, so memory stays bounded whatever the triangle sizes.
     """
     dev = st.face.device
-    key = torch.full((height * width,), EMPTY_KEY, dtype=torch.int64, device=dev)
+    key = torch.full((views * height * width,), EMPTY_KEY, dtype=torch.int64, device=dev)
     if st.face.numel() == 0:
         return key
     col0, row0, bw, bh = st.box.unbind(1)
@@ -170,7 +219,7 @@ def coverage_reference(st: Setup, height: int, width: int, chunk: int = 1 << 20)
     px0, py = c0 * SUBPIXEL + SUBPIXEL // 2, row * SUBPIXEL + SUBPIXEL // 2
     e_row = [a * px0 + b * py + c + bias for a, b, c, bias in coef]  # 3 x [R] biased, at the row's first pixel
     step = [a * SUBPIXEL for a, _, _, _ in coef]  # 3 x [R] change per pixel to the right
-    start = row * width + c0  # [R] flat index of the row's first pixel
+    start = (st.view[tri] * height + row) * width + c0  # [R] flat index of the row's first pixel (in its view)
     lo = 0
     for k, count in enumerate(counts):
         span, off = 1 << k, torch.arange(1 << k, device=dev)
@@ -189,21 +238,27 @@ def coverage_reference(st: Setup, height: int, width: int, chunk: int = 1 << 20)
     return key
 
 
-def resolve(key: torch.Tensor, st: Setup, height: int, width: int, chunk: int = 1 << 20) -> Raster:
-    """[H * W] keys -> Raster: the winning triangle's face index and its barycentrics at each pixel centre."""
-    face_id = torch.full((height * width,), -1, dtype=torch.int32, device=key.device)
-    bary = torch.zeros(height * width, 3, dtype=torch.float32, device=key.device)
+def resolve(
+    key: torch.Tensor, st: Setup, height: int, width: int, views: int | None = None, chunk: int = 1 << 20
+) -> Raster:
+    """[views * H * W] keys -> Raster: the winning triangle's face index and its barycentrics at each pixel centre,
+    [H, W] for views=None (one view), else [views, H, W]."""
+    n = key.shape[0]
+    face_id = torch.full((n,), -1, dtype=torch.int32, device=key.device)
+    bary = torch.zeros(n, 3, dtype=torch.float32, device=key.device)
     hit = (key != EMPTY_KEY).nonzero().squeeze(1)
     for lo in range(0, hit.shape[0], chunk):
         pix = hit[lo : lo + chunk]
         tri = key.index_select(0, pix) & _LOW32
         coef, zw = _columns(st, tri)
-        px = (pix % width) * SUBPIXEL + SUBPIXEL // 2
-        py = torch.div(pix, width, rounding_mode="floor") * SUBPIXEL + SUBPIXEL // 2
+        local = pix if views is None else pix % (height * width)  # the pixel within its view
+        px = (local % width) * SUBPIXEL + SUBPIXEL // 2
+        py = torch.div(local, width, rounding_mode="floor") * SUBPIXEL + SUBPIXEL // 2
         e = [a * px + b * py + c for a, b, c, _ in coef]  # 3 x [N], all >= 0
         bary[pix] = torch.stack([ek.float() * zw[3] for ek in e], 1)
         face_id[pix] = st.face.index_select(0, tri).int()
-    return Raster(face_id=face_id.view(height, width), bary=bary.view(height, width, 3))
+    shape = (height, width) if views is None else (views, height, width)
+    return Raster(face_id=face_id.view(shape), bary=bary.view(*shape, 3))
 
 
 def rasterize_reference(pos: torch.Tensor, faces: torch.Tensor, height: int, width: int) -> Raster:
@@ -212,9 +267,18 @@ def rasterize_reference(pos: torch.Tensor, faces: torch.Tensor, height: int, wid
     return resolve(coverage_reference(st, height, width), st, height, width)
 
 
+def rasterize_batch_reference(
+    pos: torch.Tensor, faces: torch.Tensor, face_view: torch.Tensor, views: int, height: int, width: int
+) -> Raster:
+    """pos [V, 3], faces [F, 3], face_view [F] -> Raster [views, H, W] (module doc); inputs already checked."""
+    st = setup(pos, faces, height, width, face_view)
+    return resolve(coverage_reference(st, height, width, views), st, height, width, views)
+
+
 def interpolate(attr: torch.Tensor, faces: torch.Tensor, raster: Raster) -> torch.Tensor:
-    """attr [V, C] float, faces [F, 3], raster -> [H, W, C]: the barycentric blend of the covering face's vertex
-    attributes at each pixel centre, 0 where empty. Pure PyTorch on any device (a gather and a weighted sum)."""
+    """attr [V, C] float, faces [F, 3], raster -> [H, W, C] ([views, H, W, C] for a batch): the barycentric blend
+    of the covering face's vertex attributes at each pixel centre, 0 where empty. Pure PyTorch on any device (a
+    gather and a weighted sum)."""
     if attr.ndim != 2 or not attr.is_floating_point():
         raise ValueError(f"attr must be a float [V, C] tensor (a row per vertex); got {attr.dtype} {tuple(attr.shape)}")
     if attr.device != raster.face_id.device or faces.device != attr.device:
@@ -223,8 +287,7 @@ def interpolate(attr: torch.Tensor, faces: torch.Tensor, raster: Raster) -> torc
         )
     if faces.numel() and int(faces.max()) >= attr.shape[0]:
         raise ValueError(f"faces index vertex {int(faces.max())} but attr has only {attr.shape[0]} rows")
-    height, width = raster.face_id.shape
-    out = attr.new_zeros(height, width, attr.shape[1])
+    out = attr.new_zeros(*raster.face_id.shape, attr.shape[1])
     mask = raster.face_id >= 0
     if faces.numel() and int(raster.face_id.max()) >= faces.shape[0]:
         raise ValueError(f"the raster names face {int(raster.face_id.max())} but faces has {faces.shape[0]} rows")

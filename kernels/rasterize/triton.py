@@ -1,8 +1,10 @@
-"""Triton fast path for the coverage pass of `rasterize`: one program per triangle, an int64 atomic min per pixel.
+"""Triton fast path for the coverage pass of `rasterize` and `rasterize_batch`: one program per triangle, an int64
+atomic min per pixel.
 
 Program t walks the pixel centres of triangle t's clipped bounding box in flat blocks of BLOCK, evaluates the
 three integer edge functions exactly as `reference.coverage_reference` does, and for covered centres
-atomically min-reduces the packed (depth, triangle) key into the [H * W] buffer. The setup before and the
+atomically min-reduces the packed (depth, triangle) key into its view's [H * W] band of the [views * H * W]
+buffer (the box is clipped to the view, so a triangle never writes outside its band). The setup before and the
 resolve after are the shared PyTorch passes of `reference.py`, so both backends give the same bits: the edge
 values are exact int64, and the depth is computed in the reference's float32 order with FMA contraction
 turned off (`enable_fp_fusion=False`).
@@ -26,8 +28,10 @@ def _coverage_kernel(
     coef_ptr,  # [T, 3, 4] int64: (A, B, C, bias) per edge
     zw_ptr,  # [T, 4] float32: z0, z1, z2, 1 / (2 area)
     box_ptr,  # [T, 4] int64: first column, first row, width, height
-    key_ptr,  # [H * W] int64, EMPTY_KEY-initialised
+    view_ptr,  # [T] int64: the view (band of the buffer) of each triangle
+    key_ptr,  # [views * H * W] int64, EMPTY_KEY-initialised
     width,
+    band,  # H * W, pixels per view
     SUB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -42,6 +46,7 @@ def _coverage_kernel(
     bw = tl.load(box_ptr + t * 4 + 2).to(tl.int32)
     bh = tl.load(box_ptr + t * 4 + 3).to(tl.int32)
     n = bw * bh
+    base = key_ptr + tl.load(view_ptr + t) * band  # int64: the start of the triangle's view
     for start in range(0, n, BLOCK):
         k = start + tl.arange(0, BLOCK)  # int32 flat index in the box
         ok = k < n
@@ -61,20 +66,22 @@ def _coverage_kernel(
         bits = z.to(tl.int32, bitcast=True)
         ordered = tl.where(bits < 0, (bits ^ 0x7FFFFFFF) + 1, bits)
         key = (ordered.to(tl.int64) << 32) | t
-        tl.atomic_min(key_ptr + row * width + col, key, mask=inside)
+        tl.atomic_min(base + row * width + col, key, mask=inside)
 
 
-def coverage_triton(st: Setup, height: int, width: int) -> torch.Tensor:
-    """The Triton twin of `reference.coverage_reference` (CUDA tensors) -> [H * W] int64 keys."""
-    key = torch.full((height * width,), EMPTY_KEY, dtype=torch.int64, device=st.face.device)
+def coverage_triton(st: Setup, height: int, width: int, views: int = 1) -> torch.Tensor:
+    """The Triton twin of `reference.coverage_reference` (CUDA tensors) -> [views * H * W] int64 keys."""
+    key = torch.full((views * height * width,), EMPTY_KEY, dtype=torch.int64, device=st.face.device)
     if st.face.numel() == 0:
         return key
     _coverage_kernel[(st.face.shape[0],)](
         st.coef,
         st.zw,
         st.box,
+        st.view,
         key,
         width,
+        height * width,
         SUB=SUBPIXEL,
         BLOCK=_BLOCK,
         num_warps=4,

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from sam3d_core.config import LatentEncoderConfig
-from sam3d_core.data.render import Light, Placed, RenderMesh, render_view
+from sam3d_core.data.render import Light, Placed, RenderMesh, Shot, render_views
 from sam3d_core.models.condition import IMAGENET_MEAN, IMAGENET_STD
 from sam3d_core.models.dinov2 import DinoVisionTransformer
 from sam3d_core.models.slat_vae import SLatEncoder, radical_inverse
@@ -163,20 +163,22 @@ def one_colour(mesh: RenderMesh) -> bool:
 def render(mesh: RenderMesh, views: Views, index: int, light: Light) -> tuple[torch.Tensor, torch.Tensor]:
     """View `index` of a mesh in the local frame -> rgb [3, S, S] float in [0, 1] (black background) and depth
     [S, S] (camera z, inf where empty), on the mesh's device."""
-    w2c = views.world_to_camera[index].double().cpu().numpy()
+    rgb, depth = render_batch(mesh, views, [index], light)
+    return rgb[0], depth[0]
+
+
+def render_batch(
+    mesh: RenderMesh, views: Views, indices: list[int] | range, light: Light
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views `indices` of a mesh in one `render_views` call -> rgb [B, 3, S, S] float in [0, 1] and depth [B, S, S],
+    each view exactly what `render` gives for it."""
+    w2c = views.world_to_camera[list(indices)].double().cpu().numpy()  # [B, 4, 4], one copy for the batch
     flip = np.diag([-1.0, -1.0, 1.0])  # OpenCV camera -> PyTorch3D camera
-    rotation_rowvec, translation = (flip @ w2c[:3, :3]).T, flip @ w2c[:3, 3]
-    s = views.size
-    view = render_view(
-        [Placed(mesh, rotation_rowvec, translation, 1.0)],
-        views.K.double().cpu().numpy(),
-        s,
-        s,
-        light,
-        amodal=False,
-        to_numpy=False,
-    )
-    return view.rgb.permute(2, 0, 1).float() / 255.0, view.depth
+    K, s = views.K.double().cpu().numpy(), views.size
+    shots = [Shot([Placed(mesh, (flip @ m[:3, :3]).T, flip @ m[:3, 3], 1.0)], K, light) for m in w2c]
+    batch = render_views(shots, s, s, amodal=False, to_numpy=False)
+    rgb = batch.rgb.permute(0, 3, 1, 2).contiguous()  # NCHW in memory, as the network had it view by view
+    return rgb.float() / 255.0, batch.depth
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -297,12 +299,11 @@ class LatentEncoder:
         side = s // self.cfg.dino.patch_size
         for start in range(0, self.cfg.num_views, self.cfg.views_per_batch):
             idx = range(start, min(start + self.cfg.views_per_batch, self.cfg.num_views))
-            rendered = [render(rmesh, views, i, light) for i in idx]
-            rgb = torch.stack([r[0] for r in rendered])  # [B, 3, S, S]
+            rgb, depths = render_batch(rmesh, views, idx, light)  # [B, 3, S, S], [B, S, S]
             tokens = self.dino.forward_features((rgb - mean) / std)["x_prenorm"]  # [B, 1 + R + P, C]
             fmap = tokens[:, 1 + self.cfg.dino.num_register_tokens :].transpose(1, 2).reshape(len(idx), c, side, side)
             for b, i in enumerate(idx):
-                depth = rendered[b][1]
+                depth = depths[b]
                 u, v = uv[i].unbind(-1)
                 inside = (u >= 0) & (u < s) & (v >= 0) & (v < s) & (z[i] > 0)
                 px, py = u.clamp(0, s - 1).long(), v.clamp(0, s - 1).long()

@@ -13,8 +13,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from kernels.rasterize import interpolate, rasterize
-from kernels.rasterize.reference import coverage_reference, resolve, setup
+from kernels.rasterize import interpolate, rasterize, rasterize_batch
+from kernels.rasterize.reference import check_face_count, coverage_reference, resolve, setup
 
 SUB = 256
 
@@ -230,6 +230,94 @@ def test_closed_sphere_shows_its_front_half():
     seen = raster.mask
     assert seen.sum() > 300
     assert (depth[seen] < 3.0 + 1e-6).all()  # only the near hemisphere (z < 3 at the centre plane) is visible
+
+
+def random_batch(views: int, height: int, width: int, seed: int):
+    """Faces of `views` views interleaved in one list: random triangles reaching far past every border (one is
+    huge), some sharing one depth (the tie rule), the last view left empty; vertices in their view's pixels."""
+    g = torch.Generator().manual_seed(seed)
+    pos, faces = random_triangles(12 * views, height, width, seed=seed)
+    pos[:, :2] = pos[:, :2] * 3 - torch.tensor([width, height])  # span [-W, 2W] x [-H, 2H]
+    pos[: 3 * views, 2] = 0.25  # equal depths: ties go to the smaller face index within a view
+    face_view = torch.randint(0, views - 1, (faces.shape[0],), generator=g)
+    huge = torch.tensor([[-900.0, -700, 0.9], [3000, -10, 0.9], [-20, 2500, 0.9]])
+    pos = torch.cat([pos, huge])
+    v = pos.shape[0] - 3
+    faces = torch.cat([faces, torch.tensor([[v, v + 1, v + 2]])])  # covers its whole view, from behind
+    face_view = torch.cat([face_view, torch.tensor([views - 2])])
+    return pos, faces, face_view
+
+
+def assert_batch_is_views_one_at_a_time(pos, faces, face_view, views, height, width, backend="reference"):
+    batch = rasterize_batch(pos, faces, face_view, views, height, width, backend=backend)
+    assert batch.face_id.shape == (views, height, width) and batch.bary.shape == (views, height, width, 3)
+    assert batch.face_id.dtype == torch.int32 and batch.bary.dtype == torch.float32
+    for b in range(views):
+        sel = (face_view == b).nonzero().squeeze(1)
+        one = rasterize(pos, faces[sel], height, width, backend="reference")
+        lut = torch.cat([sel, sel.new_tensor([-1])])  # face in the view -> face in the batch; -1 (empty) stays -1
+        want = lut[one.face_id.long()].int()
+        assert torch.equal(batch.face_id[b].cpu(), want.cpu()), f"view {b}"
+        assert torch.equal(batch.bary[b].cpu(), one.bary.cpu()), f"view {b}"
+    return batch
+
+
+@pytest.mark.parametrize("seed,views,size", [(0, 5, (13, 17)), (1, 3, (1, 9)), (2, 7, (11, 1)), (3, 2, (20, 20))])
+def test_batch_is_bit_for_bit_each_view_alone(seed, views, size):
+    pos, faces, face_view = random_batch(views, *size, seed=seed)
+    batch = assert_batch_is_views_one_at_a_time(pos, faces, face_view, views, *size)
+    assert batch.mask[:-1].any() and not batch.mask[-1].any()  # the last view has no faces
+    assert batch.mask[views - 2].all()  # the huge triangle fills its view, and only its view (no bleeding)
+    assert_matches_oracle(pos, faces[face_view == 0], *size)
+
+
+def test_batch_of_one_and_empty_batches():
+    pos, faces = grid_mesh(4, 3, cell=3.0, origin=-2.5, jitter=0.7, seed=4)
+    pos[:, 2] = torch.rand(pos.shape[0], generator=torch.Generator().manual_seed(1))
+    one = rasterize(pos, faces, 9, 11)
+    batch = rasterize_batch(pos, faces, torch.zeros(faces.shape[0], dtype=torch.int32), 1, 9, 11)
+    assert torch.equal(batch.face_id[0], one.face_id) and torch.equal(batch.bary[0], one.bary)
+    # the same mesh in three views: three equal images; interpolate works on the batch as on one view
+    three = rasterize_batch(pos, faces.repeat(3, 1), torch.arange(3).repeat_interleave(faces.shape[0]), 3, 9, 11)
+    for b in range(3):
+        assert torch.equal(three.face_id[b], torch.where(one.mask, one.face_id + b * faces.shape[0], -1))
+    z = interpolate(pos[:, 2:], faces.repeat(3, 1), three)
+    assert z.shape == (3, 9, 11, 1) and torch.equal(z[2], interpolate(pos[:, 2:], faces, one))
+    empty = rasterize_batch(pos, faces[:0], torch.zeros(0, dtype=torch.long), 4, 5, 6)
+    assert empty.face_id.shape == (4, 5, 6) and (empty.face_id == -1).all() and (empty.bary == 0).all()
+
+
+def test_batch_bad_inputs_name_the_problem():
+    pos, faces, face_view = random_batch(3, 6, 7, seed=0)
+    with pytest.raises(ValueError, match="views must be an int >= 1"):
+        rasterize_batch(pos, faces, face_view, 0, 6, 7)
+    with pytest.raises(ValueError, match=r"face_view names views 0\.\.1 but views is 1"):
+        rasterize_batch(pos, faces, face_view, 1, 6, 7)
+    with pytest.raises(ValueError, match="face_view names views -1"):
+        rasterize_batch(pos, faces, face_view - 1, 3, 6, 7)
+    with pytest.raises(ValueError, match="face_view must be an integer \\[F\\] tensor"):
+        rasterize_batch(pos, faces, face_view.float(), 3, 6, 7)
+    with pytest.raises(ValueError, match="face_view must be an integer \\[F\\] tensor"):
+        rasterize_batch(pos, faces, face_view[1:], 3, 6, 7)
+    with pytest.raises(ValueError, match="faces must be an integer"):
+        rasterize_batch(pos, faces.float(), face_view, 3, 6, 7)
+    # the key keeps a face in 32 bits: the limit counts the faces of all views together
+    with pytest.raises(ValueError, match="got 2147483648 faces over 8 views: split the mesh or render fewer views"):
+        check_face_count(2**31, 8)
+    check_face_count(2**31 - 1, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed,views,size", [(5, 9, (61, 47)), (6, 2, (513, 515)), (7, 33, (32, 32))])
+def test_triton_batch_matches_reference_batch_and_single_views(seed, views, size):
+    pytest.importorskip("triton")
+    pos, faces, face_view = random_batch(views, *size, seed=seed)
+    ref = rasterize_batch(pos, faces, face_view, views, *size, backend="reference")
+    cuda = [pos.cuda(), faces.cuda(), face_view.cuda()]
+    fast = assert_batch_is_views_one_at_a_time(*cuda, views, *size, backend="triton")
+    auto = rasterize_batch(*cuda, views, *size)
+    for out in (fast, auto):
+        assert torch.equal(out.face_id.cpu(), ref.face_id) and torch.equal(out.bary.cpu(), ref.bary)
 
 
 @pytest.mark.gpu
