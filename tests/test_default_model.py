@@ -180,6 +180,26 @@ def test_a_fresh_flow_model_predicts_zero_and_its_blocks_are_the_identity():
     assert tokens and all(0.005 < float(p.std()) < 0.05 for p in tokens)  # N(0, 0.02^2), not garbage
 
 
+def test_the_decoder_logit_shift_is_the_one_that_makes_the_surface_right():
+    """A decoder whose surface is 2 voxels fat (logit = 7.05 - distance for a ball of radius 5): the shift is -2."""
+    from contextlib import nullcontext
+
+    from sam3d_core.training.default_model import calibrate_logit_shift
+
+    ax = torch.arange(24, dtype=torch.float32) - 12
+    dist = (ax[:, None, None] ** 2 + ax[None, :, None] ** 2 + ax[None, None, :] ** 2).sqrt()
+    ball = (dist**2 <= 25)[None, None]  # [1, 1, 24, 24, 24]
+
+    class Fat(torch.nn.Module):
+        def forward(self, latent):
+            return (7.05 - dist)[None, None].expand(len(latent), 1, 24, 24, 24)
+
+    grids = ball.expand(3, 1, 24, 24, 24)
+    shift = calibrate_logit_shift(Fat(), torch.zeros(3, 1), grids, [0, 1, 2], torch.device("cpu"), nullcontext())
+    assert shift == -2.0
+    assert ((7.05 - dist + shift > 0) == ball[0, 0]).all()
+
+
 def test_component_files_accept_complete_numbered_parts_only():
     from sam3d_core.weights.hub import component_files
     from sam3d_core.weights.store import CheckpointError
@@ -207,7 +227,7 @@ def trained(tmp_path_factory, pack):
     (folder / "latents.npy").unlink()  # the run encodes its own
     plan = DefaultPlan(
         pack=str(folder), out=str(root / "run"), preset="default-tiny", device="cpu", workers=0, decoder_steps=2,
-        decoder_batch=1, steps=3, batch_size=2, warmup_steps=1, save_every=1, max_file_bytes=600_000,
+        decoder_batch=1, steps=3, batch_size=2, warmup_steps=1, save_every=1, max_file_bytes=600_000, cfg_views=2,
     )  # fmt: skip
     logs: list[str] = []
     first = run(plan, log=logs.append, stop_after_s=0.0)
@@ -235,6 +255,16 @@ def test_train_default_pauses_resumes_and_exports_a_loadable_split_fp16_model(tr
     assert all(p.dtype == torch.float32 for p in pipe.model.parameters())
     card = (out / "README.md").read_text()
     assert "CC0-1.0" in card and "What it cannot do" in card
+    # The shipped sampler's guidance strength is the one the validation views chose, and the card says so.
+    from sam3d_core.training.default_model import CFG_CANDIDATES, LOGIT_SHIFTS
+
+    state = json.loads((root / "run" / "state.json").read_text())
+    chosen = state["sampler"]["cfg_strength"]
+    assert chosen in CFG_CANDIDATES
+    assert sorted(state["sampler"]["mean_add_s"]) == sorted(f"{c:g}" for c in CFG_CANDIDATES)
+    assert json.loads((out / "stage1.json").read_text())["sampler"]["cfg_strength"] == chosen
+    assert pipe.cfg.sampler.cfg_strength == chosen and f"guidance strength {chosen}" in card
+    assert state["decoder"]["logit_shift"] in LOGIT_SHIFTS
 
 
 def test_train_default_refuses_a_folder_that_is_not_its_own(tmp_path, pack):

@@ -150,6 +150,7 @@ def test_bad_inputs_get_one_line_and_exit_code_2(dataset, tmp_path, capsys):
         ([dataset, "--out", tmp_path / "o6", "--model", "box", "--limit", "0"], "limit=0"),
         ([dataset, "--out", tmp_path / "o7", "--model", "box", "--points", "10"], "points=10"),
         ([dataset, "--out", tmp_path / "o8", "--model", "box", "--workers", "0"], "--workers 0: expected at least 1"),
+        ([dataset, "--out", tmp_path / "o9", "--model", "box", "--cfg-strength", "-1"], "cfg_strength=-1.0"),
     ]
     for argv, message in cases:
         rc, _, stderr = _run(capsys, *argv)
@@ -157,7 +158,7 @@ def test_bad_inputs_get_one_line_and_exit_code_2(dataset, tmp_path, capsys):
         assert stderr.startswith("sam3d: error: ") and message in stderr, stderr
         assert stderr.count("\n") == 1, stderr  # one line, no traceback
     assert (busy / "mine.txt").read_text() == "keep me"
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 9))  # refused before the folder was made
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 10))  # refused before the folder was made
 
 
 def test_an_empty_dataset_is_refused(tmp_path, capsys):
@@ -212,6 +213,26 @@ def test_default_workers_are_the_usable_cores_minus_one(monkeypatch):
     for cores, want in ((1, 1), (2, 1), (16, 15)):
         monkeypatch.setattr(run.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
         assert run.default_workers() == want
+
+
+def test_the_guidance_strength_reaches_the_sampler_and_is_recorded(dataset, tmp_path, capsys, monkeypatch):
+    from sam3d_core.pipeline.stage1 import Stage1Pipeline
+
+    seen = []
+    real = Stage1Pipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("cfg_strength"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Stage1Pipeline, "__call__", spy)
+    for flag, expect in (([], None), (["--cfg-strength", "0"], 0.0)):
+        out = tmp_path / f"cfg{len(flag)}"
+        argv = [dataset, "--out", out, "--model", "tiny", "--limit", "1", "--steps", "1", *FAST, *flag]
+        rc, _, stderr = _run(capsys, *argv)
+        assert rc == 0, stderr
+        assert json.loads((out / "results.json").read_text())["settings"]["cfg_strength"] == expect
+        assert seen.pop() == expect and not seen
 
 
 def test_the_model_is_given_the_samples_point_map(tmp_path, capsys):

@@ -58,6 +58,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         stage2=args.stage2,
         steps=args.steps,
+        cfg_strength=args.cfg_strength,
         max_voxels=args.max_voxels,
         device=args.device,
         limit=args.limit,
@@ -99,6 +100,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--emd-points", type=int, default=None, help="points per side of the EMD assignment (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="sample i runs with seed + i (default 0)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 25)")
+    p.add_argument(
+        "--cfg-strength", type=float, default=None, help="stage-1 guidance strength (default: the model's; 0 = off)"
+    )
     p.add_argument("--max-voxels", type=int, default=None, help="cap on stage-1 voxels (default: the model's)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument(

@@ -33,6 +33,7 @@ def cmd_train_default(args: argparse.Namespace) -> int:
         one_call=args.one_call,
         ema_decay=args.ema_decay,
         warmup_steps=args.warmup_steps,
+        cfg_views=args.cfg_views,
     )
     result = run(plan, log=lambda s: print(s, file=sys.stderr, flush=True), progress=ProgressBar())
     print(f"{result['status']}: " + ", ".join(f"{k} {v}" for k, v in result.items() if k != "status"))
@@ -61,5 +62,8 @@ def add_train_default_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights (lower for short runs)")
     p.add_argument("--warmup-steps", type=int, default=300)
     p.add_argument("--one-call", action="store_true", help="end and export within --minutes (no later call)")
+    p.add_argument(
+        "--cfg-views", type=int, default=32, help="fresh views that choose the shipped guidance strength (at export)"
+    )
     p.set_defaults(func=cmd_train_default)
     return p

@@ -85,6 +85,7 @@ class EvalSettings:
     seed: int = 0
     stage2: bool = False
     steps: int | None = None
+    cfg_strength: float | None = None  # stage-1 guidance (None: the model's sampler setting)
     max_voxels: int | None = None
     device: str | None = None
     limit: int | None = None
@@ -99,6 +100,8 @@ class EvalSettings:
             raise ValueError(f"limit={self.limit}: expected at least 1 sample")
         if self.steps is not None and not 1 <= self.steps <= 1000:
             raise ValueError(f"steps={self.steps}: expected 1..1000")
+        if self.cfg_strength is not None and not 0 <= self.cfg_strength <= 100:
+            raise ValueError(f"cfg_strength={self.cfg_strength}: expected 0..100 (0 turns guidance off)")
         if self.max_voxels is not None and self.max_voxels < 16:
             raise ValueError(f"max_voxels={self.max_voxels}: expected at least 16")
         return self
@@ -164,7 +167,7 @@ class ModelPredictor:
         )
         pointmap = sample.pointmap if s.pointmap else None
         ctx = pipe.open_photo(photo, K=sample.K, pointmap=pointmap, depth_model="none")
-        out1 = pipe.stage1(photo.rgb, sample.mask, ctx.pointmap, seed=seed, steps=s.steps)
+        out1 = pipe.stage1(photo.rgb, sample.mask, ctx.pointmap, seed=seed, steps=s.steps, cfg_strength=s.cfg_strength)
         pose = out1.pose
         info = {
             "pointmap": ctx.pointmap_source,
