@@ -66,6 +66,16 @@ def timed(fn, sync) -> float:
     return time.perf_counter() - t
 
 
+def measure(seg, photo, box: Prompt, click: Prompt, repeats: int, sync) -> tuple[float, float, float]:
+    """Median seconds of set_image, a box prompt and a click prompt (after one warm-up of each kind)."""
+    seg.set_image(photo)  # warm-up (cuDNN / kernel choice)
+    seg.predict(box, multimask=False)
+    encode = statistics.median(timed(lambda: seg.set_image(photo), sync) for _ in range(repeats))
+    box_s = statistics.median(timed(lambda: seg.predict(box, multimask=False), sync) for _ in range(repeats))
+    click_s = statistics.median(timed(lambda: seg.predict(click), sync) for _ in range(repeats))
+    return encode, box_s, click_s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -93,11 +103,7 @@ def main() -> None:
             continue
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        seg.set_image(photo)  # warm-up (cuDNN / kernel choice)
-        seg.predict(box, multimask=False)
-        encode = statistics.median(timed(lambda: seg.set_image(photo), sync) for _ in range(args.repeats))
-        box_s = statistics.median(timed(lambda: seg.predict(box, multimask=False), sync) for _ in range(args.repeats))
-        click_s = statistics.median(timed(lambda: seg.predict(click), sync) for _ in range(args.repeats))
+        encode, box_s, click_s = measure(seg, photo, box, click, args.repeats, sync)
         record = {
             "model": name,
             "device": torch.cuda.get_device_name() if cuda else f"CPU x{torch.get_num_threads()} threads",

@@ -428,6 +428,7 @@ def export_default(
 def model_card(info: dict) -> str:
     dec, flow, pack = info.get("decoder", {}), info.get("flow", {}), info.get("pack", {})
     smp = info.get("sampler", {})
+    adds = ", ".join(f"{k}: {v:.3f}" for k, v in smp.get("mean_add_s", {}).items()) or "?"
     lic = ", ".join(f"{k} ({v})" for k, v in sorted(pack.get("licences", {}).items()))
     return f"""# sam3d default model (stage 1, trained from scratch)
 
@@ -454,7 +455,7 @@ Attribution of every model and photo: `pack.json` of the pack (`sam3d data pack`
 - Decoder: {dec.get("steps", "?")} steps, held-out decoded IoU {dec.get("held_out_iou", float("nan")):.3f}
   (logit shift {dec.get("logit_shift", 0.0):+g}, chosen on training objects).
 - Sampler: guidance strength {smp.get("cfg_strength", "?")}, chosen by mean ADD-S on {smp.get("views", "?")} fresh
-  training-distribution views (strength: ADD-S {smp.get("mean_add_s", {})}).
+  training-distribution views (strength: ADD-S {adds}).
 - Flow: {flow.get("steps", "?")} steps x batch {flow.get("batch_size", "?")} ({flow.get("samples", "?")} views),
   lr {flow.get("lr", "?")}, EMA {flow.get("ema_decay", "?")}; final loss {flow.get("loss", float("nan")):.4f}.
 - Device time: {info.get("device_time_s", 0) / 60:.1f} min on {info.get("device_name", "?")}.
@@ -577,8 +578,9 @@ def run(
     state["command"] = (
         f"sam3d train-default --pack PACK --out RUN --steps {cfg.steps} --batch-size {cfg.batch_size} "
         f"--decoder-steps {plan.decoder_steps} --decoder-batch {plan.decoder_batch} "
-        f"--decoder-minutes {plan.decoder_minutes:g} "
-        f"--minutes {plan.minutes:g}" + (" --one-call" if plan.one_call else "")
+        f"--decoder-minutes {plan.decoder_minutes:g} --lr {plan.lr:g} --warmup-steps {plan.warmup_steps} "
+        f"--ema-decay {plan.ema_decay:g} --seed {plan.seed}"
+        + (f" --minutes {plan.minutes:g} --one-call" if plan.one_call else " --minutes M (every call)")
     )
     state["plan"] = dataclasses.asdict(plan)
     save_state()
