@@ -312,7 +312,9 @@ def test_views_rendered_on_cuda_equal_those_rendered_on_the_cpu(pack):
     assert torch.allclose(torch.nan_to_num(cpu.pointmap), torch.nan_to_num(gpu.pointmap.cpu()), atol=1e-4)
     latents = torch.from_numpy(pack.latents)
     a, b = views_batch(cpu, latents, CFG), views_batch(gpu, latents.cuda(), CFG)
-    for k, v in a.views.items():
-        assert torch.allclose(torch.nan_to_num(v), torch.nan_to_num(b.views[k].cpu()), atol=2e-3), k
+    for k, v in a.views.items():  # masks exact; images within a colour level; point maps within rounding
+        tol = 0.0 if "mask" in k else 1 / 255 + 1e-5 if "image" in k else 1e-3
+        assert torch.equal(v.isnan(), b.views[k].cpu().isnan()), k
+        assert torch.allclose(torch.nan_to_num(v), torch.nan_to_num(b.views[k].cpu()), rtol=0, atol=tol), k
     for k, v in a.target.items():
         assert torch.allclose(v, b.target[k].cpu(), atol=1e-4), k

@@ -21,7 +21,8 @@ that every random choice is made before anything is rendered, with its own gener
 4. The point maps: NaN off the surfaces, a wall behind, or the no-depth fallback plane with the pose rescaled so
    that the visible surface's median depth is 1 (`draw_pointmap_kind`, as __getitem__).
 
-The result is a function of (seed, index) on any device: the rasteriser is exact, the float steps elementwise.
+A view is a function of (seed, index): the same in any batch, process or run (resume, DDP), and its masks are
+the same bits on a CPU and a GPU (exact rasteriser, elementwise noise); colours and points within rounding.
 """
 
 from __future__ import annotations
