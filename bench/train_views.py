@@ -1,6 +1,6 @@
 """Training views per second of a render pack: the loader's processes rendering vs the training device rendering.
 
-    python bench/train_views.py --pack PACK [--device cuda] [--workers 15] [--batch 64] [--batches 20]
+    python bench/train_views.py --pack PACK [--device cuda] [--workers 15] [--batch 64] [--batches 30]
                                 [--which both|cpu|device] [--preset default] [--threads N] [--json out.json]
 
 (a) cpu: what `sam3d train` did until now: --workers DataLoader processes, each rendering its micro-batch's views
@@ -10,7 +10,8 @@
 Both read the same step stream (MicroBatches, seed 0) at the same batch size. Printed per path: views/s of the
 whole path (what the training loop would get if the model took no time), and for (b) also the device's share
 alone (render + preprocess of a batch already drawn: the rate when enough processes draw), then one line of GPU
-memory. Timed after --warmup batches; on CUDA every batch is synchronised before the clock is read.
+memory. Timed after --warmup batches (by default past the processes' first burst, which would flatter (a)); on CUDA
+every batch is synchronised before the clock is read.
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workers", type=int, default=15)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--batches", type=int, default=20, help="timed batches per path")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batches", type=int, default=30, help="timed batches per path")
+    ap.add_argument(
+        "--warmup", type=int, default=-1,
+        help="batches before the clock starts (-1: 2 x workers + 1, past the first burst of the processes' batches)",
+    )  # fmt: skip
     ap.add_argument("--size", type=int, default=ViewSettings().size, help="rendered view size (pixels)")
     ap.add_argument("--preset", default="default", help="stage-1 preset whose preprocessing the batches get")
     ap.add_argument("--which", choices=("both", "cpu", "device"), default="both")
@@ -80,6 +84,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     ds = RenderPackDataset(RenderPack.load(args.pack), seed=0, settings=ViewSettings(size=args.size))
     model_cfg = stage1_preset(args.preset)
+    if args.warmup < 0:
+        args.warmup = 2 * args.workers + 1
     steps = args.warmup + args.batches
     result = {"device": str(device), "workers": args.workers, "batch": args.batch, "size": args.size}
     if device.type == "cuda":
