@@ -22,6 +22,7 @@ def cmd_train_default(args: argparse.Namespace) -> int:
         minutes=args.minutes,
         device=args.device,
         workers=args.workers,
+        view_device=args.view_device,
         seed=args.seed,
         decoder_steps=args.decoder_steps,
         decoder_batch=args.decoder_batch,
@@ -47,6 +48,11 @@ def add_train_default_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=0.0, help="this call's time budget (0 = until done)")
     p.add_argument("--device", default="", help="torch device (default: cuda when present)")
     p.add_argument("--workers", type=int, default=-1, help="view-rendering processes (default: cores - 1)")
+    p.add_argument(
+        "--view-device", choices=("auto", "cpu", "device"), default="auto",
+        help="where the training views are rendered: cpu (the --workers processes, view by view), device (the "
+        "training device, a micro-batch at once; the processes only draw scenes), auto (device on a GPU)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--decoder-steps", type=int, default=3000, help="occupancy-decoder optimizer steps")
     p.add_argument("--decoder-batch", type=int, default=32)

@@ -389,7 +389,10 @@ class ViewSettings:
 class RenderPackDataset:
     """Index -> a rendered Sample (the render-paste recipe), deterministic in (seed, index); picklable (each
     DataLoader worker builds its render meshes on first use). `len` is nominal: the training loop draws indices
-    from a permutation of it, and any index renders."""
+    from a permutation of it, and any index renders.
+
+    `data.packviews` renders the same recipe on the training device: `plan_view` draws a view's scene (every
+    random choice, with the drawing functions __getitem__ calls), `DeviceViews` renders a micro-batch at once."""
 
     def __init__(self, pack: RenderPack, seed: int = 0, settings: ViewSettings | None = None, length: int = 1 << 24):
         if pack.latents is None:
@@ -400,13 +403,14 @@ class RenderPackDataset:
         held = set(self.settings.held_out_objects)
         self.objects = [i for i in range(len(pack)) if i not in held]
         self._meshes: dict[int, object] = {}
+        self._backgrounds: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return self.length
 
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
-        d["_meshes"] = {}
+        d["_meshes"], d["_backgrounds"] = {}, {}
         return d
 
     def _render_mesh(self, i: int):
@@ -419,27 +423,45 @@ class RenderPackDataset:
             self._meshes[i] = RenderMesh(torch.from_numpy(v), torch.from_numpy(f), torch.from_numpy(c))
         return self._meshes[i]
 
+    def background(self, b: int) -> np.ndarray:
+        """Background photo b, decoded once per process."""
+        if b not in self._backgrounds:
+            self._backgrounds[b] = self.pack.background(b)
+        return self._backgrounds[b]
+
+    def scene_config(self):
+        from sam3d_core.data.synth import SceneConfig
+
+        s = self.settings
+        return SceneConfig(
+            width=s.size, height=s.size, fov_deg=(35.0, 65.0), elevation_deg=(0.0, 45.0), size_frac=(0.25, 0.7),
+            centre_frac=0.5, p_occluded=s.p_occluded, p_occluder=s.p_occluder, occluder_size=(0.3, 1.1),
+        )  # fmt: skip
+
+    def pick_objects(self, rng: np.random.Generator) -> tuple[int, list[int]]:
+        """The target's pack index and the candidates for occluders / objects behind it (up to 2 others)."""
+        n = len(self.objects)
+        obj = self.objects[int(rng.integers(0, n))]
+        return obj, [int(j) for j in rng.choice(self.objects, size=min(3, n), replace=False) if int(j) != obj]
+
+    def others(self, picks: list[int]) -> list[tuple[str, object, float]]:
+        """(name, render mesh, size 1) of the candidates `pick_objects` chose, as data.synth takes them."""
+        return [(self.pack.meta["objects"][j]["name"], self._render_mesh(j), 1.0) for j in picks]
+
     def __getitem__(self, index: int):
         from sam3d_core.data.sample import Sample
-        from sam3d_core.data.synth import SceneConfig, background_crop, mask_noise, render_scene, sample_scene
+        from sam3d_core.data.synth import background_crop, mask_noise, render_scene, sample_scene
         from sam3d_core.inputs.camera import fallback_pointmap, pointmap_from_depth
 
         s = self.settings
         rng = np.random.default_rng([self.seed, int(index)])
-        n = len(self.objects)
-        obj = self.objects[int(rng.integers(0, n))]
+        obj, picks = self.pick_objects(rng)
         meta = self.pack.meta["objects"][obj]
-        cfg = SceneConfig(
-            width=s.size, height=s.size, fov_deg=(35.0, 65.0), elevation_deg=(0.0, 45.0), size_frac=(0.25, 0.7),
-            centre_frac=0.5, p_occluded=s.p_occluded, p_occluder=s.p_occluder, occluder_size=(0.3, 1.1),
-        )  # fmt: skip
-        others = []
-        for j in rng.choice(self.objects, size=min(3, n), replace=False):
-            if int(j) != obj:
-                others.append((self.pack.meta["objects"][int(j)]["name"], self._render_mesh(int(j)), 1.0))
-        for _attempt in range(8):  # a view whose target is (nearly) hidden is drawn again, deterministically
+        cfg = self.scene_config()
+        others = self.others(picks)
+        for _attempt in range(MAX_ATTEMPTS):  # a view whose target is (nearly) hidden is drawn again, deterministically
             scene = sample_scene(rng, self._render_mesh(obj), meta["size_m"], others, cfg)
-            bg = self.pack.background(int(rng.integers(0, self.pack.num_backgrounds)))
+            bg = self.background(int(rng.integers(0, self.pack.num_backgrounds)))
             try:
                 view, info = render_scene(scene, rng, others, background_crop(rng, bg, s.size, s.size), cfg)
             except ValueError:
@@ -450,12 +472,12 @@ class RenderPackDataset:
             if _usable(mask):
                 break
         else:
-            raise ValueError(f"pack object {obj}: no usable view in 8 draws (index {index})")
+            raise ValueError(f"pack object {obj}: no usable view in {MAX_ATTEMPTS} draws (index {index})")
         t = scene.target
         translation, size = np.asarray(t.translation, np.float64), float(meta["size_m"])
-        if rng.uniform() < s.p_flat_pointmap:
-            fov = 2 * math.degrees(math.atan(s.size / 2 / scene.K[0, 0]))
-            pointmap = fallback_pointmap(s.size, s.size, fov)[0].astype(np.float32)
+        kind, wall = draw_pointmap_kind(rng, s)
+        if kind == "flat":
+            pointmap = fallback_pointmap(s.size, s.size, flat_fov_deg(s.size, scene.K))[0].astype(np.float32)
             # Without depth the product places the object about the plane's unit distance away (relative units):
             # the target is the scene scaled so that the visible surface lies at depth 1, as it is then.
             seen = view.pointmap[view.mask & view.coverage][:, 2]
@@ -463,12 +485,10 @@ class RenderPackDataset:
             translation, size = translation / unit, size / unit
         else:
             pointmap = np.where(view.coverage[..., None], view.pointmap, np.nan).astype(np.float32)
-            if rng.uniform() < s.p_wall:  # a depth model gives depth everywhere: the photo as a wall behind
-                wall = pointmap_from_depth(
-                    np.full((s.size, s.size), float(scene.target.translation[2]) * rng.uniform(1.3, 3.0), np.float32),
-                    scene.K,
-                )
-                pointmap = np.where(view.coverage[..., None], pointmap, wall).astype(np.float32)
+            if kind == "wall":  # a depth model gives depth everywhere: the photo as a wall behind
+                wall_depth = np.full((s.size, s.size), float(scene.target.translation[2]) * wall, np.float32)
+                pointmap = np.where(view.coverage[..., None], pointmap, pointmap_from_depth(wall_depth, scene.K))
+                pointmap = pointmap.astype(np.float32)
         return Sample(
             sample_id=f"pack:{obj}:{int(index)}",
             photo=view.rgb,
@@ -486,6 +506,25 @@ class RenderPackDataset:
             group=meta["group"],
             occlusion=info["occlusion"],
         )
+
+
+MAX_ATTEMPTS = 8  # draws of a view before its object is reported as unusable
+
+
+def draw_pointmap_kind(rng: np.random.Generator, s: ViewSettings) -> tuple[str, float]:
+    """The point map a view gets: ("flat", 0) the no-depth fallback plane, ("wall", f) the true points with the
+    background as a wall at f times the target's depth (as a depth model gives), or ("nan", 0) the true points
+    with NaN off the surfaces."""
+    if rng.uniform() < s.p_flat_pointmap:
+        return "flat", 0.0
+    if rng.uniform() < s.p_wall:
+        return "wall", float(rng.uniform(1.3, 3.0))
+    return "nan", 0.0
+
+
+def flat_fov_deg(size: int, K: np.ndarray) -> float:
+    """The horizontal field of view (degrees) of the fallback plane of a size x size view with intrinsics K."""
+    return 2 * math.degrees(math.atan(size / 2 / K[0, 0]))
 
 
 def _usable(mask: np.ndarray) -> bool:

@@ -6,6 +6,7 @@
 
     batch = render_views([Shot(placed, K, light, background), ...], 518, 518)   # many views in one go
     batch.rgb, batch.mask                                        # [B, H, W, 3], [B, H, W]; batch[i] is a View
+    masks = target_masks(shots, 518, 518)                        # [B, H, W] batch.mask alone (no shading)
 
 Frames as everywhere (`geometry.frames`): a pose maps the local frame into the PyTorch3D camera frame,
 p_cam = (p_local * s) @ R + t (row vectors); K is the OpenCV pixel matrix (pixel centres at j + 0.5, i + 0.5).
@@ -256,6 +257,18 @@ def silhouette(
     sc = _flatten([Shot([Placed(RenderMesh(vertices, faces, vertices), rotation, translation, scale)], K)], 1e-3, [])
     fid, _ = _raster(sc, 1, height, width)
     return fid[0] >= 0
+
+
+def target_masks(shots: list[Shot] | list[tuple], height: int, width: int, *, near: float = 1e-3) -> torch.Tensor:
+    """[B, H, W] bool on the meshes' device: where each shot's target (its first mesh) is the nearest surface,
+    bit for bit `render_views(shots, ...).mask`, without shading or amodal passes: one raster call that decides
+    between candidate scenes (which occluder placement to keep) before the chosen ones are rendered."""
+    shots = [Shot(*s) for s in shots]
+    if not shots or any(not s.placed for s in shots):
+        raise ValueError("shots: got no views or a view with no mesh; give each at least its target")
+    sc = _flatten(shots, near, [])
+    fid, _ = _raster(sc, len(shots), height, width)
+    return (fid >= 0) & (sc.pl["target"][sc.face_pl[fid.clamp(min=0)]] > 0)
 
 
 def render_view(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -181,6 +182,31 @@ def sample_scene(
     return Scene(K=K, width=cfg.width, height=cfg.height, target=placed, light=Light.random(rng), mode=mode)
 
 
+def occlusion_accepted(visible: int, amodal: int, pixels: int) -> bool:
+    """An occluded placement is kept when |M_vis| / |M_obj| lies in [0.1, 0.9] and |M_vis| >= 0.2 % of the image."""
+    frac = visible / max(amodal, 1)
+    return MIN_VISIBLE_FRAC <= frac <= MAX_VISIBLE_FRAC and visible >= MIN_VISIBLE_PIXELS * pixels
+
+
+def draw_occluders(
+    rng: np.random.Generator, scene: Scene, others: list[tuple[str, RenderMesh, float]], cfg: SceneConfig
+) -> list[tuple[int, Placed]]:
+    """One try of the "occluded" mode: one (70 %) or two flying occluders -> [(index into others, placed)]."""
+    n = 1 if rng.uniform() < 0.7 else 2
+    picks = [int(i) for i in rng.integers(0, len(others), n)]
+    return [
+        (i, place_occluder(rng, scene.K, scene.target, others[i][1], others[i][2], cfg.occluder_size)) for i in picks
+    ]
+
+
+def draw_behind(
+    rng: np.random.Generator, scene: Scene, others: list[tuple[str, RenderMesh, float]]
+) -> tuple[int, Placed]:
+    """The "occluder" mode: another object behind the target -> (index into others, placed)."""
+    i = int(rng.integers(0, len(others)))
+    return i, place_behind(rng, scene.K, scene.target, others[i][1], others[i][2])
+
+
 def render_scene(
     scene: Scene,
     rng: np.random.Generator,
@@ -195,21 +221,18 @@ def render_scene(
     tries, view = 0, None
     if scene.mode == "occluded":
         for tries in range(1, cfg.occluder_tries + 1):  # noqa: B007 (reported after the loop)
-            n = 1 if rng.uniform() < 0.7 else 2
-            picks = [others[int(i)] for i in rng.integers(0, len(others), n)]
-            placed = [place_occluder(rng, K, scene.target, m, s, cfg.occluder_size) for _, m, s in picks]
+            picks = draw_occluders(rng, scene, others, cfg)
+            placed = [p for _, p in picks]
             view = render_view([scene.target, *placed], K, h, w, scene.light, background)
-            vis, amo = int(view.mask.sum()), int(view.amodal.sum())
-            frac = vis / max(amo, 1)
-            if MIN_VISIBLE_FRAC <= frac <= MAX_VISIBLE_FRAC and vis >= MIN_VISIBLE_PIXELS * w * h:
-                scene.others, scene.other_names = placed, [p[0] for p in picks]
+            if occlusion_accepted(int(view.mask.sum()), int(view.amodal.sum()), w * h):
+                scene.others, scene.other_names = placed, [others[i][0] for i, _ in picks]
                 break
             view = None
         else:
             scene.mode = "alone"  # no placement met the visibility bounds: fall back to no occluder
     elif scene.mode == "occluder":
-        name, m, s = others[int(rng.integers(0, len(others)))]
-        scene.others, scene.other_names = [place_behind(rng, K, scene.target, m, s)], [name]
+        i, placed = draw_behind(rng, scene, others)
+        scene.others, scene.other_names = [placed], [others[i][0]]
     if scene.mode == "alone":
         scene.others, scene.other_names = [], []
     if view is None:
@@ -232,57 +255,109 @@ def render_scene(
 # ---------------------------------------------------------------------------------------------------
 
 
-def background_crop(rng: np.random.Generator, photo: np.ndarray, width: int, height: int) -> np.ndarray:
-    """A random crop of a photo [h, w, 3] uint8 (0.5..1 of its shorter side, the output's aspect), resized to
-    [height, width, 3] uint8; flipped left-right half the time."""
-    from PIL import Image
+class CropBox(NamedTuple):
+    """A drawn background crop: rows y0 .. y0 + h, columns x0 .. x0 + w of the photo, mirrored left-right or not."""
 
-    ph, pw = photo.shape[:2]
+    y0: int
+    x0: int
+    h: int
+    w: int
+    flip: bool
+
+
+def draw_crop(rng: np.random.Generator, photo_hw: tuple[int, int], width: int, height: int) -> CropBox:
+    """A random crop of a photo of photo_hw = (h, w) pixels: 0.5..1 of its shorter side, the output's aspect;
+    flipped left-right half the time."""
+    ph, pw = photo_hw
     aspect = width / height
     side = rng.uniform(0.5, 1.0)
     ch = int(min(ph, pw / aspect) * side)
     cw = max(1, int(ch * aspect))
     ch = max(1, ch)
     y0, x0 = int(rng.integers(0, ph - ch + 1)), int(rng.integers(0, pw - cw + 1))
-    crop = Image.fromarray(photo[y0 : y0 + ch, x0 : x0 + cw]).resize((width, height), Image.BILINEAR)
+    return CropBox(y0, x0, ch, cw, bool(rng.uniform() < 0.5))
+
+
+def crop_background(photo: np.ndarray, box: CropBox, width: int, height: int) -> np.ndarray:
+    """The crop `box` of a photo [h, w, 3] uint8, resized (bilinear) to [height, width, 3] uint8."""
+    from PIL import Image
+
+    crop = Image.fromarray(photo[box.y0 : box.y0 + box.h, box.x0 : box.x0 + box.w]).resize(
+        (width, height), Image.BILINEAR
+    )
     out = np.asarray(crop, dtype=np.uint8)
-    return out[:, ::-1].copy() if rng.uniform() < 0.5 else out
+    return out[:, ::-1].copy() if box.flip else out
+
+
+def background_crop(rng: np.random.Generator, photo: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A random crop of a photo [h, w, 3] uint8 (0.5..1 of its shorter side, the output's aspect), resized to
+    [height, width, 3] uint8; flipped left-right half the time."""
+    return crop_background(photo, draw_crop(rng, photo.shape[:2], width, height), width, height)
+
+
+@dataclass(frozen=True)
+class NoiseParams:
+    """The drawn part of SAM-like mask noise: erode or dilate by `px` (an elliptic kernel of 2 px + 1), then
+    optionally a boundary jitter (a smooth field: `field` [h // cell + 2, w // cell + 2] float32 N(0, 1), cubic-
+    resized to the mask, times `amplitude`, added to the mask blurred with `sigma`) and `holes` small holes."""
+
+    erode: bool
+    px: int
+    cell: int = 0  # 0: no jitter
+    field: np.ndarray | None = None
+    amplitude: float = 0.0
+    sigma: float = 0.0
+    holes: int = 0
+
+    def how(self) -> dict:
+        """What was done, as mask_noise reports it."""
+        how: dict = {"erode_px" if self.erode else "dilate_px": self.px}
+        if self.cell:
+            how["jitter"] = {"cell_px": self.cell, "amplitude": round(self.amplitude, 3)}
+        if self.holes:
+            how["holes"] = self.holes
+        return how
+
+
+def draw_mask_noise(rng: np.random.Generator, height: int, width: int) -> NoiseParams:
+    """The noise of one mask of height x width pixels (every draw but where the holes go and their radii)."""
+    k = int(rng.integers(1, 4))
+    erode = bool(rng.uniform() < 0.5)
+    jitter: dict = {}
+    if rng.uniform() < 0.6:
+        cell = int(rng.integers(8, 24))
+        field_ = rng.normal(size=(height // cell + 2, width // cell + 2)).astype(np.float32)
+        jitter = {"cell": cell, "field": field_, "amplitude": float(rng.uniform(0.15, 0.35))}
+        jitter["sigma"] = float(rng.uniform(1.0, 3.0))
+    holes = int(rng.integers(1, 4)) if rng.uniform() < 0.3 else 0
+    return NoiseParams(erode, k, holes=holes, **jitter)
 
 
 def mask_noise(mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     """SAM-like noise on a visible mask [H, W] bool -> (noisy mask, what was done). One of erode / dilate
     (1-3 px), then with some probability a boundary jitter (smooth random field added to a blurred mask, inside the
-    blur's boundary band only) and a few small holes. The result is never empty (falls back to the input)."""
+    blur's boundary band only) and a few small holes. The result is never empty (falls back to the input).
+    `data.masknoise.mask_noise_batch` is the same noise on tensors (many masks at once, any device)."""
     import cv2
 
     m = mask.astype(np.uint8)
     h, w = m.shape
-    how: dict = {}
-    k = int(rng.integers(1, 4))
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1))
-    if rng.uniform() < 0.5:
-        m, how["erode_px"] = cv2.erode(m, kernel), k
-    else:
-        m, how["dilate_px"] = cv2.dilate(m, kernel), k
-    if rng.uniform() < 0.6:
-        cell = int(rng.integers(8, 24))
-        field_ = rng.normal(size=(h // cell + 2, w // cell + 2)).astype(np.float32)
-        field_ = cv2.resize(field_, (w, h), interpolation=cv2.INTER_CUBIC)
-        amp = float(rng.uniform(0.15, 0.35))
-        blurred = cv2.GaussianBlur(m.astype(np.float32), (0, 0), sigmaX=float(rng.uniform(1.0, 3.0)))
+    p = draw_mask_noise(rng, h, w)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * p.px + 1, 2 * p.px + 1))
+    m = cv2.erode(m, kernel) if p.erode else cv2.dilate(m, kernel)
+    if p.cell:
+        field_ = cv2.resize(p.field, (w, h), interpolation=cv2.INTER_CUBIC)
+        blurred = cv2.GaussianBlur(m.astype(np.float32), (0, 0), sigmaX=p.sigma)
         # Only the boundary band jitters: elsewhere the field alone would cross 0.5 in ~5 % of the cells and
         # scatter specks over the whole photo, which no segmenter does.
         band = (blurred > 0.02) & (blurred < 0.98)
-        m = np.where(band, (blurred + amp * field_) > 0.5, blurred > 0.5).astype(np.uint8)
-        how["jitter"] = {"cell_px": cell, "amplitude": round(amp, 3)}
-    if rng.uniform() < 0.3:
+        m = np.where(band, (blurred + p.amplitude * field_) > 0.5, blurred > 0.5).astype(np.uint8)
+    if p.holes:
         ys, xs = np.nonzero(m)
-        holes = int(rng.integers(1, 4))
-        for _ in range(holes if len(ys) else 0):
+        for _ in range(p.holes if len(ys) else 0):  # where the holes go depends on the mask: drawn here
             i = int(rng.integers(0, len(ys)))
             cv2.circle(m, (int(xs[i]), int(ys[i])), int(rng.integers(1, 4)), 0, -1)
-        how["holes"] = holes
     out = m.astype(bool)
     if not out.any():
         return mask.copy(), {"fallback": "noise emptied the mask"}
-    return out, how
+    return out, p.how()

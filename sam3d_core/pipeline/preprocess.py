@@ -244,6 +244,197 @@ def preprocess_stage1(
 
 
 # ----------------------------------------------------------------------------------------------
+# The stage-1 recipe for a batch on any device (training views rendered on the GPU)
+
+
+def preprocess_stage1_batch(
+    images: torch.Tensor, masks: torch.Tensor, pointmaps: torch.Tensor, cfg: PreprocessConfig
+) -> dict[str, torch.Tensor]:
+    """`preprocess_stage1` of B views of one size at once, on their device: images [B, H, W, 3] uint8, masks
+    [B, H, W] bool, pointmaps [B, H, W, 3] float (tensors on one device) -> the same dict with batch B
+    (pointmap_scale / pointmap_shift [B, 3]). On the CPU view b equals `preprocess_stage1` of view b bit for bit
+    (statistics, masks, point maps, the full branch, an upsampled crop), except a downsampled cropped image, within
+    2 ulp: its antialiased resize (torch's weights, gathered per view instead of one interpolate call per crop
+    size) sums the taps in another order. Elementwise ops throughout, so a GPU gives the same numbers but for the
+    full branch's interpolate call (the CUDA kernel's rounding).
+    """
+    b, h, w = masks.shape
+    if images.shape != (b, h, w, 3) or images.dtype != torch.uint8 or masks.dtype != torch.bool:
+        raise ValueError(
+            f"images / masks: got {images.dtype} {tuple(images.shape)} and {masks.dtype} {tuple(masks.shape)}; "
+            "expected uint8 [B, H, W, 3] and bool [B, H, W]"
+        )
+    if pointmaps.shape != (b, h, w, 3) or not pointmaps.is_floating_point():
+        raise ValueError(
+            f"pointmaps: got {pointmaps.dtype} {tuple(pointmaps.shape)}, expected float [{b}, {h}, {w}, 3]"
+        )
+    size = cfg.image_size
+    image = (images.permute(0, 3, 1, 2).double() / 255).float()  # [B, 3, H, W], as _check_inputs
+    points = pointmaps.float().permute(0, 3, 1, 2)  # [B, 3, H, W]
+    # 1. Normalize (per view: the object median, the scene's median Chebyshev radius; NaN = not counted).
+    flat = points.reshape(b, 3, -1)
+    inside = masks.reshape(b, 1, -1)
+    shift = torch.where(inside, flat, float("nan")).nanmedian(dim=-1).values  # [B, 3]
+    scale = (flat - shift[..., None]).abs().max(dim=1).values.nanmedian(dim=-1).values[:, None].expand(b, 3) * 1.0
+    usable = (flat.isfinite() & inside).flatten(1).any(1)[:, None]  # else the official fallback: scale 1, shift 0
+    scale, shift = torch.where(usable, scale, 1.0), torch.where(usable, shift, 0.0)
+    matrix = torch.zeros(b, 4, 4, dtype=flat.dtype, device=flat.device)  # as apply_pointmap_normalization
+    inv_scale = 1.0 / scale
+    matrix[:, [0, 1, 2], [0, 1, 2]] = inv_scale
+    matrix[:, 3, :3] = -shift * inv_scale
+    matrix[:, 3, 3] = 1.0
+    homog = torch.cat([flat.transpose(1, 2), torch.ones_like(flat[:, :1].transpose(1, 2))], dim=2)  # [B, HW, 4]
+    normed = torch.bmm(homog, matrix)
+    normed = (normed[..., :3] / normed[..., 3:]).transpose(1, 2).reshape(b, 3, h, w)
+    # 2. Cropped branch: each view's box, square pad and border, resize (taps gathered per view).
+    crop = _CropMap(masks, cfg)
+    crop_image = crop.resample(image, size)
+    crop_mask = crop.nearest(masks[:, None].float(), size, outside=0.0)
+    crop_points = crop.nearest(normed, size, outside=float("nan"))
+    # 3. Full branch: one padded square per view, one interpolate call for the batch.
+    full = [_pad_square_batch(x) for x in (image, masks[:, None].float(), normed)]
+    out = {
+        "image": crop_image,
+        "mask": crop_mask,
+        "rgb_image": _resize_batch(full[0], size, "bilinear"),
+        "rgb_image_mask": _resize_batch(full[1], size, "nearest"),
+        "pointmap": crop_points,
+        "rgb_pointmap": _resize_batch(full[2], size, "nearest"),
+        "pointmap_scale": scale,
+        "pointmap_shift": shift,
+    }
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _pad_square_batch(x: torch.Tensor) -> torch.Tensor:
+    """x [B, C, H, W] -> [B, C, S, S] centred with 0, as pad_to_square."""
+    h, w = x.shape[-2:]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    return F.pad(x, (left, side - w - left, top, side - h - top), value=0.0)
+
+
+def _resize_batch(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """resize_square of a batch [B, C, S, S]: the same interpolate call, batched."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    if mode == "bilinear":
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(x, size=(size, size), mode="nearest")
+
+
+class _CropMap:
+    """The cropped branch's geometry for a batch: per view, the box of `mask_crop_box`, its square pad and the
+    optional border, as a map from the padded square's rows / columns to image rows / columns (`valid`: inside
+    the crop box, whose parts outside the image read 0; elsewhere the pad value)."""
+
+    def __init__(self, masks: torch.Tensor, cfg: PreprocessConfig):
+        b, h, w = masks.shape
+        rows, cols = masks.any(2), masks.any(1)  # [B, H], [B, W]
+        if not bool(rows.any(1).all()):
+            empty = int((~rows.any(1)).nonzero()[0])
+            raise ValueError(f"masks[{empty}]: got an empty mask (no pixel set); pass masks that cover the objects")
+        r = torch.arange(h, device=masks.device)
+        c = torch.arange(w, device=masks.device)
+        y0 = torch.where(rows, r, h).min(1).values
+        y1 = torch.where(rows, r, -1).max(1).values
+        x0 = torch.where(cols, c, w).min(1).values
+        x1 = torch.where(cols, c, -1).max(1).values
+        self.h, self.w = h, w
+        # per view: image row / column of the square's first pixel, the square's side, the box y0, y1, x0, x1
+        self.boxes = []
+        for i, (ya, yb, xa, xb) in enumerate(torch.stack([y0, y1, x0, x1], 1).tolist()):  # one host copy
+            bw, bh = xb - xa, yb - ya
+            if bw < 2 or bh < 2:
+                raise ValueError(f"masks[{i}]: bounding box is {bw + 1}x{bh + 1} pixels, expected at least 3x3")
+            cx, cy = (xa + xb) / 2, (ya + yb) / 2
+            half = int(max(bw, bh, 2) * cfg.box_size_factor) // 2
+            bx0, by0, bx1, by1 = (math.trunc(v) for v in (cx - half, cy - half, cx + half, cy + half))
+            side = max(bx1 - bx0, by1 - by0)
+            extra = int(side * cfg.padding_factor) if cfg.padding_factor > 0 else 0
+            top, left = (side - (by1 - by0)) // 2 + extra, (side - (bx1 - bx0)) // 2 + extra
+            self.boxes.append((by0 - top, bx0 - left, side + 2 * extra, by0, by1, bx0, bx1))
+        self.dev = masks.device
+        t = torch.tensor(self.boxes, device=self.dev)  # [B, 7]
+        self.origin_y, self.origin_x, self.side = t[:, 0], t[:, 1], t[:, 2]
+        self.crop = t[:, 3:7]
+
+    def _axis(self, idx: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Square indices idx [B, ...] along rows (0) or columns (1) -> (image index clamped, in the crop box,
+        in the crop box and the image)."""
+        origin, lo, hi, n = (
+            (self.origin_y, self.crop[:, 0], self.crop[:, 1], self.h)
+            if axis == 0
+            else (self.origin_x, self.crop[:, 2], self.crop[:, 3], self.w)
+        )
+        shape = (-1,) + (1,) * (idx.ndim - 1)
+        img = idx + origin.view(shape)
+        in_box = (img >= lo.view(shape)) & (img < hi.view(shape))
+        return img.clamp(0, n - 1), in_box, in_box & (img >= 0) & (img < n)
+
+    def nearest(self, x: torch.Tensor, size: int, outside: float) -> torch.Tensor:
+        """x [B, C, H, W] -> the crops resized with legacy nearest [B, C, size, size]: inside the box, outside
+        the image 0; outside the box (square pad, border) `outside`."""
+        b, ch = x.shape[:2]
+        o = torch.arange(size, device=self.dev, dtype=torch.float32)
+        scale = self.side.float() / size  # float32, as torch's nearest
+        src = torch.minimum((o[None] * scale[:, None]).floor().long(), self.side[:, None] - 1)
+        src = torch.where(self.side[:, None] == size, torch.arange(size, device=self.dev)[None], src)  # [B, size]
+        ry, by, iy = self._axis(src, 0)
+        rx, bx, ix = self._axis(src, 1)
+        rows = x.gather(2, ry[:, None, :, None].expand(b, ch, size, self.w))
+        vals = rows.gather(3, rx[:, None, None, :].expand(b, ch, size, size))
+        in_img = (iy[:, :, None] & ix[:, None, :])[:, None]
+        in_box = (by[:, :, None] & bx[:, None, :])[:, None]
+        return torch.where(in_img, vals, torch.where(in_box, 0.0, outside))
+
+    def _taps(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """torch's antialiased bilinear weights (align_corners=False) of each view's side -> size: first
+        source index [B, size] and weights [B, size, K] float32 (0 past each pixel's span)."""
+        scale = self.side.float() / size  # [B] float32 (torch computes the weights in the input's type)
+        support = torch.where(scale >= 1.0, scale, torch.ones_like(scale))
+        invscale = torch.where(scale >= 1.0, (1.0 / scale.double()).float(), 1.0).double()  # [B] as torch rounds it
+        centre = scale[:, None] * (torch.arange(size, device=self.dev, dtype=torch.float32)[None] + 0.5)
+        xmin = ((centre - support[:, None]).double() + 0.5).trunc().long().clamp(min=0)
+        xsize = torch.minimum(((centre + support[:, None]).double() + 0.5).trunc().long(), self.side[:, None]) - xmin
+        k = int(math.ceil(2 * float(support.max()))) + 2
+        weights = []
+        for j in range(k):
+            x = (((j + xmin).float() - centre).double() + 0.5) * invscale[:, None]
+            weights.append(torch.where(j < xsize, (1.0 - x.float().abs()).clamp(min=0.0), 0.0))
+        total = weights[0]
+        for wj in weights[1:]:
+            total = total + wj
+        weights = torch.stack(weights, -1)
+        return xmin, torch.where(total[..., None] != 0, weights / total[..., None], weights)
+
+    def resample(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        """x [B, C, H, W] -> the crops resized bilinear with antialiasing [B, C, size, size] (0 outside the image
+        and the box): along the width, then the height, each pixel's taps accumulated in order with fused
+        multiply-adds (emulated in float64), as torch's CPU kernel does: the same bits."""
+        b, ch = x.shape[:2]
+        first, weights = self._taps(size)  # [B, size], [B, size, K]
+        cols = None
+        for j in range(weights.shape[-1]):
+            rx, _, ix = self._axis(first + j, 1)
+            v = torch.where(ix[:, None, None, :], x.gather(3, rx[:, None, None, :].expand(b, ch, self.h, size)), 0.0)
+            cols = _fma(weights[:, None, None, :, j], v, cols)
+        out = None
+        for j in range(weights.shape[-1]):
+            ry, _, iy = self._axis(first + j, 0)
+            v = torch.where(iy[:, None, :, None], cols.gather(2, ry[:, None, :, None].expand(b, ch, size, size)), 0.0)
+            out = _fma(weights[:, None, :, None, j], v, out)
+        return out
+
+
+def _fma(w: torch.Tensor, v: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
+    """acc + w * v rounded once to float32 (w * v alone when acc is None): a float32 product is exact in float64."""
+    if acc is None:
+        return w * v
+    return (w.double() * v.double() + acc.double()).float()
+
+
+# ----------------------------------------------------------------------------------------------
 # The stage-2 recipe
 
 

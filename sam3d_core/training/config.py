@@ -26,6 +26,7 @@ PARAMS = ("full", "lora")
 PRECISIONS = ("auto", "bf16", "fp32")
 TIME_SAMPLERS = ("lognormal", "uniform")
 DISTRIBUTED = ("ddp", "fsdp")
+VIEW_DEVICES = ("auto", "cpu", "device")
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,12 @@ class TrainConfig:
     data: tuple[str, ...] = _f((), "sample folders (`sam3d data`; each holds a dataset.json) to train on")
     val_data: tuple[str, ...] = _f((), "sample folders for the validation loss (optional)")
     num_workers: int = _f(2, "data-loader processes per training process (0 = load in the training process)")
+    view_device: str = _f(
+        "auto",
+        "a render pack's views: cpu (each rendered and preprocessed by the loader's processes) | device (a "
+        "micro-batch rendered and preprocessed at once on the training device; the processes only draw the "
+        "scenes; stage 1, flow or shortcut) | auto (device when training on CUDA, else cpu)",
+    )
     # --- output ---
     output: str = _f("", "the run folder: checkpoints/, metrics.jsonl, tensorboard/ and the final weights/")
     name: str = _f("", "the model's name (weights folder, model card); default: the run folder's name")
@@ -149,12 +156,18 @@ class TrainConfig:
             "precision": PRECISIONS,
             "time_sampler": TIME_SAMPLERS,
             "distributed": DISTRIBUTED,
+            "view_device": VIEW_DEVICES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} = {getattr(self, key)!r}: expected one of {', '.join(allowed)}")
         if self.stage not in (1, 2):
             raise ConfigError(f"stage = {self.stage}: expected 1 (geometry) or 2 (texture & refinement)")
+        if self.view_device == "device" and (self.stage != 1 or self.objective == "dpo"):
+            raise ConfigError(
+                "view_device = 'device' renders stage-1 views of a render pack (flow or shortcut); "
+                "set view_device = 'cpu' (or 'auto') for this run"
+            )
         if self.objective == "shortcut" and self.stage != 1:
             raise ConfigError("objective = 'shortcut' is for stage 1 only (the paper distils the geometry model)")
         for key in ("steps", "batch_size", "lora_rank", "log_every", "save_every", "keep_checkpoints", "val_batches"):

@@ -25,7 +25,7 @@ import torch
 from sam3d_core.config import Stage1Config, Stage2Config
 from sam3d_core.data.sample import Sample, SampleDataset, SampleError
 from sam3d_core.geometry.layout import Pose, encode_pose, matrix_to_quaternion
-from sam3d_core.pipeline.preprocess import preprocess_stage1, preprocess_stage2
+from sam3d_core.pipeline.preprocess import preprocess_stage1, preprocess_stage1_batch, preprocess_stage2
 
 STAGE1_VIEWS = ("image", "rgb_image", "mask", "rgb_image_mask", "pointmap", "rgb_pointmap")
 STAGE2_VIEWS = ("image", "rgb_image", "mask", "rgb_image_mask")
@@ -175,6 +175,63 @@ class MicroBatches(torch.utils.data.Dataset):
         step, m = self.locate(k)
         idx = global_indices(len(self.dataset), step, self.batch_size, self.seed)[m * self.micro : (m + 1) * self.micro]
         return self.collate([self.dataset[i] for i in idx])
+
+
+class DeviceBatches:
+    """Render-pack micro-batches made on the training device (`data.packviews`): the loader's processes only draw
+    the scenes (`source` and `collate` go to MicroBatches), the training process renders and preprocesses each
+    micro-batch at once (`batches(item)`: PlanBatch -> Batch with Collate's keys, shapes, dtypes and targets)."""
+
+    def __init__(self, dataset, model_cfg: Stage1Config, device: torch.device | str):
+        from sam3d_core.data.packviews import DeviceViews, ViewPlans, collate_plans
+
+        self.source, self.collate = ViewPlans(dataset), collate_plans
+        self.views = DeviceViews(dataset, device)
+        self.cfg = model_cfg
+        self.latents = torch.from_numpy(np.ascontiguousarray(dataset.pack.latents, np.float32)).to(device)
+
+    def __call__(self, plans) -> Batch:
+        return views_batch(self.views(plans), self.latents, self.cfg)
+
+
+def views_batch(views, latents: torch.Tensor, model_cfg: Stage1Config) -> Batch:
+    """Rendered views (`data.packviews.RenderedViews`, on one device) -> the stage-1 Batch that Collate makes of
+    the same views as Samples: `preprocess_stage1_batch` and the targets of `stage1_targets`, batched.
+    latents: the pack's shape latents [N, C, R, R, R] on the views' device."""
+    pre = preprocess_stage1_batch(views.rgb, views.mask, views.pointmap, model_cfg.preprocess)
+    scale, shift = pre.pop("pointmap_scale"), pre.pop("pointmap_shift")
+    b = len(views.ids)
+    pose = Pose(
+        rotation=views.rotation,
+        quaternion=matrix_to_quaternion(views.rotation),
+        translation=views.translation,
+        scale=views.scale[:, None].expand(b, 3),
+    )
+    target = encode_pose(pose, scale, shift)  # [B, 1, c] each
+    target["translation_scale"] = torch.zeros(b, 1, 1, device=scale.device)
+    latent = latents[torch.tensor(views.objects, device=latents.device)]  # [B, C, R, R, R]
+    target["shape"] = latent.reshape(b, latent.shape[1], -1).permute(0, 2, 1).float().contiguous()
+    return Batch(pre, target, None, list(views.ids))
+
+
+def device_batches(view_device: str, dataset, model_cfg, device: torch.device, stage: int, pairs: bool):
+    """The DeviceBatches `view_device` asks for, or None (the loader's processes make whole batches: Collate).
+    "device": a render pack's views on `device`; "auto": that when the pack trains stage 1 on CUDA; "cpu": None."""
+    from sam3d_core.data.pack import RenderPackDataset
+
+    pack = isinstance(dataset, RenderPackDataset)
+    if view_device == "cpu" or (view_device == "auto" and not (pack and device.type == "cuda")):
+        return None
+    if stage != 1 or pairs:
+        if view_device == "auto":
+            return None
+        raise SampleError("view_device = 'device' makes stage-1 views (flow or shortcut); set view_device = 'cpu'")
+    if not pack:
+        raise SampleError(
+            "view_device = 'device' renders the views of a render pack, and data names sample folders (stored "
+            "views): set view_device = 'cpu' or 'auto'"
+        )
+    return DeviceBatches(dataset, model_cfg, device)
 
 
 def open_dataset(folders: tuple[str, ...], what: str, seed: int = 0):

@@ -48,6 +48,7 @@ class DefaultPlan:
     minutes: float = 0.0  # this call's time budget (0 = no limit): it leaves with a checkpoint before that
     device: str = ""
     workers: int = -1  # data-loader processes rendering views (-1: every core but one)
+    view_device: str = "auto"  # TrainConfig.view_device: auto renders the views on the GPU when training on one
     seed: int = 0
     decoder_steps: int = 3000
     decoder_batch: int = 32
@@ -297,6 +298,7 @@ def train_config(plan: DefaultPlan, run: Path, steps: int):
         freeze=(),  # everything but the decoder (never trained by the loop) learns from scratch
         data=(str(Path(plan.pack)),),
         num_workers=workers,
+        view_device=plan.view_device,
         output=str(run / "flow"),
         name="default",
         steps=steps,

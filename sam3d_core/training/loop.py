@@ -41,7 +41,7 @@ from sam3d_core.models.slat_flow import SLatTransformerBlock
 from sam3d_core.models.ss_flow import MoTBlock
 from sam3d_core.training import checkpoint, distributed, memory, output
 from sam3d_core.training.config import ConfigError, TrainConfig, to_mapping
-from sam3d_core.training.data import Collate, MicroBatches, global_indices, open_dataset
+from sam3d_core.training.data import Collate, MicroBatches, device_batches, global_indices, open_dataset
 from sam3d_core.training.objective import Objective, draw
 from sam3d_core.training.params import apply_freeze
 from sam3d_core.weights.store import CheckpointError, models_dir
@@ -384,7 +384,12 @@ def _train(
     val_ds = open_dataset(cfg.val_data, "val_data", cfg.seed + 1) if cfg.val_data else None
     stage_model, base = load_base(cfg)
     collate = Collate(stage_model.cfg, cfg.stage, pairs=cfg.objective == "dpo")
-    collate([train_ds[0]])
+    # render-pack views made on the training device (view_device): the loader's processes then only draw scenes
+    on_device = device_batches(cfg.view_device, train_ds, stage_model.cfg, d.device, cfg.stage, cfg.objective == "dpo")
+    if on_device is None:
+        collate([train_ds[0]])
+    else:
+        on_device(on_device.collate([on_device.source[0]]))
     distributed.barrier(d)
     if d.main:  # the run folder is made once the inputs are known to be usable
         run.mkdir(parents=True, exist_ok=True)
@@ -430,7 +435,8 @@ def _train(
     metrics = Metrics(run, d.main)
     loader = torch.utils.data.DataLoader(
         MicroBatches(
-            train_ds, collate, start=start, steps=cfg.steps, batch_size=cfg.batch_size,
+            on_device.source if on_device else train_ds, on_device.collate if on_device else collate,
+            start=start, steps=cfg.steps, batch_size=cfg.batch_size,
             micro=micro, rank=d.rank, world=d.world, seed=cfg.seed,
         ),
         batch_size=None,
@@ -473,6 +479,8 @@ def _train(
         parts_sum: dict[str, torch.Tensor] = {}
         for a in range(accum):
             batch = next(it)
+            if on_device is not None:
+                batch = on_device(batch)  # PlanBatch -> Batch, rendered and preprocessed on d.device
             m = a * d.world + d.rank
             draws = draw(cfg, obj.model_cfg, batch, torch.Generator().manual_seed(_seed(cfg.seed, step, m)))
             sync = contextlib.nullcontext() if (a == accum - 1 or not ddp) else model.no_sync()
