@@ -581,7 +581,7 @@ def run(
         f"sam3d train-default --pack PACK --out RUN --steps {cfg.steps} --batch-size {cfg.batch_size} "
         f"--decoder-steps {plan.decoder_steps} --decoder-batch {plan.decoder_batch} "
         f"--decoder-minutes {plan.decoder_minutes:g} --lr {plan.lr:g} --warmup-steps {plan.warmup_steps} "
-        f"--ema-decay {plan.ema_decay:g} --seed {plan.seed}"
+        f"--ema-decay {plan.ema_decay:g} --seed {plan.seed} --view-device {plan.view_device}"
         + (f" --minutes {plan.minutes:g} --one-call" if plan.one_call else " --minutes M (every call)")
     )
     state["plan"] = dataclasses.asdict(plan)
