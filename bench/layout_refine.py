@@ -3,7 +3,7 @@ it, refined against the sample's point map, mask and K (`pipeline.layout.refine_
 it). Single-threaded CPU timings.
 
     python bench/layout_refine.py DATASET_DIR [--limit N] [--yaw random|90|150|0] [--t-err 0.07] [--s-err 1.06]
-                                  [--seed 0] [--out result.jsonl]
+                                  [--seed 0] [--out result.jsonl] [--set turn_weight=0.02 ...]
 
 Per sample: the sample's occupancy (its 64^3 voxels, local frame) and its true pose, turned about the object's
 up axis (local z) by the --yaw error (random: uniform in [-180, 180) degrees), its translation moved by --t-err of
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from sam3d_core.data.sample import SampleDataset  # noqa: E402
 from sam3d_core.geometry import frames  # noqa: E402
-from sam3d_core.pipeline.layout import refine_placement, surface_points, voxel_shell  # noqa: E402
+from sam3d_core.pipeline.layout import LayoutSettings, refine_placement, surface_points, voxel_shell  # noqa: E402
 
 
 def turn(axis: np.ndarray, degrees: float) -> np.ndarray:
@@ -62,8 +62,11 @@ def main() -> None:
     ap.add_argument("--s-err", type=float, default=1.06)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a LayoutSettings field")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    fields = {k: type(getattr(LayoutSettings(), k))(v) for k, v in (a.split("=", 1) for a in args.set)}
+    settings = LayoutSettings(**fields)
     ds = SampleDataset(args.dataset)
     records = list(ds.records())
     rng = np.random.default_rng(args.seed)
@@ -83,7 +86,7 @@ def main() -> None:
         sp = sc * s_err
         pose4 = frames.pose_matrix(Rp, tp, sp)
         c0 = time.process_time()
-        new4, R2, report = refine_placement(pose4, s.occupancy, s.mask, s.pointmap, s.K)
+        new4, R2, report = refine_placement(pose4, s.occupancy, s.mask, s.pointmap, s.K, settings=settings)
         cpu = time.process_time() - c0
         t2, s2 = new4[:3, 3], np.linalg.norm(new4[:3, :3], axis=0)
         v, f = voxel_shell(s.occupancy)

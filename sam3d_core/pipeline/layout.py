@@ -70,7 +70,8 @@ class LayoutSettings:
     final_rounds: int = 4  # ICP rounds of the winner on all observed points
     icp_threshold: float = 0.05  # final correspondence cut-off; the first rounds allow 3x
     truncate: float = 0.15  # distances above this count as this in the score
-    free_space_weight: float = 0.5  # score = distance / size + weight * free-space share
+    free_space_weight: float = 0.5  # score = distance / size + weight * free-space share + turn prior
+    turn_weight: float = 0.03  # the turn prior at 180 degrees from the predicted turn
     depth_tolerance: float = 0.05  # how far in front of the point map a predicted point may lie
     max_scale_change: float = 1.3  # the fitted scale stays within [1/x, x] of the predicted one
     min_points: int = 50  # fewer observed points: skipped
@@ -83,6 +84,9 @@ class LayoutSettings:
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"LayoutSettings.{name}={getattr(self, name)}: expected at least 1")
+        for name in ("search_rounds", "icp_rounds", "final_rounds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"LayoutSettings.{name}={getattr(self, name)}: expected 0 or more")
         if self.silhouette_size < 16:
             raise ValueError(f"LayoutSettings.silhouette_size={self.silhouette_size}: expected at least 16 pixels")
         if not self.max_scale_change >= 1.0:
@@ -202,7 +206,7 @@ class _Pose:
 class _Fit:
     """Observed points, the shape (scaled by the predicted per-axis scale: `shape` [N, 3]) and the scoring."""
 
-    def __init__(self, observed, shape, pointmap_z, mask, K, size: float, s: LayoutSettings):
+    def __init__(self, observed, shape, pointmap, mask, K, size: float, s: LayoutSettings, predicted: np.ndarray):
         from scipy.spatial import cKDTree
 
         self.kdtree = cKDTree
@@ -211,8 +215,9 @@ class _Fit:
         self.icp = observed[: s.icp_points]  # the top_k ICP's
         self.shape = shape  # [N, 3] local points * predicted scale
         self.normals = _normals(shape)  # [N, 3] in the same frame
-        self.depth = pointmap_z  # [H, W] point-map z, nan where unknown
+        self.pointmap = pointmap  # [H, W, 3]: its z is looked up at the projected shape points
         self.mask, self.K, self.size, self.s = mask, K, size, s
+        self.predicted = predicted  # [3, 3] the predicted rotation (the turn prior's zero)
 
     def posed(self, p: _Pose) -> np.ndarray:
         return p.k * (self.shape @ p.rotation) + p.translation  # [N, 3]
@@ -246,15 +251,20 @@ class _Fit:
         j, i = np.floor(uv[:, 0]).astype(np.int64), np.floor(uv[:, 1]).astype(np.int64)
         inside = ahead & (j >= 0) & (j < w) & (i >= 0) & (i < h)  # beyond the photo's edge: no evidence
         ii, jj = i[inside], j[inside]
-        depth, in_mask = self.depth[ii, jj], self.mask[ii, jj]
+        depth, in_mask = self.pointmap[ii, jj, 2].astype(np.float64), self.mask[ii, jj]
         tol = self.s.depth_tolerance * self.size
-        known = np.isfinite(depth)
-        bad = np.where(known, x[inside, 2] < depth - tol, ~in_mask)
+        known = np.isfinite(depth) & (depth > 0)
+        with np.errstate(invalid="ignore"):
+            bad = np.where(known, x[inside, 2] < depth - tol, ~in_mask)
         return float((bad.sum() + (~ahead).sum()) / len(x))
 
     def score(self, p: _Pose, observed: np.ndarray) -> float:
+        """Lower is better: truncated distance / size + weight * free-space share + the turn prior (`turn_weight`
+        at 180 degrees from the predicted turn: of two poses that fit alike, as the turns of a symmetric object
+        do, the predicted one wins, and with it the side stage 2 textured from the photo)."""
         d = np.minimum(self.distance(p, observed), self.s.truncate * self.size)
-        return float(d.mean() / self.size + self.s.free_space_weight * self.free_space(p))
+        turn = 0.5 * (1.0 - math.cos(math.radians(_yaw_deg(self.predicted, p.rotation))))
+        return float(d.mean() / self.size + self.s.free_space_weight * self.free_space(p) + self.s.turn_weight * turn)
 
     def clamp(self, k: float) -> float:
         """The factor on the predicted scale, kept within [1 / max_scale_change, max_scale_change]."""
@@ -314,30 +324,39 @@ def _check(points_local, rotation, translation, scale, mask, pointmap, K):
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"mask: got shape {m.shape}, expected [H, W] bool")
-    pm = np.asarray(pointmap, dtype=np.float64)
-    if pm.shape != (*m.shape, 3):
-        raise ValueError(f"pointmap: got shape {pm.shape}, expected [{m.shape[0]}, {m.shape[1]}, 3] (the mask's size)")
+    pm = np.asarray(pointmap)  # kept in its dtype: only the masked points are copied (a 24 MP map is 288 MB in f64)
+    if pm.shape != (*m.shape, 3) or not np.issubdtype(pm.dtype, np.floating):
+        raise ValueError(
+            f"pointmap: got {pm.dtype} {pm.shape}, expected float [{m.shape[0]}, {m.shape[1]}, 3] (the mask's size)"
+        )
     k = np.asarray(K, dtype=np.float64)
     if k.shape != (3, 3) or not (k[0, 0] > 0 and k[1, 1] > 0):
         raise ValueError(f"K: got {k.tolist()}, expected a 3x3 pixel intrinsics matrix with fx, fy > 0")
     return pts, r, t, s, m.astype(bool), pm, k
 
 
-def _observed(mask: np.ndarray, pm: np.ndarray, min_points: int) -> tuple[np.ndarray | None, str | None]:
-    """Camera points [M, 3] of the mask's pixels with a known depth, or (None, why not). The mask is not eroded
-    against depth that bleeds across the object's edge (it shrank the fitted object by ~1.5 %): ICP's
-    correspondence cut-off drops such points."""
-    z = pm[..., 2]
-    known = np.isfinite(pm).all(-1) & (z > 0)
-    if not known.any():
-        return None, "the point map holds no finite point in front of the camera"
-    zk = z[known]
-    if known.sum() > 16 and float(zk.max() - zk.min()) <= 1e-6 * float(np.abs(zk).max()):
+def _observed(mask: np.ndarray, pm: np.ndarray, s: LayoutSettings, rng) -> tuple[np.ndarray | None, str | None]:
+    """Up to `observed_points` camera points [M, 3] (float64, shuffled) of the mask's pixels with a known depth, or
+    (None, why not). The mask is not eroded against depth that bleeds across the object's edge (that shrank the
+    fitted object by ~1.5 %): ICP's correspondence cut-off drops such points. The flat-plane test looks at every
+    7th pixel of the whole map; a large mask is subsampled before its points are copied."""
+    z = pm[::7, ::7, 2]
+    z = z[np.isfinite(z) & (z > 0)]
+    if z.size > 16 and float(z.max() - z.min()) <= 1e-6 * float(np.abs(z).max()):
         return None, "the point map is one flat plane at constant depth (the no-depth fallback): nothing to align to"
-    use = mask & known
-    if use.sum() < min_points:
-        return None, f"only {int(use.sum())} masked pixels have depth; at least {min_points} are needed"
-    return pm[use], None
+    pixels = np.flatnonzero(mask)
+    if len(pixels) > 16 * s.observed_points:  # a big mask: a random subset, not a shuffle of millions of indices
+        pixels = np.unique(pixels[rng.integers(0, len(pixels), 16 * s.observed_points)])
+    pixels = rng.permutation(pixels)
+    pts = np.empty((0, 3))
+    for lo in range(0, len(pixels), 8 * s.observed_points):  # usually once; again while too many lack depth
+        chunk = pm.reshape(-1, 3)[pixels[lo : lo + 8 * s.observed_points]].astype(np.float64)  # [m, 3]
+        pts = np.concatenate([pts, chunk[np.isfinite(chunk).all(1) & (chunk[:, 2] > 0)]])
+        if len(pts) >= s.observed_points:
+            break
+    if len(pts) < s.min_points:
+        return None, f"only {len(pts)} masked pixels have depth; at least {s.min_points} are needed"
+    return pts[: s.observed_points], None
 
 
 def _shell(points: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarray]:
@@ -356,7 +375,7 @@ def _reduced(mask: np.ndarray, K: np.ndarray, size: int) -> tuple[np.ndarray, np
     if f <= 1:
         return mask, K
     hs, ws = max(1, round(h / f)), max(1, round(w / f))
-    small = cv2.resize(mask.astype(np.float32), (ws, hs), interpolation=cv2.INTER_AREA) > 0.5
+    small = cv2.resize(mask.view(np.uint8), (ws, hs), interpolation=cv2.INTER_AREA) > 0  # 0/1 means, rounded
     return small, np.diag([ws / w, hs / h, 1.0]) @ K
 
 
@@ -404,18 +423,16 @@ def refine_layout(
     if not mask.any():
         return done(R0, t_pred, s_pred, skipped="the mask is empty", reason="skipped")
     # 1. Observed points.
-    observed, why = _observed(mask, pm, s.min_points)
+    rng = np.random.default_rng(s.seed)
+    observed, why = _observed(mask, pm, s, rng)
     if observed is None:
         return done(R0, t_pred, s_pred, skipped=why, reason="skipped")
-    rng = np.random.default_rng(s.seed)
-    observed = observed[rng.permutation(len(observed))[: s.observed_points]]
     shape_pts = pts[rng.permutation(len(pts))[: s.shape_points]]
     shape = shape_pts * s_pred  # [N, 3]: the local sample with the predicted per-axis scale
     size = float(np.linalg.norm(np.ptp(shape, axis=0)))
     if not size > 0:
         return done(R0, t_pred, s_pred, skipped="the predicted shape has no extent", reason="skipped")
-    depth = np.where(np.isfinite(pm).all(-1) & (pm[..., 2] > 0), pm[..., 2], np.nan)
-    fit = _Fit(observed, shape, depth, mask, K, size, s)
+    fit = _Fit(observed, shape, pm, mask, K, size, s, R0)
     predicted = _Pose(R0, t_pred, 1.0)
     predicted.score = fit.score(predicted, observed)
 
@@ -423,7 +440,7 @@ def refine_layout(
     best = _search(fit, predicted, s)
     # 4. Silhouette check against the mask.
     v, f = mesh if mesh is not None else _shell(pts, 32)
-    sil = _Silhouette(np.asarray(v, np.float64) * s_pred, np.asarray(f, np.int64), mask, depth, observed, K, size, s)
+    sil = _Silhouette(np.asarray(v, np.float64) * s_pred, np.asarray(f, np.int64), mask, pm, observed, K, size, s)
     iou_before, iou_after = sil.iou(predicted), sil.iou(best)
     d_before = float(np.median(fit.distance(predicted, observed, visible_only=False)))
     d_after = float(np.median(fit.distance(best, observed, visible_only=False)))
@@ -498,13 +515,16 @@ class _Silhouette:
     object may well lie behind them, so they are left out of the IoU (upstream counts them; with an occluded
     object no pose then reaches 0.5)."""
 
-    def __init__(self, vertices, faces, mask, depth, observed, K, size: float, s: LayoutSettings):
+    def __init__(self, vertices, faces, mask, pointmap, observed, K, size: float, s: LayoutSettings):
         self.v, self.f = vertices, faces  # [V, 3] local * predicted scale, [F, 3]
         self.mask, self.K = _reduced(mask, K, s.silhouette_size)
         near = float(np.percentile(observed[:, 2], 2)) - s.depth_tolerance * size
+        (h, w), (hs, ws) = mask.shape, self.mask.shape
+        rows = ((np.arange(hs) + 0.5) * h / hs).astype(np.int64)
+        cols = ((np.arange(ws) + 0.5) * w / ws).astype(np.int64)
+        z = pointmap[rows[:, None], cols[None, :], 2]  # [hs, ws]: the nearest full-size pixel's depth
         with np.errstate(invalid="ignore"):
-            occluder = ~mask & (depth < near)  # nan (unknown) compares False
-        self.keep = ~_reduced(occluder, K, s.silhouette_size)[0]
+            self.keep = ~(~self.mask & (z > 0) & (z < near))  # not an occluder's pixel (nan compares False)
         self.occluded = int((~self.keep).sum())
 
     def iou(self, p: _Pose) -> float:
