@@ -26,7 +26,9 @@ p_cam = (p * scale) @ rotation + translation. Only the pose changes; the shape s
    - free space: the share of predicted points that the photo would show but does not: in front of the point
      map's depth at their pixel (inside the mask: in front of the object's own observed surface; outside: in
      front of whatever is seen there), or at a pixel outside the mask where the depth is unknown. A predicted
-     point behind an occluder is not counted: the occlusion-aware form of "surface projecting outside the mask".
+     point behind an occluder is not counted: the occlusion-aware form of "surface projecting outside the mask";
+   - a small turn prior (`turn_weight` at 180 degrees): when a symmetric shape fits as well turned round, the
+     predicted side (the one stage 2 textured from the photo) keeps facing the camera.
 3. ICP: the `top_k` best turns get a point-to-plane similarity ICP (rotation, translation, one scale factor) on
    the same one-sided visible-side matches, pairs farther apart than a shrinking threshold dropped (`icp_threshold`
    times the object's size: upstream's 0.05 is metres of a metric point map; relative, it also serves relative
@@ -492,7 +494,7 @@ def _search(fit: _Fit, predicted: _Pose, s: LayoutSettings) -> _Pose:
         p = _Pose(rot, centre - centre_local @ rot, 1.0, turn=turn)
         x = fit.posed(p)
         vis = _visible(x, fit.K, s.depth_tolerance * size)
-        p.translation = p.translation + fit.search.mean(0) - x[vis].mean(0)
+        p.translation = p.translation + fit.search.mean(0) - (x[vis] if vis.sum() >= 3 else x).mean(0)
         p = fit.fit(p, fit.search, s.search_rounds, rotate=False, cutoffs=np.array([2.0 * s.truncate * size]))
         p.score = fit.score(p, fit.search)
         candidates.append(p)
