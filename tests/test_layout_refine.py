@@ -25,7 +25,6 @@ from sam3d_core.pipeline.layout import (
 )
 
 pytest.importorskip("scipy")
-pytest.importorskip("cv2")
 
 K = np.array([[200.0, 0.0, 80.0], [0.0, 200.0, 80.0], [0.0, 0.0, 1.0]])
 SIZE = 160

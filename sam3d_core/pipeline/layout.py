@@ -369,16 +369,27 @@ def _shell(points: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def _reduced(mask: np.ndarray, K: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The mask and K at a longer side of at most `size` pixels (area-averaged mask, threshold 0.5)."""
-    import cv2
-
+    """The mask and K at a longer side of at most `size` pixels: each small pixel set when more than half of the
+    full-size pixels it covers are (an area average; numpy, so the pipeline needs no OpenCV for it)."""
     h, w = mask.shape
     f = max(h, w) / size
     if f <= 1:
         return mask, K
     hs, ws = max(1, round(h / f)), max(1, round(w / f))
-    small = cv2.resize(mask.view(np.uint8), (ws, hs), interpolation=cv2.INTER_AREA) > 0  # 0/1 means, rounded
+    rows = np.round(np.arange(hs + 1) * h / hs).astype(np.int64)  # bin edges, strictly increasing
+    cols = np.round(np.arange(ws + 1) * w / ws).astype(np.int64)
+    count = np.add.reduceat(np.ascontiguousarray(mask).view(np.uint8), rows[:-1], axis=0, dtype=np.int32)
+    count = np.add.reduceat(count, cols[:-1], axis=1)  # [hs, ws] set pixels per bin
+    small = 2 * count > np.diff(rows)[:, None] * np.diff(cols)[None, :]
     return small, np.diag([ws / w, hs / h, 1.0]) @ K
+
+
+def _require_scipy() -> None:
+    try:
+        import scipy.ndimage  # noqa: F401
+        import scipy.spatial  # noqa: F401
+    except ImportError as e:
+        raise ImportError("layout refinement needs scipy: pip install 'sam3d-kit[export]' (or scipy)") from e
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -414,6 +425,7 @@ def refine_layout(
     seconds; or skipped (why) when there was nothing to align to.
     """
     t0 = time.perf_counter()
+    _require_scipy()
     s = (settings or LayoutSettings()).check()
     pts, R0, t_pred, s_pred, mask, pm, K = _check(points_local, rotation, translation, scale, mask, pointmap, K)
     report: dict = {"accepted": False}
@@ -550,6 +562,7 @@ def voxel_shell(
     through the outer voxels' centres, where the surface that marked them runs; the faces then no longer meet at
     the edges). A dense-grid twin of `export.voxels.voxel_surface` (which walks Python sets and keeps inner
     faces): a few milliseconds for the 42k voxels of the official model."""
+    _require_scipy()
     from scipy.ndimage import binary_fill_holes
 
     cells = np.asarray(cells, dtype=np.int64).reshape(-1, 3)
