@@ -118,6 +118,20 @@ def test_reconstruct_without_stage2_projects_the_photo(worker, files, tmp_path):
     assert "projected_texture" in worker.hello()["capabilities"]
 
 
+def test_the_layout_refinement_field_reaches_the_pipeline(worker, files, tmp_path):
+    """refine_layout: absent = auto (the worker's photo has no depth: not run, and says why); true = tried, skipped
+    on the fallback plane; both recorded in the result's settings (pipeline/layout.py)."""
+    records = {}
+    for key, extra in (("auto", {}), ("on", {"refine_layout": True})):
+        job = _reconstruct(worker, files, tmp_path / key, steps=1, stage2=False, voxels=True, **extra)
+        final = job.result(timeout=300)
+        assert final["type"] == "result", final
+        records[key] = final["settings"]["layout_refine"]
+    assert records["auto"] == {"mode": "auto", "ran": False, "why": "no depth: the point map is the fallback plane"}
+    assert records["on"]["mode"] == "on" and records["on"]["ran"] is False and "fallback" in records["on"]["skipped"]
+    assert "refine_layout" in worker.hello()["capabilities"]
+
+
 def test_open_photo_and_segment_requests(worker, files, tmp_path):
     pytest.importorskip("sam3d_core.segment.session", reason="the worker's segment lane needs segment.session")
     info = worker.open_photo(str(files["photo"])).result(timeout=60)

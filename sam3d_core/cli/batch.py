@@ -97,6 +97,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             max_objects=args.max_objects,
             fov=args.fov,
             depth_model=args.depth_model,
+            refine_layout=args.refine_layout,
         )
         try:
             records = run_batch(pipe, jobs, args.out, options=options, dist=dist, progress=bar, on_photo=bar.photo)

@@ -63,6 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
         limit=args.limit,
         pointmap=not args.no_pointmap,
+        refine_layout=args.refine_layout,
     )
     bar = EvalBar()
     try:
@@ -116,5 +117,11 @@ def add_eval_parser(sub) -> None:
         "--no-pointmap",
         action="store_true",
         help="give models the flat fallback plane instead of the samples' point maps (as a user without depth)",
+    )
+    p.add_argument(
+        "--refine-layout",
+        action="store_true",
+        help="refine each model's stage-1 pose against the sample's point map, mask and K (as sam3d reconstruct "
+        "--refine-layout); what it did goes into each sample's prediction info",
     )
     p.set_defaults(func=cmd_eval)

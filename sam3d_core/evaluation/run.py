@@ -78,7 +78,9 @@ class EvalSettings:
     seed: object i is sampled with seed + i, and its metric subsets with (seed, i); stage2: run stage 2 and score
     its mesh (else the stage-1 voxels); steps / max_voxels / device: as `sam3d reconstruct`; limit: the first
     N samples only; pointmap: give a model the sample's point map (False: the flat fallback plane, as a user
-    without depth; layout then in relative units)."""
+    without depth; layout then in relative units); refine_layout: move a model's stage-1 pose onto the sample's
+    point map (pipeline/layout.py, as `sam3d reconstruct --refine-layout`; skipped on the fallback plane), with
+    what it did in each sample's prediction info ("layout_refine")."""
 
     points: int = POINTS
     emd_points: int = EMD_POINTS
@@ -90,6 +92,7 @@ class EvalSettings:
     device: str | None = None
     limit: int | None = None
     pointmap: bool = True
+    refine_layout: bool = False
 
     def check(self) -> EvalSettings:
         if not 1_000 <= self.points <= 10_000_000:
@@ -179,6 +182,10 @@ class ModelPredictor:
         rotation = pose.rotation[0].double().cpu().numpy()
         translation = pose.translation[0].double().cpu().numpy()
         scale = pose.scale[0].double().cpu().numpy()
+        if s.refine_layout:  # on the voxels stage 2 runs on (the capped ones, the decoded pose's frame)
+            rotation, translation, scale, info["layout_refine"] = _refine(
+                out1, rotation, translation, scale, ctx, sample
+            )
         if not s.stage2 or pipe.stage2 is None:
             # Every voxel with a positive logit, on the full grid: the decoded scale includes the cap's factor.
             occupancy = out1.coords_original[:, 1:].cpu().numpy().astype(np.int64)
@@ -202,6 +209,19 @@ class ModelPredictor:
         self.pipe = None
         if torch.cuda.is_available():  # the next model gets the memory back
             torch.cuda.empty_cache()
+
+
+def _refine(out1, rotation, translation, scale, ctx, sample: Sample) -> tuple:
+    """`EvalSettings.refine_layout`: the stage-1 pose refined against the point map the model was given (the
+    sample's, or the fallback plane: skipped), the visible mask and K -> (rotation, translation, scale, record)."""
+    from sam3d_core.geometry import frames
+    from sam3d_core.pipeline.layout import refine_placement
+
+    pose4 = frames.pose_matrix(rotation, translation, scale)
+    voxels = out1.coords[:, 1:].cpu().numpy().astype(np.int64)
+    new4, rotation, report = refine_placement(pose4, voxels, sample.mask, ctx.pointmap, ctx.K)
+    record = {"pointmap": ctx.pointmap_source, **report}
+    return rotation, new4[:3, 3].copy(), np.linalg.norm(new4[:3, :3], axis=0), record
 
 
 def make_predictors(models: Sequence[str | None], settings: EvalSettings) -> list:
@@ -635,9 +655,10 @@ def _table(first: list[str], rows: list[tuple[list[str], dict]]) -> list[str]:
 
 
 def _pointmap_words(settings: dict) -> str:
+    refined = "; stage-1 poses refined against it (--refine-layout)" if settings.get("refine_layout") else ""
     if settings.get("pointmap", True):
-        return "each sample's point map (the flat fallback plane where a sample has none)"
-    return "the flat fallback plane (--no-pointmap; layout in relative units)"
+        return "each sample's point map (the flat fallback plane where a sample has none)" + refined
+    return "the flat fallback plane (--no-pointmap; layout in relative units)" + refined
 
 
 def _run_line(run: dict) -> str:

@@ -174,6 +174,7 @@ class BatchOptions:
     max_objects: int = 5  # photos without masks: at most this many segmented objects
     fov: float | None = None
     depth_model: str | None = "auto"
+    refine_layout: bool | None = None  # pipeline/layout.py; None: when the point map comes from depth
     segmenter: str = "auto"
     extra: dict = field(default_factory=dict)
 
@@ -315,6 +316,7 @@ def _reconstruct_photo(pipe, job: PhotoJob, options: BatchOptions, segmenter, re
         texture_size=options.texture_size,
         faces=options.faces,
         gaussians=options.gaussians,
+        refine_layout=options.refine_layout,
         progress=report,
     )
     return results, ctx

@@ -6,7 +6,8 @@
     files = pipe.export(photo, results, "out/")          # object GLBs + PLYs, scene GLB, scene.json
 
 Per object, numbered steps: 1. mask checks, 2. stage 1 (coarse voxels + pose), 3. stage 2 (SLAT ->
-Gaussians + dense mesh), 4. mesh clean-up, decimation and UV unwrap, 5. texture bake from the dense
+Gaussians + dense mesh), 3b. layout refinement (the pose moved onto the point map when that comes from depth;
+pipeline/layout.py), 4. mesh clean-up, decimation and UV unwrap, 5. texture bake from the dense
 mesh's colours, 6. placement (pose matrices in every convention) and the reprojection IoU against the
 mask. Without stage 2 (a model without one, `Pipeline(stage1, None)`, or `stage2=False`), steps 4-5 make the
 mesh from stage 1's occupancy logits and texture it by projecting the photo (export/project.py); with
@@ -40,6 +41,7 @@ import torch
 
 from sam3d_core.export.output import OutputFolder, output_folder
 from sam3d_core.geometry import frames
+from sam3d_core.geometry.layout import matrix_to_quaternion
 from sam3d_core.inputs.imageio import InputError, Photo, load_mask, load_photo
 from sam3d_core.models.ss_vae import shape_latent_to_grid
 from sam3d_core.pipeline.errors import EmptyMeshError, GPUOutOfMemory, is_out_of_memory
@@ -227,6 +229,21 @@ def open_photo(
     return PhotoContext(ph, np.asarray(K, dtype=np.float64), source, pm, pm_source)
 
 
+def _refine_layout(ctx: PhotoContext, mask: np.ndarray, voxels: np.ndarray, pose4: np.ndarray, asked: bool | None):
+    """Step 3b of one object: (pose4, the new row-vector rotation or None when the pose is unchanged, the record
+    for settings["layout_refine"]). asked None = auto: on unless the point map is the no-depth fallback plane."""
+    from sam3d_core.pipeline.layout import refine_placement
+
+    mode = "auto" if asked is None else ("on" if asked else "off")
+    if asked is False:
+        return pose4, None, {"mode": mode, "ran": False, "why": "turned off"}
+    if asked is None and ctx.pointmap_source == "fallback plane":
+        return pose4, None, {"mode": mode, "ran": False, "why": "no depth: the point map is the fallback plane"}
+    new4, rotation, report = refine_placement(pose4, voxels, mask, ctx.pointmap, ctx.K)
+    record = {"mode": mode, "ran": "skipped" not in report, "pointmap": ctx.pointmap_source, **report}
+    return (new4, rotation, record) if report["accepted"] else (pose4, None, record)
+
+
 class Pipeline:
     """Stage 1 + stage 2 + post-processing, loaded once, for any number of photos and objects."""
 
@@ -402,6 +419,7 @@ class Pipeline:
         stage2: bool = True,
         gaussians: bool = True,
         voxels: bool | None = None,
+        refine_layout: bool | None = None,
         progress: Progress | None = None,
         on_object: Callable[[ObjectResult], None] | None = None,
     ) -> list[ObjectResult]:
@@ -409,7 +427,10 @@ class Pipeline:
         finishes, in order, so a cancel or an error later keeps what finished. gaussians=False skips the
         Gaussian decoder (ObjectResult.gaussians is None: no PLY). Without stage 2 (stage2=False or none loaded)
         the mesh is stage 1's surface with the photo projected as its texture, or with voxels=True (default:
-        `voxels_only`) no mesh, the stage-1 voxels only.
+        `voxels_only`) no mesh, the stage-1 voxels only. refine_layout: move each pose onto the photo's point map
+        (`pipeline.layout.refine_placement`; kept only when the silhouette fits the mask better); None (default)
+        = when the point map comes from depth (a depth file, a user point map or a depth model), not for the
+        fallback plane. ObjectResult.settings["layout_refine"] says what was asked and what happened.
 
         The objects go through stage 1 and stage 2 together, up to `max_batch` at a time (one batched sampling
         run per stage, each object with its own seed: the same result as one at a time, bit for bit in float32
@@ -450,6 +471,7 @@ class Pipeline:
             stage2=stage2,
             gaussians=gaussians,
             voxels=voxels,
+            refine_layout=refine_layout,
             progress=progress,
         )
         threads = min(len(masks), FINISH_THREADS)
@@ -560,6 +582,7 @@ class Pipeline:
         stage2: bool,
         gaussians: bool = True,
         voxels: bool = False,
+        refine_layout: bool | None = None,
         progress: Progress | None,
     ):
         """Steps 1-3 of several objects of one photo: both stages sampled as one batch, then each object's
@@ -649,6 +672,7 @@ class Pipeline:
                 timings,
                 report,
                 shape=shape,
+                layout=refine_layout,
             )
             return _with_latents(finish, latents[i])
 
@@ -708,6 +732,7 @@ class Pipeline:
         report,
         progress: Progress | None = None,
         shape: tuple | None = None,
+        layout: bool | None = None,
     ) -> ObjectResult:
         report = progress or report
         t = time.perf_counter()
@@ -718,6 +743,10 @@ class Pipeline:
             timings[stage] = round(now - t, 4)
             t = now
 
+        # 3b. Layout refinement: the pose moved onto the point map (before the texture projection and placement
+        # use it); the geometry stays in its local frame.
+        pose4, rotation, settings["layout_refine"] = _refine_layout(ctx, mask, voxels, pose4, layout)
+        lap("layout")
         mesh, clean_report = None, {}
         if dense is not None:
             # 4. Clean-up, decimation, UVs. 5. Texture bake from the dense mesh's vertex colours.
@@ -739,7 +768,10 @@ class Pipeline:
         silhouette = frames.render_silhouette(v_cam, f_local, ctx.K, ctx.width, ctx.height)
         iou = frames.mask_iou(silhouette, mask)
         lap("placement")
-        quat = pose.quaternion[0].double().cpu().tolist()
+        if rotation is None:
+            quat = pose.quaternion[0].double().cpu().tolist()
+        else:
+            quat = matrix_to_quaternion(torch.from_numpy(rotation)).tolist()
         return ObjectResult(
             name=name,
             mask=mask,

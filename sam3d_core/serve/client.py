@@ -208,7 +208,8 @@ class WorkerClient:
         return self.submit({"type": "status"}).result(timeout)
 
     def reconstruct(self, photo: str, mask: str, out: str, **options) -> Job:
-        """Submit a reconstruct job (options: seed, steps, fast, texture_size, faces, name, stage2, voxels).
+        """Submit a reconstruct job (options: seed, steps, fast, texture_size, faces, name, stage2, voxels,
+        refine_layout).
         Paths should be absolute."""
         return self.submit({"type": "reconstruct", "photo": photo, "mask": mask, "out": out, **options})
 

@@ -261,6 +261,7 @@ def _check_reconstruct(msg: dict) -> None:
     _field(msg, "fast", (bool,), False, "true or false")
     _field(msg, "stage2", (bool,), False, "true or false (false: stage 1 only, its shape textured from the photo)")
     _field(msg, "voxels", (bool,), False, "true or false (true: without stage 2, the voxels instead of a mesh)")
+    _field(msg, "refine_layout", (bool,), False, "true, false or null (null: on when the point map comes from depth)")
     _field(msg, "name", (str,), False, "an object name string")
     vram = _field(msg, "vram", (str,), False, '"auto", "low", "medium" or "high"')
     if vram is not None and vram not in VRAM_PRESETS:

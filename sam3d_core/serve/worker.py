@@ -48,6 +48,7 @@ CAPABILITIES = [
     "texture_bake",
     "output_policy",  # `overwrite` fields, numbered suffixes, all-or-nothing writes (docs/protocol.md, Output files)
     "projected_texture",  # without stage 2: a mesh textured from the photo; `voxels: true` for the voxels
+    "refine_layout",  # reconstruct's `refine_layout` field: the pose moved onto the point map (pipeline/layout.py)
 ]
 
 
@@ -540,6 +541,7 @@ class Worker:
                 faces=faces,
                 stage2=stage2,
                 voxels=voxels,
+                refine_layout=req.get("refine_layout"),
                 progress=stage,
             )
         except InputError as e:
