@@ -693,7 +693,9 @@ class Panel(QWidget):
             item.status = "ERROR" if not busy else item.status
             if item.kept is not None and not busy:
                 item.status = "DONE"  # an earlier result stays; the message says what failed
-            self.report(f"{item.name}: {item.message}", "ERROR")
+            # The job's failure and the link's crash arrive in either order: whichever comes last keeps the hint.
+            hint = "; press Restart worker (finished objects are kept)" if self.link.state == "crashed" else ""
+            self.report(f"{item.name}: {item.message}{hint}", "ERROR")
         else:
             cand = Candidate(msg, int((msg.get("settings") or {}).get("seed", seed)))
             if mode == "candidate":
