@@ -267,6 +267,34 @@ def test_train_default_pauses_resumes_and_exports_a_loadable_split_fp16_model(tr
     assert state["decoder"]["logit_shift"] in LOGIT_SHIFTS
 
 
+def test_the_eval_table_goes_into_the_model_card_and_the_manifest_still_verifies(trained, tmp_path):
+    import shutil
+
+    from sam3d_core.training.default_model import add_eval_to_card
+    from sam3d_core.weights.store import verify_folder
+
+    folder = tmp_path / "default"
+    shutil.copytree(trained[0] / "run" / "default", folder)
+    overall = {"n": 120, "failed": 0, "f1": 0.0148, "precision": 0.01, "recall": 0.02, "viou": 0.0338,
+               "chamfer": 0.1703, "emd": 0.4067, "iou3d": 0.2883, "icp_rot": 34.2, "rot_err": 88.33,
+               "add_s": 0.1456, "add_s_01": 0.3667}  # fmt: skip
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({
+        "created": "2026-12-03T15:06:14+00:00", "dataset": {"path": "/tmp/bench", "evaluated": 120},
+        "settings": {"points": 100000, "refine_layout": False},
+        "models": [{"name": "/tmp/work/run/default", "aggregates": {"overall": overall}},
+                   {"name": "box", "aggregates": {"overall": dict(overall, f1=0.0103)}}],
+    }))  # fmt: skip
+    for _ in range(2):  # a second call replaces the section instead of adding another
+        add_eval_to_card(folder, [results], names={"/tmp/work/run/default": "default"})
+    card = (folder / "README.md").read_text()
+    assert card.count("## Evaluation") == 1 and "What it cannot do" in card
+    assert "| default | 120 | 0 | 0.0148 | 0.0338 | 0.1703 |" in card and "| box | 120 | 0 | 0.0103 |" in card
+    assert not verify_folder(folder)  # the card's new hash is recorded
+    with pytest.raises(ValueError, match="not a default-model folder"):
+        add_eval_to_card(tmp_path, [results])
+
+
 def test_train_default_refuses_a_folder_that_is_not_its_own(tmp_path, pack):
     from sam3d_core.training.default_model import DefaultPlan, run
 

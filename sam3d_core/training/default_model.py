@@ -322,6 +322,7 @@ def train_config(plan: DefaultPlan, run: Path, steps: int):
 # Phase 4: the shipped folder
 # ---------------------------------------------------------------------------------------------------
 
+DEFAULT_NAME = "default"  # the shipped folder's manifest name
 CFG_CANDIDATES = (0.0, 0.5, 1.0, 2.0)
 VALIDATION_SEED = 1_000_003  # added to the run's seed: a view stream the training never draws
 
@@ -412,7 +413,7 @@ def export_default(
     files["README.md"] = _record(tmp / "README.md")
     manifest = {
         "format": MANIFEST_FORMAT,
-        "name": "default",
+        "name": DEFAULT_NAME,
         "stages": ["stage1"],
         "kind": "weights",
         "storage_dtype": "float16",
@@ -467,6 +468,48 @@ Attribution of every model and photo: `pack.json` of the pack (`sam3d data pack`
 See docs/benchmarks.md ("default model") for `sam3d eval` on the render-paste benchmark against the box and
 ellipsoid baselines and the untrained model.
 """
+
+
+EVAL_HEADING = "## Evaluation"
+
+
+def add_eval_to_card(folder: Path, results: list[Path], names: dict[str, str] | None = None) -> Path:
+    """Write the overall tables of `sam3d eval` results.json files into the shipped folder's model card (the
+    "## Evaluation" section, replaced) and re-record the card's hash in the manifest; both files by temporary
+    names. `names` renames models in the table (an eval's model is often a temporary folder path)."""
+    from sam3d_core.evaluation.run import _table
+    from sam3d_core.training.output import _record
+
+    folder = Path(folder)
+    card, manifest_path = folder / "README.md", folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if manifest.get("name") != DEFAULT_NAME or "README.md" not in manifest.get("files", {}):
+        raise ValueError(f"{folder}: not a default-model folder written by `sam3d train-default` (its manifest)")
+    section = [EVAL_HEADING, ""]
+    for path in results:
+        res = json.loads(Path(path).read_text())
+        st, ds = res["settings"], res["dataset"]
+        rows = [([(names or {}).get(m["name"], m["name"])], m["aggregates"]["overall"]) for m in res["models"]]
+        section += [
+            f"`sam3d eval` on `{Path(ds['path']).name}` ({ds['evaluated']} samples, {st['points']} surface points, "
+            f"created {res['created'][:10]}"
+            + ("; poses refined against the point map" if st.get("refine_layout") else "")
+            + "):",
+            "",
+            *_table(["model"], rows),
+            "",
+        ]
+    section.append("Per object group and occlusion level: docs/benchmarks.md.")
+    text = card.read_text()
+    head = text.split(EVAL_HEADING)[0].rstrip("\n")
+    tmp = card.with_name(".README.md.tmp")
+    tmp.write_text(head + "\n\n" + "\n".join(section) + "\n")
+    os.replace(tmp, card)
+    manifest["files"]["README.md"] = _record(card)
+    tmp = manifest_path.with_name(".manifest.json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, manifest_path)
+    return card
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -596,4 +639,4 @@ def run(
     return {"status": "done", "weights": str(shipped), "device_time_s": state["device_time_s"]}
 
 
-__all__ = ["DefaultPlan", "export_default", "init_for_training", "run"]
+__all__ = ["DefaultPlan", "add_eval_to_card", "export_default", "init_for_training", "run"]
