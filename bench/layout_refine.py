@@ -29,8 +29,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sam3d_core.data.sample import SampleDataset  # noqa: E402
+from sam3d_core.data.voxelize import sample_surface  # noqa: E402
+from sam3d_core.export.voxels import voxel_surface  # noqa: E402
 from sam3d_core.geometry import frames  # noqa: E402
-from sam3d_core.pipeline.layout import LayoutSettings, refine_placement, surface_points, voxel_shell  # noqa: E402
+from sam3d_core.pipeline.layout import LayoutSettings, refine_placement  # noqa: E402
 
 
 def turn(axis: np.ndarray, degrees: float) -> np.ndarray:
@@ -89,8 +91,8 @@ def main() -> None:
         new4, R2, report = refine_placement(pose4, s.occupancy, s.mask, s.pointmap, s.K, settings=settings)
         cpu = time.process_time() - c0
         t2, s2 = new4[:3, 3], np.linalg.norm(new4[:3, :3], axis=0)
-        v, f = voxel_shell(s.occupancy)
-        pts = surface_points(v, f, 4000, np.random.default_rng(i))
+        v, f = voxel_surface(s.occupancy, fill=True)
+        pts = sample_surface(v, f, 4000, seed=i).astype(np.float64)
         row = {
             "index": i,
             "group": (records[i] or {}).get("group"),

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sam3d_core.data.render import Placed, RenderMesh, render_view
+from sam3d_core.data.voxelize import sample_surface
 from sam3d_core.export.voxels import voxel_surface
 from sam3d_core.geometry import frames
 from sam3d_core.inputs.camera import pointmap_from_depth
@@ -20,8 +21,6 @@ from sam3d_core.pipeline.layout import (
     LayoutSettings,
     refine_layout,
     refine_placement,
-    surface_points,
-    voxel_shell,
 )
 
 pytest.importorskip("scipy")
@@ -74,12 +73,12 @@ def render(vertices, faces, rotation, translation, scale, backdrop: bool = True)
 @pytest.fixture(scope="module")
 def scene():
     torch.set_num_threads(1)
-    v, f = voxel_shell(l_cells(), 8)
+    v, f = voxel_surface(l_cells(), 8, fill=True)
     base = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])  # local z -> camera up, y -> towards us
     rotation = turn(UP, 35.0) @ base @ turn([1.0, 0.0, 0.0], 20.0)  # turned, seen from 20 degrees above
     translation, scale = np.array([0.1, -0.1, 3.0]), 1.5
     mask, pointmap = render(v, f, rotation, translation, scale)
-    points = surface_points(v, f, 6000, np.random.default_rng(0))
+    points = sample_surface(v, f, 6000, seed=0).astype(np.float64)
     return v, f, points, rotation, translation, scale, mask, pointmap
 
 
@@ -104,7 +103,7 @@ def test_stage1_voxels_and_a_4x4_pose_are_refined(scene):
     """refine_placement, as the pipeline calls it: voxels on the 64^3 grid, the 4x4 column-vector pose."""
     *_, R, t, s, _, _ = scene
     fine = (l_cells()[:, None, :] * 8 + np.stack(np.indices((8, 8, 8)), -1).reshape(1, -1, 3)).reshape(-1, 3)
-    v, f = voxel_shell(fine, 64)  # the same L, as 64^3 voxels
+    v, f = voxel_surface(fine, 64, fill=True)  # the same L, as 64^3 voxels
     mask, pointmap = render(v, f, R, t, s)
     wrong = frames.pose_matrix(turn(UP, 120.0) @ R, t * 1.08, s / 1.1)
     pose4, rotation, report = refine_placement(wrong, fine, mask, pointmap, K)
@@ -128,7 +127,7 @@ def test_a_pose_it_cannot_improve_is_kept(scene):
 def test_the_mask_of_another_object_keeps_the_prediction(scene):
     """A thin pole's mask and point map: no pose of the L fits it to IoU 0.5, so the prediction stays."""
     v, f, points, R, t, s, _, _ = scene
-    pole_v, pole_f = voxel_shell(np.array([[0, 0, z] for z in range(10)]), 10)  # 0.1 x 0.1 x 1
+    pole_v, pole_f = voxel_surface(np.array([[0, 0, z] for z in range(10)]), 10, fill=True)  # 0.1 x 0.1 x 1
     upright = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])  # local z -> camera up
     mask, pointmap = render(pole_v, pole_f, upright, np.array([0.3, 0.0, 3.2]), 1.6)
     R1, t1, s1, report = refine_layout(points, R, t, s, mask, pointmap, K, mesh=(v, f))
@@ -160,22 +159,29 @@ def test_bad_arguments_name_the_argument(scene):
         refine_layout(points, R, t, s, mask, pointmap, K, settings=LayoutSettings(yaws=0))
 
 
-def test_voxel_shell_is_the_exposed_faces():
-    """Without fill, the same faces as export.voxels.voxel_surface; fill drops a hollow box's inner faces; inset
-    moves every face half a voxel inwards."""
+def test_voxel_surface_is_the_exposed_faces_wound_outwards():
+    """The faces whose neighbour cell is empty (counted here from a set of cells), each wound counter-clockwise seen
+    from outside; fill drops a hollow box's inner faces; inset moves every face half a voxel inwards."""
     g = np.stack(np.indices((6, 6, 6)), -1).reshape(-1, 3)
     hollow = g[(g.min(1) == 0) | (g.max(1) == 5)]  # a box of 6^3 voxels, one voxel thick
-    centres = {}
-    for name, (v, f) in {
-        "ours": voxel_shell(hollow, 16, fill=False),
-        "export": voxel_surface(hollow, 16),
-        "filled": voxel_shell(hollow, 16),
-    }.items():
-        centres[name] = np.unique(np.round(v[f].mean(1) * 64, 6), axis=0)
-    assert len(centres["ours"]) == len(centres["export"]) == 2 * 6 * 36 + 2 * 6 * 16  # outer and inner faces
-    assert np.array_equal(centres["ours"], centres["export"])
-    assert len(centres["filled"]) == 2 * 6 * 36  # 6 outer walls of 6 x 6 voxels, 2 triangles each
-    v, f = voxel_shell(hollow, 16, inset=0.5)
+    cells = set(map(tuple, hollow.tolist()))
+    expected = {
+        tuple(float(x) for x in np.add(2 * np.asarray(c) + 1, d))  # the face centre, in half voxels
+        for c in cells
+        for d in map(tuple, np.vstack([np.eye(3, dtype=int), -np.eye(3, dtype=int)]).tolist())
+        if tuple(np.add(c, d)) not in cells
+    }
+    v, f = voxel_surface(hollow, 16)
+    tri = (v[f] + 0.5) * 16  # [F, 3, 3] in voxel units
+    quads = ((v + 0.5) * 16).reshape(-1, 4, 3)  # four vertices per face
+    centres = {tuple(x) for x in np.round(quads.mean(1) * 2, 6).tolist()}
+    assert len(expected) == 6 * 36 + 6 * 16 and centres == expected  # outer and inner faces (quads)
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # [F, 3]
+    inside = np.floor(tri.mean(1) - 1e-3 * normal / np.linalg.norm(normal, axis=1, keepdims=True))  # the cell behind
+    assert all(tuple(c) in cells for c in inside.astype(int).tolist())  # every normal points out of its voxel
+    v, f = voxel_surface(hollow, 16, fill=True)
+    assert len(f) == 2 * 6 * 36  # 6 outer walls of 6 x 6 voxels, 2 triangles each
+    v, f = voxel_surface(hollow, 16, fill=True, inset=0.5)
     tri = v[f]  # [F, 3, 3]
     axis = np.abs(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])).argmax(1)  # each face's normal axis
     across = np.unique(np.round(tri[np.arange(len(f)), 0, axis], 9))  # where each face sits along its normal

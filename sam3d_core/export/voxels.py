@@ -22,31 +22,42 @@ _QUADS = {  # (axis, side) -> corner indices into _CORNERS (index = 4x + 2y + z)
 }
 
 
-def voxel_surface(coords: np.ndarray, resolution: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Exposed cube faces of occupied voxels. coords [N, 3] ints -> (vertices [V, 3], faces [F, 3]).
+def voxel_surface(
+    coords: np.ndarray, resolution: int = 64, *, fill: bool = False, inset: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exposed cube faces of occupied voxels. coords [N, 3] ints -> (vertices [V, 3], faces [F, 3]), each quad
+    counter-clockwise seen from outside.
 
-    Vertices are in the model's local frame: a voxel i spans [i, i+1] / res - 0.5 on each axis.
+    Vertices are in the model's local frame: a voxel i spans [i, i+1] / res - 0.5 on each axis. fill: the cavity a
+    surface-only occupancy (stage 1's) encloses is filled first (scipy), so only the outer faces remain. inset:
+    each face moved this many voxels inwards (0.5 puts it through the outer voxels' centres, where the surface that
+    marked them runs; the faces then no longer meet at the edges). Computed on a dense padded grid: a few
+    milliseconds for the official model's 42k voxels.
     """
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 3)
-    occupied = set(map(tuple, coords.tolist()))
+    if len(coords) and (coords.min() < 0 or coords.max() >= resolution):
+        raise ValueError(f"coords: indices span {coords.min()}..{coords.max()}, expected 0..{resolution - 1}")
+    grid = np.zeros((resolution + 2,) * 3, dtype=bool)  # one empty cell of padding on every side
+    grid[coords[:, 0] + 1, coords[:, 1] + 1, coords[:, 2] + 1] = True
+    if fill:
+        from scipy.ndimage import binary_fill_holes
+
+        grid = binary_fill_holes(grid)
     verts, faces = [], []
     for (axis, side), quad in _QUADS.items():
-        step = np.zeros(3, np.int64)
-        step[axis] = 1 if side else -1
-        neighbours = coords + step
-        exposed = np.array([tuple(n) not in occupied for n in neighbours.tolist()], dtype=bool)
-        base = coords[exposed].astype(np.float64)
+        exposed = grid & ~np.roll(grid, 1 - 2 * side, axis=axis)  # the neighbour on that side is empty
+        base = np.argwhere(exposed) - 1  # [M, 3]
         if not len(base):
             continue
-        corners = base[:, None, :] + _CORNERS[list(quad)][None]  # [M, 4, 3]
+        corners = _CORNERS[list(quad)].copy()  # [4, 3]
+        corners[:, axis] -= inset * (2 * side - 1)  # inwards: -inset on the + side, +inset on the - side
         start = sum(len(v) for v in verts)
-        verts.append(corners.reshape(-1, 3))
+        verts.append((base[:, None, :] + corners[None]).reshape(-1, 3))
         idx = start + np.arange(len(base))[:, None] * 4
         faces.append(np.concatenate([idx + [0, 1, 2], idx + [0, 2, 3]], axis=0))
     if not verts:
         return np.zeros((0, 3)), np.zeros((0, 3), np.int64)
-    v = np.concatenate(verts) / resolution - 0.5
-    return v, np.concatenate(faces)
+    return np.concatenate(verts) / resolution - 0.5, np.concatenate(faces).astype(np.int64)
 
 
 def save_voxels_glb(

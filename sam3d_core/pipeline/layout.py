@@ -52,6 +52,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sam3d_core.data.voxelize import sample_surface
+from sam3d_core.export.voxels import voxel_surface
 from sam3d_core.geometry import frames
 
 _EPS = 1e-9
@@ -365,7 +367,7 @@ def _shell(points: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarray]
     """A closed mesh for the silhouette of a point sample [N, 3] (local frame): the outer faces of the cells of a
     resolution^3 grid over [-0.5, 0.5]^3 that hold a point -> (vertices [V, 3], faces [F, 3])."""
     cells = np.unique(np.clip(np.floor((points + 0.5) * resolution), 0, resolution - 1).astype(np.int64), axis=0)
-    return voxel_shell(cells, resolution)
+    return voxel_surface(cells, resolution, fill=True)
 
 
 def _reduced(mask: np.ndarray, K: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -553,60 +555,6 @@ class _Silhouette:
 # ---------------------------------------------------------------------------------------------------
 
 
-def voxel_shell(
-    cells: np.ndarray, resolution: int = 64, *, fill: bool = True, inset: float = 0.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exposed cube faces of occupied voxels [N, 3] (ints) -> (vertices [V, 3], faces [F, 3]) in the local frame
-    (voxel i spans [i, i + 1] / resolution - 0.5). fill: the cavity a surface-only occupancy (stage 1's) encloses
-    is filled first, so only the outer faces remain. inset: each face moved this many voxels inwards (0.5 puts it
-    through the outer voxels' centres, where the surface that marked them runs; the faces then no longer meet at
-    the edges). A dense-grid twin of `export.voxels.voxel_surface` (which walks Python sets and keeps inner
-    faces): a few milliseconds for the 42k voxels of the official model."""
-    _require_scipy()
-    from scipy.ndimage import binary_fill_holes
-
-    cells = np.asarray(cells, dtype=np.int64).reshape(-1, 3)
-    if len(cells) and (cells.min() < 0 or cells.max() >= resolution):
-        raise ValueError(f"cells: indices span {cells.min()}..{cells.max()}, expected 0..{resolution - 1}")
-    grid = np.zeros((resolution + 2,) * 3, dtype=bool)  # one empty cell of padding on every side
-    grid[cells[:, 0] + 1, cells[:, 1] + 1, cells[:, 2] + 1] = True
-    if fill:
-        grid = binary_fill_holes(grid)
-    verts, faces = [], []
-    for axis in range(3):
-        a1, a2 = (axis + 1) % 3, (axis + 2) % 3
-        for side in (0, 1):
-            exposed = grid & ~np.roll(grid, 1 - 2 * side, axis=axis)  # the neighbour on that side is empty
-            base = np.argwhere(exposed) - 1  # [M, 3]
-            if not len(base):
-                continue
-            quad = np.zeros((4, 3))
-            quad[:, axis] = side - inset * (2 * side - 1)  # inwards: -inset on the + side, +inset on the - side
-            quad[:, a1] = [0, 1, 1, 0]
-            quad[:, a2] = [0, 0, 1, 1]
-            start = sum(len(v) for v in verts)
-            verts.append((base[:, None, :] + quad[None]).reshape(-1, 3))
-            idx = start + 4 * np.arange(len(base))[:, None]
-            faces.append(np.concatenate([idx + [0, 1, 2], idx + [0, 2, 3]]))
-    if not verts:
-        return np.zeros((0, 3)), np.zeros((0, 3), np.int64)
-    return np.concatenate(verts) / resolution - 0.5, np.concatenate(faces).astype(np.int64)
-
-
-def surface_points(vertices: np.ndarray, faces: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """n points uniformly on a triangle mesh (area-weighted face choice, uniform barycentrics) -> [n, 3]."""
-    v, f = np.asarray(vertices, np.float64), np.asarray(faces, np.int64)
-    tri = v[f]  # [F, 3, 3]
-    area = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
-    if not area.sum() > 0:
-        raise ValueError("the mesh has no area; nothing to sample")
-    pick = rng.choice(len(f), size=int(n), p=area / area.sum())
-    r = rng.random((int(n), 2))
-    r = np.where(r.sum(1, keepdims=True) > 1, 1 - r, r)  # fold the square onto the triangle
-    t = tri[pick]
-    return t[:, 0] + r[:, :1] * (t[:, 1] - t[:, 0]) + r[:, 1:] * (t[:, 2] - t[:, 0])
-
-
 def refine_placement(
     pose: np.ndarray, voxels: np.ndarray, mask, pointmap, K, *, resolution: int = 64, settings=None
 ) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -618,12 +566,12 @@ def refine_placement(
     scale = np.linalg.norm(pose[:3, :3], axis=0)  # [3]: the columns of R^T diag(s)
     rotation = (pose[:3, :3] / scale).T
     s = (settings or LayoutSettings()).check()
-    v, f = voxel_shell(voxels, resolution)
+    v, f = voxel_surface(voxels, resolution, fill=True)
     if not len(f):
         return pose, rotation, {"accepted": False, "reason": "skipped", "skipped": "no voxels"}
     # the points through the outer voxels' centres: on the cube faces the fitted object came out ~2 % small
-    vi, fi = voxel_shell(voxels, resolution, inset=0.5)
-    points = surface_points(vi, fi, s.shape_points, np.random.default_rng(s.seed))
+    vi, fi = voxel_surface(voxels, resolution, fill=True, inset=0.5)
+    points = sample_surface(vi, fi, s.shape_points, seed=s.seed).astype(np.float64)
     R, t, sc, report = refine_layout(points, rotation, pose[:3, 3], scale, mask, pointmap, K, mesh=(v, f), settings=s)
     if not report["accepted"]:
         return pose, rotation, report
