@@ -95,6 +95,20 @@ class Task:
             return "the sam3d worker is not running; open Preferences > Add-ons > SAM 3D Objects > Check setup"
         return None
 
+    def _submit_when_ready(self, props, request: dict, capability: str, missing: str) -> bool | None:
+        """Submit `request` once the worker is ready and can do `capability`. None: submitted (go on polling);
+        False: not ready yet (tick again); True: the task is over (why the worker cannot, or `missing`, reported)."""
+        if (gone := self._worker_gone()) is not None:
+            report(props, gone, "ERROR")
+            return True
+        if SESSION.state != "ready":
+            return False
+        if not SESSION.capable(capability):
+            report(props, missing, "ERROR")
+            return True
+        self.job = SESSION.submit(request)
+        return None
+
     @staticmethod
     def _error_text(msg: dict) -> str:
         if msg.get("type") == "cancelled":
@@ -224,20 +238,12 @@ class SegmentTask(Task):
         if props is None or _SEGMENT_GENERATION.get(self.scene_name) != self.generation:
             return True  # a newer click superseded this request
         if self.job is None:
-            if (gone := self._worker_gone()) is not None:
-                report(props, gone, "ERROR")
-                return True
-            if SESSION.state != "ready":
-                return False
-            if not SESSION.capable("segment"):
-                report(
-                    props,
-                    "this worker cannot select objects from clicks yet (no 'segment' capability); "
-                    "update sam3d, or add masks from files (Add mask)",
-                    "ERROR",
-                )
-                return True
-            self.job = SESSION.submit(self.request)
+            missing = (
+                "this worker cannot select objects from clicks yet (no 'segment' capability); "
+                "update sam3d, or add masks from files (Add mask)"
+            )
+            if (over := self._submit_when_ready(props, self.request, "segment", missing)) is not None:
+                return over
         self.job.poll()
         if not self.job.done():
             return False
@@ -301,17 +307,9 @@ class SegmentAllTask(Task):
         if props is None:
             return True
         if self.job is None:
-            if (gone := self._worker_gone()) is not None:
-                report(props, gone, "ERROR")
-                return True
-            if SESSION.state != "ready":
-                return False
-            if not SESSION.capable("segment_all"):
-                report(
-                    props, "this worker cannot find objects automatically yet (no 'segment_all' capability)", "ERROR"
-                )
-                return True
-            self.job = SESSION.submit(self.request)
+            missing = "this worker cannot find objects automatically yet (no 'segment_all' capability)"
+            if (over := self._submit_when_ready(props, self.request, "segment_all", missing)) is not None:
+                return over
         self.job.poll()
         if not self.job.done():
             return False
@@ -370,16 +368,9 @@ class FindConceptTask(Task):
         if props is None or props.photo != self.photo:
             return True  # another photo was opened meanwhile
         if self.job is None:
-            if (gone := self._worker_gone()) is not None:
-                report(props, gone, "ERROR")
-                return True
-            if SESSION.state != "ready":
-                return False
-            if not SESSION.capable("segment_concept"):
-                msg = "this worker cannot find objects from a word (no 'segment_concept' capability); update sam3d"
-                report(props, msg, "ERROR")
-                return True
-            self.job = SESSION.submit(self.request)
+            missing = "this worker cannot find objects from a word (no 'segment_concept' capability); update sam3d"
+            if (over := self._submit_when_ready(props, self.request, "segment_concept", missing)) is not None:
+                return over
         base = _row_name(self.request.get("text") or "found")
         for msg in self.job.poll():
             if msg.get("type") == "instance" and msg.get("mask"):
