@@ -13,23 +13,38 @@ BSTAMP := $(BVENV)/.installed
 BPY_PIN ?= bpy==4.2.0
 ADDON_ZIP := dist/sam3d_blender.zip
 
-.PHONY: install install-blender demo demo-blend addon test test-main test-blender lint format bench-stage1 clean
+.PHONY: install install-blender lock demo demo-blend addon test test-main test-blender lint format bench-stage1 clean
 
-$(STAMP): pyproject.toml
+# constraints*.txt: the versions the quick start was last tested with, so that a new release of some dependency's
+# dependency cannot break a fresh install (transformers 5.25 once did); `make lock` rebuilds them.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and alone, at the pinned version (a local CPU wheel where one exists); no silent fallback
 	$(PY) -m pip install -q "torch==$(TORCH)" || { echo "could not install torch==$(TORCH); \
 	set TORCH=<version> (make TORCH=2.5.1 ...) to use another, at your own risk" >&2; exit 1; }
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-$(BSTAMP):
+$(BSTAMP): constraints-blender.txt
 	$(PYTHON) -m venv $(BVENV)
 	echo '*' > $(BVENV)/.gitignore
 	$(BPY) -m pip install -q --upgrade pip
-	$(BPY) -m pip install -q "$(BPY_PIN)" "numpy<2" "pytest>=8" "trimesh>=4"
+	$(BPY) -m pip install -q -c constraints-blender.txt "$(BPY_PIN)" "numpy<2" "pytest>=8" "trimesh>=4"
 	touch $(BSTAMP)
+
+# Rebuild constraints*.txt from fresh environments with the newest releases (then run `make test` on them).
+lock:
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv $$tmp/main; $$tmp/main/bin/pip install -q "torch==$(TORCH)"; \
+	$$tmp/main/bin/pip install -q -e ".[dev]"; \
+	{ echo "# The versions \`make install\` was last tested with (pip constraints: they pin a version only where a package is"; \
+	  echo "# installed at all). torch is pinned by the Makefile's TORCH. Rebuild with \`make lock\` after a dependency change."; \
+	  $$tmp/main/bin/pip freeze --exclude-editable | grep -v -i -E '^(torch|sam3d)' | sort -f; } > constraints.txt.tmp; \
+	$(PYTHON) -m venv $$tmp/blender; $$tmp/blender/bin/pip install -q "$(BPY_PIN)" "numpy<2" "pytest>=8" "trimesh>=4"; \
+	{ echo "# The Blender test environment's tested versions (see constraints.txt); rebuilt by \`make lock\`."; \
+	  $$tmp/blender/bin/pip freeze | sort -f; } > constraints-blender.txt.tmp; \
+	mv constraints.txt.tmp constraints.txt; mv constraints-blender.txt.tmp constraints-blender.txt
 
 install: $(STAMP)
 
@@ -63,7 +78,7 @@ test-main: $(STAMP)
 test-blender: $(STAMP) $(BSTAMP)
 	SAM3D_PYTHON=$(abspath $(PY)) $(BPY) -m pytest -q --confcutdir=tests/blender tests/blender
 
-LINTED := sam3d_core kernels tests bench addon
+LINTED := sam3d_core sam3d_kernels tests bench addon
 
 # Checks only: it never rewrites a file. `make format` applies the fixes.
 lint: $(STAMP)

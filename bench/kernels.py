@@ -23,9 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kernels.sparse_attention import varlen_attention, windowed_attention  # noqa: E402
-from kernels.sparse_conv import build_neighbour_map, submanifold_conv3d  # noqa: E402
-from kernels.sparse_resample import downsample2, upsample2  # noqa: E402
+from sam3d_kernels.sparse_attention import varlen_attention, windowed_attention  # noqa: E402
+from sam3d_kernels.sparse_conv import build_neighbour_map, submanifold_conv3d  # noqa: E402
+from sam3d_kernels.sparse_resample import downsample2, upsample2  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kernels.rasterize import rasterize, triton_available  # noqa: E402
+from sam3d_kernels.rasterize import rasterize, triton_available  # noqa: E402
 
 
 def uv_grid(faces: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,6 @@ fast_simplification = pytest.importorskip("fast_simplification")
 pytest.importorskip("scipy")
 from scipy import ndimage  # noqa: E402
 
-from kernels.rasterize import rasterize  # noqa: E402
 from sam3d_core.export.bake import (  # noqa: E402
     _NEIGHBOURS,
     GaussianSource,
@@ -28,6 +27,7 @@ from sam3d_core.export.bake import (  # noqa: E402
     sample_texture,
 )
 from sam3d_core.geometry.gaussians import SH_C0, Gaussians, inverse_softplus, logit  # noqa: E402
+from sam3d_kernels.rasterize import rasterize  # noqa: E402
 
 SIZE, PADDING, RADIUS = 256, 4, 0.4
 _M = np.array([[0.6, -0.3, 0.2], [0.2, 0.5, -0.4], [-0.3, 0.2, 0.6]])

@@ -25,7 +25,7 @@ def placed_silhouette(folder, obj: dict, scene: dict) -> np.ndarray:
     y up), projected with the photo's K and rasterised (pixel centres at +0.5, as K's convention)."""
     import trimesh
 
-    from kernels.rasterize import rasterize
+    from sam3d_kernels.rasterize import rasterize
 
     mesh = trimesh.load(folder / obj["mesh_glb"], force="mesh")
     v = np.c_[mesh.vertices, np.ones(len(mesh.vertices))] @ np.asarray(obj["gltf_node_matrix"]).T  # [V, 4]

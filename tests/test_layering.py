@@ -1,12 +1,17 @@
-"""The package's shape: no import cycles (module-level or inside functions), kernels below sam3d_core, and an
-`import sam3d_core` that does nothing but define names."""
+"""The package's shape: no import cycles (module-level or inside functions), sam3d_kernels below sam3d_core, an
+`import sam3d_core` that does nothing but define names, and no top-level name that another installed distribution
+also ships."""
 
 from __future__ import annotations
 
 import ast
+import importlib.metadata
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +37,7 @@ def _resolve(name: str, known: dict[str, Path]) -> str | None:
 def import_graph(package: str) -> dict[str, set[str]]:
     """Edges module -> module for every import statement anywhere in a file (functions included), within the
     packages of this repository. `from pkg import sub` counts as an import of pkg.sub when sub is a module."""
-    known = _modules("sam3d_core") | _modules("kernels")
+    known = _modules("sam3d_core") | _modules("sam3d_kernels")
     graph: dict[str, set[str]] = {}
     for mod, path in _modules(package).items():
         is_pkg = path.name == "__init__.py"
@@ -93,14 +98,15 @@ def test_the_import_graph_sees_function_level_imports():
 
 
 def test_no_import_cycles():
-    cycle = find_cycle(import_graph("sam3d_core") | import_graph("kernels"))
+    cycle = find_cycle(import_graph("sam3d_core") | import_graph("sam3d_kernels"))
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
 def test_kernels_never_import_sam3d_core():
-    bad = {m: sorted(e for e in edges if e.startswith("sam3d_core")) for m, edges in import_graph("kernels").items()}
+    graph = import_graph("sam3d_kernels")
+    bad = {m: sorted(e for e in edges if e.startswith("sam3d_core")) for m, edges in graph.items()}
     bad = {m: e for m, e in bad.items() if e}
-    assert not bad, f"kernels import sam3d_core: {bad}"
+    assert not bad, f"sam3d_kernels imports sam3d_core: {bad}"
 
 
 def test_import_sam3d_core_has_no_side_effects(tmp_path):
@@ -131,3 +137,47 @@ def test_import_sam3d_core_has_no_side_effects(tmp_path):
     assert out.stdout.strip().count("\n") == 0, f"import printed: {out.stdout!r}"
     assert reads == [], f"import sam3d_core read environment variables {reads}"
     assert heavy == [], f"import sam3d_core loaded {heavy[:5]}"
+
+
+def _our_packages() -> list[str]:
+    """The top-level packages pyproject.toml ships (its `packages.find` include patterns, e.g. "sam3d_core*")."""
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = cfg["tool"]["setuptools"]["packages"]["find"]["include"]
+    names = [p.rstrip("*") for p in patterns if "." not in p]
+    assert names and all((ROOT / n / "__init__.py").is_file() for n in names), names
+    return names
+
+
+def test_no_installed_distribution_ships_a_top_level_name_of_ours():
+    """Two distributions with one import name shadow each other: our old top-level `kernels` hid Hugging Face's
+    `kernels` (which transformers >= 5.25 requires and imports whenever it is installed), so `import peft` failed
+    in a fresh environment. Every distribution that claims one of our names must be this project."""
+    ours = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["name"]
+    owners = importlib.metadata.packages_distributions()
+    for name in _our_packages():
+        others = {d for d in owners.get(name, []) if d.replace("_", "-").lower() != ours}
+        assert not others, f"{name!r} is also shipped by {sorted(others)}: rename our package"
+
+
+def _name(requirement: str) -> str:
+    """The normalised distribution name of a requirement line ("PySide6-Essentials>=6.7" -> "pyside6-essentials")."""
+    name = re.match(r"[A-Za-z0-9._-]+", requirement.strip()).group(0)
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_the_install_constraints_pin_every_dependency_the_quick_start_installs():
+    """`make install` installs with constraints.txt: a dependency added to pyproject.toml without `make lock`
+    would float to whatever is newest on the day of a fresh install, the way a new transformers release once
+    broke `import peft`."""
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {_name(r) for r in cfg["dependencies"] + cfg["optional-dependencies"]["dev"]} - {"torch"}
+    pinned = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            assert "==" in line, f"constraints.txt: {line!r} is not an exact pin"
+            pinned[_name(line)] = line.split("==", 1)[1].strip()
+    missing = sorted(wanted - set(pinned))
+    assert not missing, f"constraints.txt pins no version of {missing}: run `make lock`"
+    assert "torch" not in pinned and "sam3d-kit" not in pinned  # the Makefile pins torch; the project is not a dep
+    makefile = (ROOT / "Makefile").read_text()
+    assert '-c constraints.txt -e ".[dev]"' in makefile and "-c constraints-blender.txt" in makefile

@@ -20,7 +20,7 @@ Frames and conventions
   views        `num_views` cameras on a sphere of radius `camera_distance` around the origin, yaw / pitch from a
                Hammersley sequence shifted by a `view_seed` draw (TRELLIS render.py), each looking at the origin with
                world +z up, square images of the DINO input size with `fov_degrees`.
-  rendering    the training-data renderer (`data.render`, on kernels.rasterize: Triton on CUDA, the PyTorch reference
+  rendering    the training-data renderer (`data.render`, sam3d_kernels.rasterize: Triton on CUDA, PyTorch reference
                on CPU). Unlit albedo from textures (perspective-correct UVs, bilinear), vertex or face colours: the
                paper's "de-lighted" rendering (C.5). A mesh of one colour (no texture; or no colour: grey) is lit by a
                headlight instead, so that its shape shows. Black background (TRELLIS composites its renders over

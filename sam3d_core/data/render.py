@@ -13,7 +13,7 @@ p_cam = (p_local * s) @ R + t (row vectors); K is the OpenCV pixel matrix (pixel
 The first placed mesh is the target; the others are occluders or scenery: `mask` is where the target is the
 nearest surface, `amodal` is the target rendered alone (so the occluders cut `mask` but not `amodal`).
 
-Rasterisation is `kernels.rasterize` (exact coverage, the Triton kernel for CUDA tensors, pure PyTorch
+Rasterisation is `sam3d_kernels.rasterize` (exact coverage, the Triton kernel for CUDA tensors, pure PyTorch
 otherwise). Its depth is interpolated linearly in screen space, so we hand it -1/z, which IS linear in screen
 space: the z-test is exact. Attributes (colour, uv, camera point) are interpolated perspective-correctly
 from the screen-space barycentrics (b_k / z_k, normalised). Faces with a vertex closer than `near` are
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.rasterize import rasterize_batch
+from sam3d_kernels.rasterize import rasterize_batch
 
 MAX_PIXELS = 2**19  # projected coordinates beyond this (pixels) are culled: the rasteriser's range is 2^20
 

@@ -10,7 +10,7 @@
 
 Steps of `bake_texture`:
   1. checks (shapes, finite values, UVs inside [0, 1])
-  2. rasterize the low-poly mesh in UV space (`kernels.rasterize`): per texel centre its face and barycentrics
+  2. rasterize the low-poly mesh in UV space (`sam3d_kernels.rasterize`): per texel centre its face and barycentrics
   3. gutter: grow every chart by `padding` texels; a gutter texel takes, among its neighbours' faces, the UV
      triangle closest to its centre (the earliest neighbour on equal distances) and the closest point on it, so
      bilinear filtering and mip-mapping at a chart border read the colour of the surface at that border instead
@@ -46,7 +46,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from kernels.rasterize import rasterize
+from sam3d_kernels.rasterize import rasterize
 
 _CONVENTIONS = ("trimesh", "gltf")
 # The 8 neighbours (drow, dcol) of a texel, edge neighbours first: on equal distance the earlier one wins.

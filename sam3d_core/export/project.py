@@ -21,7 +21,7 @@ the vertices get the cap's affine map, so the mesh sits where the capped voxels 
 put the object, as a stage-2 mesh would.
 
 Texture (`PhotoProjection`, a `bake.ColorSource`): the placed mesh (pose, K) is rasterised into a depth
-buffer at the photo's resolution (at most `max_render` pixels on a side; `kernels.rasterize`); a texel's
+buffer at the photo's resolution (at most `max_render` pixels on a side; `sam3d_kernels.rasterize`); a texel's
 surface point takes the photo's colour where it is visible (in front: its depth within `tolerance` of the
 buffer's) and inside the (slightly eroded) mask; every other point takes the colour of the nearest visible
 surface point in 3D (on a grid of 1/96 of the object: a Euclidean distance transform finds each cell's nearest
@@ -38,11 +38,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels.rasterize import rasterize
 from sam3d_core.export.bake import bake_texture, sample_texture
 from sam3d_core.export.cleanup import optional_import
 from sam3d_core.export.gltf import TexturedMesh
 from sam3d_core.geometry import frames
+from sam3d_kernels.rasterize import rasterize
 
 __all__ = ["PhotoProjection", "occupancy_surface", "project_texture"]
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.head_norm import head_rms_norm
-from kernels.sparse_conv import submanifold_conv3d
+from sam3d_kernels.head_norm import head_rms_norm
+from sam3d_kernels.sparse_conv import submanifold_conv3d
 
 
 def _half_on_cuda(x: torch.Tensor) -> bool:
@@ -48,7 +48,7 @@ class MultiHeadRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H, D]
         if _half_on_cuda(x):
             # normalize(x) * sqrt(D) == x / rms(x): one fused pass with fp32 statistics for half inputs
-            # (kernels/head_norm: Triton where present, reading q/k straight out of the packed qkv)
+            # (sam3d_kernels/head_norm: Triton where present, reading q/k straight out of the packed qkv)
             return head_rms_norm(x, self.gamma.to(x.dtype))
         return (F.normalize(x, dim=-1) * self.gamma * self.scale).to(x.dtype)
 

@@ -29,9 +29,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.sparse_attention import varlen_attention
-from kernels.sparse_conv import build_neighbour_map
-from kernels.sparse_resample import downsample2, upsample2
 from sam3d_core.config import SLatFlowConfig
 from sam3d_core.models.layers import (
     FeedForwardNet,
@@ -41,6 +38,9 @@ from sam3d_core.models.layers import (
     TimestepEmbedder,
     absolute_position_embedding,
 )
+from sam3d_kernels.sparse_attention import varlen_attention
+from sam3d_kernels.sparse_conv import build_neighbour_map
+from sam3d_kernels.sparse_resample import downsample2, upsample2
 
 # --- coordinate-dependent data, built once per object -----------------------------------------------
 

@@ -17,11 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.sparse_attention import windowed_attention
-from kernels.sparse_conv import build_neighbour_map
 from sam3d_core.config import SLatEncoderConfig, SLatGaussianDecoderConfig, SLatMeshDecoderConfig
 from sam3d_core.geometry.gaussians import Gaussians
 from sam3d_core.models.layers import FeedForwardNet, LayerNorm32, SparseConv3d, absolute_position_embedding
+from sam3d_kernels.sparse_attention import windowed_attention
+from sam3d_kernels.sparse_conv import build_neighbour_map
 
 # Channels per voxel of the FlexiCubes input: sdf 8 | deform 8x3 | weights 21 | color 8x6.
 MESH_FEATS_CHANNELS = 101

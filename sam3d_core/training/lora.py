@@ -29,8 +29,12 @@ ADAPTER_FORMAT = "sam3d-lora"
 def _peft():
     try:
         import peft
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if e.name != "peft":  # installed, but something it imports is missing: say what, not "install peft"
+            raise ImportError(f"peft is installed but does not import ({e}): reinstall it with its dependencies") from e
         raise ImportError("params = 'lora' needs peft: pip install 'sam3d[train]' (or pip install peft)") from None
+    except ImportError as e:  # installed but broken (a version clash, a package that shadows one of its imports)
+        raise ImportError(f"peft is installed but does not import ({e})") from e
     return peft
 
 

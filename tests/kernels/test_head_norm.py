@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kernels.head_norm import head_rms_norm, head_rms_norm_reference
+from sam3d_kernels.head_norm import head_rms_norm, head_rms_norm_reference
 
 
 def definition(x, gamma):

@@ -1,6 +1,6 @@
 """Triangle rasterizer: the reference against a brute-force per-pixel oracle, the Triton path against the reference.
 
-The oracle is written independently of `kernels/rasterize/reference.py`: exact rational arithmetic on the
+The oracle is written independently of `sam3d_kernels/rasterize/reference.py`: exact rational arithmetic on the
 1/256-pixel snapped vertices, the top-left rule stated geometrically (a pixel centre on an edge belongs to the
 triangle whose interior lies below a horizontal edge or to the right of a slanted one), depth in float64.
 """
@@ -13,8 +13,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from kernels.rasterize import interpolate, rasterize, rasterize_batch
-from kernels.rasterize.reference import check_face_count, coverage_reference, resolve, setup
+from sam3d_kernels.rasterize import interpolate, rasterize, rasterize_batch
+from sam3d_kernels.rasterize.reference import check_face_count, coverage_reference, resolve, setup
 
 SUB = 256
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kernels.sparse_attention import varlen_attention, window_partition, windowed_attention
+from sam3d_kernels.sparse_attention import varlen_attention, window_partition, windowed_attention
 
 
 def masked_attention(q, k, v, allowed):

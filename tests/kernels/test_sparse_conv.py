@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.sparse_conv import KERNEL_OFFSETS, build_neighbour_map, submanifold_conv3d
+from sam3d_kernels.sparse_conv import KERNEL_OFFSETS, build_neighbour_map, submanifold_conv3d
 
 
 def dense_subm_conv(feats, coords, weight, bias, res):
@@ -112,8 +112,8 @@ def test_errors_name_the_problem():
 
 _INTERPRETER_CHECK = """
 import torch
-from kernels.sparse_conv import build_neighbour_map, submanifold_conv3d_reference
-from kernels.sparse_conv.triton import _launch
+from sam3d_kernels.sparse_conv import build_neighbour_map, submanifold_conv3d_reference
+from sam3d_kernels.sparse_conv.triton import _launch
 g = torch.Generator().manual_seed(0)
 coords = (torch.rand(2, 4, 4, 4, generator=g) < 0.5).nonzero()
 nbr = build_neighbour_map(coords)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.sparse_resample import downsample2, upsample2
+from sam3d_kernels.sparse_resample import downsample2, upsample2
 
 
 def downsample_by_definition(coords, feats):

@@ -12,7 +12,7 @@ p = q + d_(26-k)), so it runs on the same Triton kernel. The weight gradient use
 formulation (`submanifold_conv3d_weight_grad`: one gather + cuBLAS matmul per offset) and the bias gradient
 is a column sum.
 
-Imported lazily by the dispatcher in `kernels.sparse_conv`; importing this module needs `triton`.
+Imported lazily by the dispatcher in `sam3d_kernels.sparse_conv`; importing this module needs `triton`.
 """
 
 from __future__ import annotations

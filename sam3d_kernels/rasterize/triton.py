@@ -9,7 +9,7 @@ resolve after are the shared PyTorch passes of `reference.py`, so both backends 
 values are exact int64, and the depth is computed in the reference's float32 order with FMA contraction
 turned off (`enable_fp_fusion=False`).
 
-Imported lazily by the dispatcher in `kernels.rasterize`; importing this module needs `triton`.
+Imported lazily by the dispatcher in `sam3d_kernels.rasterize`; importing this module needs `triton`.
 """
 
 from __future__ import annotations
