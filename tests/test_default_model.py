@@ -228,6 +228,7 @@ def trained(tmp_path_factory, pack):
     plan = DefaultPlan(
         pack=str(folder), out=str(root / "run"), preset="default-tiny", device="cpu", workers=0, decoder_steps=2,
         decoder_batch=1, steps=3, batch_size=2, warmup_steps=1, save_every=1, max_file_bytes=600_000, cfg_views=2,
+        blind_views=24,
     )  # fmt: skip
     logs: list[str] = []
     first = run(plan, log=logs.append, stop_after_s=0.0)
@@ -265,6 +266,11 @@ def test_train_default_pauses_resumes_and_exports_a_loadable_split_fp16_model(tr
     assert json.loads((out / "stage1.json").read_text())["sampler"]["cfg_strength"] == chosen
     assert pipe.cfg.sampler.cfg_strength == chosen and f"guidance strength {chosen}" in card
     assert state["decoder"]["logit_shift"] in LOGIT_SHIFTS
+    # the rotation term against an image-blind model's, in the state, the log and the card
+    flow = state["flow"]
+    assert 0 < flow["rotation_blind"] < 2.5 and flow["rotation_loss"] > 0
+    assert any(line.startswith("flow: rotation term") for line in logs)
+    assert f"a model blind to the image:\n  {flow['rotation_blind']:.3f}" in card
 
 
 def test_the_eval_table_goes_into_the_model_card_and_the_manifest_still_verifies(trained, tmp_path):

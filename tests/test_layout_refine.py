@@ -1,6 +1,7 @@
 """Layout refinement (pipeline/layout.py): a real L-shaped object rendered with a known pose (mask + point map from
 data/render.py), refined from a pose turned 90 and 150 degrees off with translation and scale 10 % off; a pose it
-cannot improve and another object's mask keep the prediction; the fallback plane skips; the flag reaches the
+cannot improve keeps the prediction, another object's mask is fitted as well as it can be (below an IoU floor, when
+one is set, the prediction stays); the fallback plane skips; the flag reaches the
 pipeline, the CLI, batch, the worker protocol and `sam3d eval`."""
 
 from __future__ import annotations
@@ -124,17 +125,35 @@ def test_a_pose_it_cannot_improve_is_kept(scene):
     assert R1 is not None and np.array_equal(R1, R) and np.array_equal(t1, t) and np.array_equal(s1, np.full(3, s))
 
 
-def test_the_mask_of_another_object_keeps_the_prediction(scene):
-    """A thin pole's mask and point map: no pose of the L fits it to IoU 0.5, so the prediction stays."""
-    v, f, points, R, t, s, _, _ = scene
+def pole_scene():
+    """A thin pole's mask and point map: no pose of the L fits it to IoU 0.5."""
     pole_v, pole_f = voxel_surface(np.array([[0, 0, z] for z in range(10)]), 10, fill=True)  # 0.1 x 0.1 x 1
     upright = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])  # local z -> camera up
-    mask, pointmap = render(pole_v, pole_f, upright, np.array([0.3, 0.0, 3.2]), 1.6)
-    R1, t1, s1, report = refine_layout(points, R, t, s, mask, pointmap, K, mesh=(v, f))
+    return render(pole_v, pole_f, upright, np.array([0.3, 0.0, 3.2]), 1.6)
+
+
+def test_an_iou_floor_keeps_the_prediction_below_it(scene):
+    """With upstream's floor (min_iou 0.5) the pole's best fit, below it, is refused and the prediction stays."""
+    v, f, points, R, t, s, _, _ = scene
+    mask, pointmap = pole_scene()
+    settings = LayoutSettings(min_iou=0.5)
+    R1, t1, s1, report = refine_layout(points, R, t, s, mask, pointmap, K, mesh=(v, f), settings=settings)
     assert report["accepted"] is False
     assert "is below 0.5; kept the prediction" in report["reason"]
-    assert report["iou_after"] < 0.5
+    assert report["iou_before"] < report["iou_after"] < 0.5
     assert np.array_equal(R1, R) and np.array_equal(t1, t)
+
+
+def test_by_default_every_silhouette_improvement_is_taken(scene):
+    """The default has no floor (measured better on the benchmark, LayoutSettings.min_iou): a shape that fits the
+    mask poorly still moves to where its silhouette fits best."""
+    v, f, points, R, t, s, _, _ = scene
+    mask, pointmap = pole_scene()
+    R1, t1, s1, report = refine_layout(points, R, t, s, mask, pointmap, K, mesh=(v, f))
+    assert report["accepted"] is True, report["reason"]
+    assert report["iou_before"] < report["iou_after"] < 0.5
+    assert report["reason"] == f"silhouette IoU {report['iou_before']:.3f} -> {report['iou_after']:.3f}"
+    assert not np.array_equal(t1, t)
 
 
 def test_the_fallback_plane_and_too_few_points_skip(scene):
@@ -302,17 +321,20 @@ def test_eval_records_the_refinement(tmp_path, capsys):
 
     bench = default_manifest().parent / "samples"  # the committed render-paste excerpt: a real point map
     rows = {}
-    for flag in ([], ["--refine-layout"]):
+    for flag in ([], ["--refine-layout", "--carve"]):
         out = tmp_path / ("on" if flag else "off")
         argv = ["eval", str(bench), "--out", str(out), "--model", "tiny", "--limit", "1", "--steps", "1"]
         argv += ["--workers", "1", "--points", "3000", "--emd-points", "128", *flag]
         assert main(argv) == 0, capsys.readouterr().err
         results = json.loads((out / "results.json").read_text())
-        assert results["settings"]["refine_layout"] is bool(flag)
+        assert results["settings"]["refine_layout"] is bool(flag) and results["settings"]["carve"] is bool(flag)
         rows[bool(flag)] = results["models"][0]["samples"][0]
         assert rows[bool(flag)]["status"] == "ok", rows[bool(flag)].get("error")
         assert ("refined against it (--refine-layout)" in (out / "results.md").read_text()) is bool(flag)
-    assert "layout_refine" not in rows[False]["prediction"]
+        assert ("silhouette cone (--carve)" in (out / "results.md").read_text()) is bool(flag)
+    assert "layout_refine" not in rows[False]["prediction"] and "carve" not in rows[False]["prediction"]
+    carved = rows[True]["prediction"]["carve"]  # after the layout step, on the voxels that are scored
+    assert carved["points"] - carved["removed"] == rows[True]["prediction"]["voxels"]
     record = rows[True]["prediction"]["layout_refine"]
     assert record["pointmap"] == "user" and "skipped" not in record
     assert {"accepted", "reason", "iou_before", "iou_after", "seconds"} <= set(record)

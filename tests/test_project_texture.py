@@ -20,7 +20,7 @@ from sam3d_core.cli.reconstruct import EXAMPLE_MASK, EXAMPLE_PHOTO
 from sam3d_core.export.bake import sample_texture
 from sam3d_core.export.cleanup import face_area_vectors
 from sam3d_core.export.gltf import TexturedMesh
-from sam3d_core.export.project import PhotoProjection, occupancy_surface, project_texture
+from sam3d_core.export.project import PhotoProjection, SilhouetteCarve, occupancy_surface, project_texture
 from sam3d_core.export.uv import decimate_and_unwrap
 from sam3d_core.geometry import frames
 from sam3d_core.models.ss_vae import cap_voxels
@@ -260,6 +260,76 @@ def test_placed_mesh_silhouette_matches_the_mask(box):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# carving to the mask's silhouette cone
+
+
+def _silhouette(v, f, pose):
+    return frames.render_silhouette(frames.transform_points(pose, v), f, K, W, H)
+
+
+@pytest.fixture(scope="module")
+def blob():
+    """A sphere of radius 0.48 (a small model's blob) where the photo shows the box (half 0.3), same pose."""
+    return _sphere_logits(0.48), _box_pose(), box_mask()
+
+
+def box_mask() -> np.ndarray:
+    exact = trimesh.creation.box(extents=2 * BOX_HALF)
+    return frames.render_silhouette(frames.transform_points(_box_pose(), exact.vertices), exact.faces, K, W, H)
+
+
+def test_carving_cuts_a_blob_down_to_the_photos_outline(blob):
+    logits, pose, mask = blob
+    v0, f0 = occupancy_surface(logits)
+    carve = SilhouetteCarve(pose, K, mask)
+    v1, f1 = occupancy_surface(logits, carve=carve)
+    before, after = frames.mask_iou(_silhouette(v0, f0, pose), mask), frames.mask_iou(_silhouette(v1, f1, pose), mask)
+    assert before < 0.75 and after > 0.85, (before, after)  # the outline, within a voxel (the carving's margin)
+    assert carve.report["removed"] > 0 and carve.report["margin_pixels"] >= 1
+    assert (_edge_counts(f1) == 2).all() and _volume(v1, f1) < _volume(v0, f0)  # closed, and smaller
+    # what is kept lies inside the blob: carving only removes
+    assert (np.linalg.norm(v1, axis=1) < 0.48 + 2 * VOXEL).all()
+
+
+def test_what_an_occluder_hides_is_kept(blob):
+    """The right half of the box is behind something nearer (the point map says so): its mask pixels are missing,
+    but the blob there is not cut; without the point map it is."""
+    logits, pose, mask = blob
+    visible = mask.copy()
+    visible[:, W // 2 :] = False
+    pointmap = np.full((H, W, 3), np.inf, np.float32)
+    pointmap[:, W // 2 :] = (0.0, 0.0, 1.0)  # an occluder at depth 1, in front of the object at about 3
+    right = np.zeros_like(mask)
+    right[:, W // 2 + 4 :] = True
+    kept = _silhouette(*occupancy_surface(logits, carve=SilhouetteCarve(pose, K, visible, pointmap)), pose)
+    cut = _silhouette(*occupancy_surface(logits, carve=SilhouetteCarve(pose, K, visible)), pose)
+    assert (kept & right).sum() > 0.9 * (mask & right).sum()
+    assert (cut & right).sum() == 0
+
+
+def test_carving_keeps_what_it_cannot_see_and_never_empties_a_shape(blob):
+    logits, pose, mask = blob
+    carve = SilhouetteCarve(pose, K, mask)
+    off = np.array([[5.0, 0.0, 0.0], [0.0, 0.0, -10.0]])  # off the photo's edge, behind the camera
+    assert carve(frames.transform_points(np.linalg.inv(pose), off)).all()
+    nothing = np.zeros_like(mask)
+    v0, f0 = occupancy_surface(logits)
+    v1, f1 = occupancy_surface(logits, carve=SilhouetteCarve(pose, K, nothing))
+    np.testing.assert_array_equal(v1, v0)  # it would drop every cell: nothing is dropped
+    with pytest.raises(ValueError, match="pointmap"):
+        SilhouetteCarve(pose, K, mask, np.zeros((2, 2, 3)))
+
+
+def test_capped_carving_keeps_the_caps_map(blob):
+    """With the cap's factor 2 the map comes from the uncarved occupancy: what is kept does not move."""
+    logits, pose, mask = blob
+    v0, _ = occupancy_surface(logits, downsample_factor=2)
+    v1, f1 = occupancy_surface(logits, downsample_factor=2, carve=lambda p: p[:, 0] < 0.0)  # keep one half
+    assert v1[:, 0].max() < 0.0 + 2 * VOXEL
+    assert v1[:, 0].min() == pytest.approx(v0[:, 0].min(), abs=0.5 * VOXEL)  # the kept side stays put
+
+
+# ---------------------------------------------------------------------------------------------------------
 # the pipeline without stage 2
 
 
@@ -287,6 +357,7 @@ def test_pipeline_without_stage2_writes_a_textured_glb(pipe, tmp_path):
         "export",
     ]
     assert res.settings["texture"].startswith("projected") and res.report["projection"]["seen_pixels"] > 0
+    assert res.report["carve"]["points"] > 0  # carved to the mask by default (Pipeline.carve)
     sil = frames.render_silhouette(
         frames.transform_points(res.pose_matrix, res.mesh.vertices), res.mesh.faces, ctx.K, ctx.width, ctx.height
     )
@@ -308,6 +379,10 @@ def test_cli_no_stage2_and_voxels_flags(tmp_path, capsys):
     assert "textured by projecting the photo" in capsys.readouterr().err
     record = json.loads((tmp_path / "a" / "scene.json").read_text())["objects"][0]
     assert record["mesh_glb"] == "object_0.glb" and "gaussians_ply" not in record
+    # --no-carve: the whole occupancy's surface; carving can only take away from the reprojected silhouette
+    assert main(["reconstruct", *common, "--out", str(tmp_path / "c"), "--no-stage2", "--no-carve", *small]) == 0
+    uncarved = json.loads((tmp_path / "c" / "scene.json").read_text())["objects"][0]
+    assert uncarved["mask_iou"] != record["mask_iou"]
     assert main(["reconstruct", *common, "--out", str(tmp_path / "b"), "--voxels"]) == 0
     record = json.loads((tmp_path / "b" / "scene.json").read_text())["objects"][0]
     assert record["glb"] == "object_0_voxels.glb" and "mesh_glb" not in record

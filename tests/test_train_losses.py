@@ -15,7 +15,7 @@ from sam3d_core.models.ss_vae import shape_latent_to_grid
 from sam3d_core.pipeline.sampling import denormalize_slat
 from sam3d_core.registry import stage1_preset, stage2_preset
 from sam3d_core.training.data import Collate
-from sam3d_core.training.losses import sample_time
+from sam3d_core.training.losses import blind_velocity_error, sample_time
 
 W1 = {"shape": 1.0, "6drotation_normalized": 0.1, "translation": 1.0, "scale": 0.1, "translation_scale": 0.0}
 
@@ -229,3 +229,20 @@ def test_loss_goes_down_on_a_fixed_batch(name, kw):
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.8 * losses[0], f"{name}: {losses}"
+
+
+def test_the_image_blind_floor_is_zero_for_one_target_and_analytic_for_gaussian_targets():
+    """blind_velocity_error: one target is known without looking (0); for x1 ~ N(0, I) the best blind velocity
+    error per dimension is E_t[2 - (2t - 1)^2 / (t^2 + (1 - t)^2)] (jointly Gaussian v and x_t), t logit-normal."""
+    assert blind_velocity_error(torch.full((5, 6), 0.7)) < 1e-12
+    gen = torch.Generator().manual_seed(3)
+    got = blind_velocity_error(torch.randn(4000, 3, generator=gen), samples=8192, seed=1)
+    t = torch.sigmoid(torch.randn(400_000, generator=gen, dtype=torch.float64) - 1.0)
+    want = float((2 - (2 * t - 1) ** 2 / (t**2 + (1 - t) ** 2)).mean())
+    assert got == pytest.approx(want, abs=0.05)
+    # two far-apart points: a blind model that ignored x_t would err by Var(x1) + 1 = 401 a dimension; x_t tells
+    # them apart at all but the earliest times
+    two = torch.cat([torch.full((50, 2), -20.0), torch.full((50, 2), 20.0)])
+    assert 1.0 < blind_velocity_error(two) < 0.1 * 401
+    with pytest.raises(ValueError, match="at least 2"):
+        blind_velocity_error(torch.zeros(1, 6))

@@ -64,6 +64,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         pointmap=not args.no_pointmap,
         refine_layout=args.refine_layout,
+        carve=args.carve,
     )
     bar = EvalBar()
     try:
@@ -123,5 +124,12 @@ def add_eval_parser(sub) -> None:
         action="store_true",
         help="refine each model's stage-1 pose against the sample's point map, mask and K (as sam3d reconstruct "
         "--refine-layout); what it did goes into each sample's prediction info",
+    )
+    p.add_argument(
+        "--carve",
+        action="store_true",
+        help="when stage-1 voxels are scored (no --stage2): cut them down to what projects inside the sample's "
+        "visible mask (or behind an occluder), after --refine-layout, as sam3d reconstruct does for a model "
+        "without stage 2",
     )
     p.set_defaults(func=cmd_eval)

@@ -127,6 +127,13 @@ def add_model_args(sp: argparse.ArgumentParser) -> None:
         "its silhouette fits the mask better). Default: on when the point map comes from depth (--depth or a "
         "depth model), off for the fallback plane (nothing to align to)",
     )
+    sp.add_argument(
+        "--carve",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="models without stage 2: cut each object's occupancy down to what projects inside its mask (or "
+        "behind an occluder) before its surface is taken (default: on)",
+    )
 
 
 def _check_sizes(args) -> None:
@@ -179,6 +186,7 @@ def _prepare(args, objects: int = 1):
         args.model, args.device, low_vram=args.low_vram, compile=args.compile, max_voxels=args.max_voxels, stage2=stage2
     )
     pipe.voxels_only = getattr(args, "voxels", False)
+    pipe.carve = getattr(args, "carve", True)
     print(f"model: {which}", file=sys.stderr)
     if pipe.stage2 is None and not pipe.voxels_only:
         print(

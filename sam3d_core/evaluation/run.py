@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from sam3d_core.data.benchmark import OCCLUSION_LEVELS as _BENCH_LEVELS
-from sam3d_core.data.sample import Sample, SampleDataset, read_manifest
+from sam3d_core.data.sample import GRID, Sample, SampleDataset, read_manifest
 from sam3d_core.evaluation import baselines
 from sam3d_core.evaluation import metrics as _metrics
 from sam3d_core.evaluation.metrics import EMD_POINTS, layout_metrics, shape_metrics
@@ -80,7 +80,9 @@ class EvalSettings:
     N samples only; pointmap: give a model the sample's point map (False: the flat fallback plane, as a user
     without depth; layout then in relative units); refine_layout: move a model's stage-1 pose onto the sample's
     point map (pipeline/layout.py, as `sam3d reconstruct --refine-layout`; skipped on the fallback plane), with
-    what it did in each sample's prediction info ("layout_refine")."""
+    what it did in each sample's prediction info ("layout_refine"); carve: scored stage-1 voxels (no stage2) are
+    cut down to the mask's silhouette cone after the layout step (export/project.SilhouetteCarve, as `sam3d
+    reconstruct` does for a model without stage 2), the count in the prediction info ("carve")."""
 
     points: int = POINTS
     emd_points: int = EMD_POINTS
@@ -93,6 +95,7 @@ class EvalSettings:
     limit: int | None = None
     pointmap: bool = True
     refine_layout: bool = False
+    carve: bool = False
 
     def check(self) -> EvalSettings:
         if not 1_000 <= self.points <= 10_000_000:
@@ -189,8 +192,11 @@ class ModelPredictor:
         if not s.stage2 or pipe.stage2 is None:
             # Every voxel with a positive logit, on the full grid: the decoded scale includes the cap's factor.
             occupancy = out1.coords_original[:, 1:].cpu().numpy().astype(np.int64)
+            scale = scale / out1.downsample_factor
+            if s.carve:
+                occupancy, info["carve"] = _carve(occupancy, rotation, translation, scale, ctx, sample)
             info["voxels"] = len(occupancy)
-            return Prediction(occupancy, rotation, translation, scale / out1.downsample_factor, info=info)
+            return Prediction(occupancy, rotation, translation, scale, info=info)
         out2 = pipe.stage2(
             photo.rgb, sample.mask, out1.coords, seed=seed, steps=s.steps, decode=("mesh",), shared=ctx.shared
         )
@@ -222,6 +228,20 @@ def _refine(out1, rotation, translation, scale, ctx, sample: Sample) -> tuple:
     new4, rotation, report = refine_placement(pose4, voxels, sample.mask, ctx.pointmap, ctx.K)
     record = {"pointmap": ctx.pointmap_source, **report}
     return rotation, new4[:3, 3].copy(), np.linalg.norm(new4[:3, :3], axis=0), record
+
+
+def _carve(occupancy, rotation, translation, scale, ctx, sample: Sample) -> tuple[np.ndarray, dict]:
+    """`EvalSettings.carve`: the voxels [N, 3] of the full grid that project inside the visible mask (or behind
+    something nearer in the point map; none of that on the fallback plane) -> (kept voxels, record)."""
+    from sam3d_core.export.project import SilhouetteCarve
+    from sam3d_core.geometry import frames
+
+    depth = None if ctx.pointmap_source == "fallback plane" else ctx.pointmap
+    carve = SilhouetteCarve(frames.pose_matrix(rotation, translation, scale), ctx.K, sample.mask, depth)
+    keep = carve((occupancy + 0.5) / GRID - 0.5)
+    if not keep.any():  # as occupancy_surface: nothing inside the mask, nothing dropped
+        return occupancy, {"removed": 0, "why": "no voxel projects inside the mask"}
+    return occupancy[keep], carve.report
 
 
 def make_predictors(models: Sequence[str | None], settings: EvalSettings) -> list:
@@ -656,6 +676,8 @@ def _table(first: list[str], rows: list[tuple[list[str], dict]]) -> list[str]:
 
 def _pointmap_words(settings: dict) -> str:
     refined = "; stage-1 poses refined against it (--refine-layout)" if settings.get("refine_layout") else ""
+    if settings.get("carve"):
+        refined += "; stage-1 voxels cut to the mask's silhouette cone (--carve)"
     if settings.get("pointmap", True):
         return "each sample's point map (the flat fallback plane where a sample has none)" + refined
     return "the flat fallback plane (--no-pointmap; layout in relative units)" + refined

@@ -5,7 +5,9 @@ UV convention: glTF's (see `cleanup.py`'s module docstring): (0, 0) is the top-l
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -209,6 +211,32 @@ def worker_init() -> None:
 
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, "1")
+
+
+# Every library the mesh chain, the bake and the projected texture import lazily (scipy's submodules import one
+# another). Two threads importing them for the first time at once can stop on Python's per-module import locks
+# (`_DeadlockError ... scipy.linalg.cython_lapack`, seen once when the app's first object ran its chain beside the
+# bake's colour lookup), so the pipeline imports them all in one thread before it starts any other.
+CHAIN_MODULES = (
+    "scipy.linalg",
+    "scipy.ndimage",
+    "scipy.spatial",
+    "scipy.sparse.csgraph",
+    "skimage.measure",
+    "fast_simplification",
+    "xatlas",
+)
+
+
+def import_chain() -> None:
+    """Import CHAIN_MODULES in this thread (a no-op after the first call). A missing one is skipped here: the step
+    that needs it says what to install when it runs."""
+    for module in CHAIN_MODULES:
+        if module not in sys.modules:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass
 
 
 def worker_ready() -> bool:

@@ -7,11 +7,12 @@ masked point map, and keep the result only when its silhouette fits the mask bet
 
 Our version of the official pipeline's optional layout post-optimisation (pose the mesh, align it to the masked
 point map, ICP, silhouette render-and-compare; a step counts only if the mask IoU improves and is >= 0.5), written
-from that description. It pays when the point map comes from depth: a small stage-1 model places objects at about
-the right distance and size but often turns them wrongly about the vertical, and the depth of the object's front
-pins that turn down. Without depth (the fallback plane) there is nothing to align to. Frames as everywhere
-(geometry/frames.py): local z up; the pose maps local points into the PyTorch3D camera frame with row vectors,
-p_cam = (p * scale) @ rotation + translation. Only the pose changes; the shape stays as it is in its local frame.
+from that description; we keep every improvement (the 0.5 floor measured worse on our benchmark: LayoutSettings).
+It pays when the point map comes from depth: a small stage-1 model places objects at about the right distance and
+size but often turns them wrongly about the vertical, and the depth of the object's front pins that turn down.
+Without depth (the fallback plane) there is nothing to align to. Frames as everywhere (geometry/frames.py): local z
+up; the pose maps local points into the PyTorch3D camera frame with row vectors, p_cam = (p * scale) @ rotation +
+translation. Only the pose changes; the shape stays as it is in its local frame.
 
 1. Observed points: the point map at the mask's pixels, finite only, subsampled. Too few of them, or a point map
    of one constant depth (the no-depth fallback plane), and the pose comes back unchanged with report["skipped"].
@@ -36,7 +37,8 @@ p_cam = (p * scale) @ rotation + translation. Only the pose changes; the shape s
 4. Silhouette check: the posed shape's silhouette (`mesh`, else a voxel shell of the points; `frames.render_silhouette`
    at `silhouette_size` pixels) against the mask, for the prediction and for the refined pose, leaving out pixels
    where something is seen in front of the object (an occluder: `_Silhouette`). The refined pose is returned only
-   when its IoU is higher and at least `min_iou` (upstream's rule); otherwise the prediction is.
+   when its IoU is higher (and at least `min_iou`, 0 by default: upstream also asks 0.5, which measured worse here,
+   see LayoutSettings); otherwise the prediction is.
 
 ICP written here rather than `trimesh.registration.icp`: that matches a moving point set to one fixed set, point to
 point; here the matched set (the visible side) changes with every pose, the matches go the other way (observed ->
@@ -79,7 +81,11 @@ class LayoutSettings:
     depth_tolerance: float = 0.05  # how far in front of the point map a predicted point may lie
     max_scale_change: float = 1.3  # the fitted scale stays within [1/x, x] of the predicted one
     min_points: int = 50  # fewer observed points: skipped
-    min_iou: float = 0.5  # the refined silhouette's IoU must reach this (upstream) and beat the prediction's
+    # the refined silhouette's IoU must reach this and beat the prediction's. Upstream asks 0.5; measured on the 120
+    # benchmark samples (docs/evaluation.md) any improvement is the better rule: with true shapes 98 % accepted
+    # (92 % at 0.5), placement error < 0.02 for 91 % (86 %); with the first default model's blobby shapes the 0.5
+    # floor kept 87 % of its predictions (ADD-S@0.1 0.37 -> 0.42), taking every improvement gives 0.68
+    min_iou: float = 0.0
     silhouette_size: int = 256  # longer side of the silhouette check, pixels (the mask is reduced to it)
     seed: int = 0
 

@@ -262,6 +262,9 @@ class Pipeline:
         # kernel instead, so whether batching stage 2 pays is measured (bench/e2e.py --no-batch-stage2).
         self.batch_stage2 = True
         self.uv_piece_faces = 5000  # xatlas charts pieces of this many faces on its threads (unwrap_uv)
+        # models without stage 2: the occupancy is cut down to the mask's silhouette cone before its surface is
+        # taken (export/project.SilhouetteCarve: what projects outside the mask, unless occluded there, goes)
+        self.carve = True
         # Without stage 2: False makes a mesh from stage 1's occupancy textured by projecting the photo
         # (export/project.py); True writes the stage-1 voxels (NAME_voxels.glb), as before that existed.
         self.voxels_only = False
@@ -475,6 +478,9 @@ class Pipeline:
             progress=progress,
         )
         threads = min(len(masks), FINISH_THREADS)
+        from sam3d_core.export.uv import import_chain
+
+        import_chain()  # here, before the finishing threads start (export/uv.CHAIN_MODULES says why)
         pool = ThreadPoolExecutor(threads, thread_name_prefix="sam3d-finish") if overlap else None
         pending: collections.deque = collections.deque()  # finishes running on the pool, in object order
         try:
@@ -792,9 +798,10 @@ class Pipeline:
     def _finish_mesh(self, dense, name: str, texture_size: int, faces: int, report: Progress, lap):
         from sam3d_core.export.bake import VertexColorSource, bake_texture
         from sam3d_core.export.gltf import TexturedMesh
-        from sam3d_core.export.uv import decimate_and_unwrap
+        from sam3d_core.export.uv import decimate_and_unwrap, import_chain
 
         report("postprocess", 0, 1)
+        import_chain()  # before the side thread: two first imports of scipy at once can deadlock
         # On a GPU the colour lookup, the UV raster and the mesh split run there; on a CPU the scipy search is
         # the faster lookup. The CPU chain (decimation in parts, clean-up, UVs) runs in the worker processes
         # while this thread builds the bake's colour lookup.
@@ -832,14 +839,18 @@ class Pipeline:
     def _finish_projected(self, ctx, mask, name: str, texture_size: int, faces: int, shape, pose4, report, lap):
         """Steps 4-5 without stage 2: the level-0 surface of the occupancy logits through the mesh chain (clean-up,
         decimation, UVs; in the worker processes), then the photo projected into its texture (export/project.py)."""
-        from sam3d_core.export.project import occupancy_surface, project_texture
+        from sam3d_core.export.project import SilhouetteCarve, occupancy_surface, project_texture
         from sam3d_core.export.uv import decimate_and_unwrap
 
         report("postprocess", 0, 1)
         logits, factor = shape
         if not bool((logits > 0).any()):
             raise EmptyMeshError("stage 1 found no occupied voxel for this object; try another seed or a tighter mask")
-        v, f = occupancy_surface(logits, downsample_factor=factor)
+        carve = None
+        if self.carve:  # the fallback plane's depth says nothing about occluders: no point map then
+            depth = None if ctx.pointmap_source == "fallback plane" else ctx.pointmap
+            carve = SilhouetteCarve(pose4, ctx.K, mask, depth)
+        v, f = occupancy_surface(logits, downsample_factor=factor, carve=carve)
         uv, clean_report = decimate_and_unwrap(
             v,
             f,
@@ -849,6 +860,7 @@ class Pipeline:
             uv_piece_faces=self.uv_piece_faces,
         )
         clean_report["surface_faces"] = len(f)
+        clean_report["carve"] = carve.report if carve is not None else {"off": True}
         lap("postprocess")
         report("bake", 0, 1)
         rgb = ctx.photo.rgb

@@ -64,6 +64,7 @@ class DefaultPlan:
     max_file_bytes: int = MAX_FILE_BYTES
     one_call: bool = False  # end (and export) within this call's `minutes` instead of pausing for the next call
     cfg_views: int = 32  # fresh training-distribution views that choose the shipped sampler's guidance strength
+    blind_views: int = 2000  # drawn views (not rendered) whose rotations give an image-blind model's rotation term
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -366,6 +367,23 @@ def choose_cfg_strength(weights: Path, pack, plan: DefaultPlan, device: torch.de
     return {"cfg_strength": best, "mean_add_s": {f"{c:g}": m for c, m in means.items()}, "views": plan.cfg_views}
 
 
+def rotation_blind_floor(pack, seed: int, views: int = 2000) -> float:
+    """The rotation term an image-blind flow model would reach on this pack's training stream (`losses.
+    blind_velocity_error` over the normalised 6D rotations of `views` drawn views; nothing is rendered). The first
+    default model's term settled at this floor: it had learnt no turn from the image (docs/benchmarks.md)."""
+    from sam3d_core.data.pack import RenderPackDataset
+    from sam3d_core.data.packviews import plan_view
+    from sam3d_core.geometry.layout import Pose, encode_pose, matrix_to_quaternion
+    from sam3d_core.training.losses import blind_velocity_error
+
+    ds = RenderPackDataset(pack, seed=seed)
+    rot = torch.from_numpy(np.stack([plan_view(ds, i).first.target.rotation for i in range(views)]))
+    zeros = torch.zeros(views, 3, dtype=rot.dtype)
+    pose = Pose(rotation=rot, quaternion=matrix_to_quaternion(rot), translation=zeros, scale=zeros + 1)
+    r6 = encode_pose(pose, torch.ones(views, 3), torch.zeros(views, 3))["6drotation_normalized"][:, 0]
+    return blind_velocity_error(r6, seed=seed)
+
+
 def _split(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
     parts: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -460,7 +478,9 @@ Attribution of every model and photo: `pack.json` of the pack (`sam3d data pack`
 - Sampler: guidance strength {smp.get("cfg_strength", "?")}, chosen by mean ADD-S on {smp.get("views", "?")} fresh
   training-distribution views (strength: ADD-S {adds}).
 - Flow: {flow.get("steps", "?")} steps x batch {flow.get("batch_size", "?")} ({flow.get("samples", "?")} views),
-  lr {flow.get("lr", "?")}, EMA {flow.get("ema_decay", "?")}; final loss {flow.get("loss", float("nan")):.4f}.
+  lr {flow.get("lr", "?")}, EMA {flow.get("ema_decay", "?")}; final loss {flow.get("loss", float("nan")):.4f};
+  rotation term {flow.get("rotation_loss", float("nan")):.3f} (a model blind to the image:
+  {flow.get("rotation_blind", float("nan")):.3f}; at or above it, the turn is not read from the photo).
 - Device time: {info.get("device_time_s", 0) / 60:.1f} min on {info.get("device_name", "?")}.
 - Command: `{info.get("command", "sam3d train-default")}`
 
@@ -611,11 +631,20 @@ def run(
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     last = next((r for r in reversed(records) if "loss" in r), {})
     done_steps = max([r["step"] for r in records if "step" in r] or [0])
+    rot = [r["loss_6drotation_normalized"] for r in records if "loss_6drotation_normalized" in r][-10:]
+    w_rot = cfg.loss_weights.rotation
     state["flow"] = {
         "steps": done_steps, "planned_steps": cfg.steps, "batch_size": cfg.batch_size,
         "samples": done_steps * cfg.batch_size, "lr": cfg.lr, "ema_decay": cfg.ema_decay,
         "loss": last.get("loss", float("nan")),
+        # the rotation term (mean of the last 10 logs, unweighted) against what an image-blind model reaches
+        "rotation_loss": float(np.mean(rot)) / w_rot if rot and w_rot else float("nan"),
+        "rotation_blind": state.get("flow", {}).get("rotation_blind")
+        or rotation_blind_floor(pack, plan.seed, plan.blind_views),
     }  # fmt: skip
+    got, blind = state["flow"]["rotation_loss"], state["flow"]["rotation_blind"]
+    verdict = " (no turn learnt from the image)" if not got < blind else ""
+    log(f"flow: rotation term {got:.3f}, an image-blind model's {blind:.3f}{verdict}")
     state["pack"] = {
         "objects": len(pack), "backgrounds": pack.num_backgrounds, "licences": pack.meta.get("licences", {}),
     }  # fmt: skip
