@@ -277,7 +277,9 @@ def test_the_other_commands_take_the_flag():
         assert parser.parse_args(cmd).refine_layout is None
         assert parser.parse_args([*cmd, "--refine-layout"]).refine_layout is True
         assert parser.parse_args([*cmd, "--no-refine-layout"]).refine_layout is False
+        assert parser.parse_args(cmd).carve is True and parser.parse_args([*cmd, "--no-carve"]).carve is False
     assert parser.parse_args(["eval", "ds", "--out", "o", "--refine-layout"]).refine_layout is True
+    assert parser.parse_args(["eval", "ds", "--out", "o"]).carve is False  # eval: asked for, as --refine-layout
 
 
 def test_batch_options_reach_the_pipeline(tiny, tmp_path):

@@ -80,6 +80,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         pipe, which = Pipeline.load(
             args.model, dist.device, low_vram=args.low_vram, compile=args.compile, max_voxels=args.max_voxels
         )
+        pipe.carve = args.carve  # models without stage 2: cut to each mask's silhouette cone (default on)
         bar = BatchBar(dist.rank, dist.world)
         if dist.rank == 0:
             masked = sum(bool(j.masks) for j in jobs)
