@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -240,9 +241,19 @@ def test_the_image_blind_floor_is_zero_for_one_target_and_analytic_for_gaussian_
     t = torch.sigmoid(torch.randn(400_000, generator=gen, dtype=torch.float64) - 1.0)
     want = float((2 - (2 * t - 1) ** 2 / (t**2 + (1 - t) ** 2)).mean())
     assert got == pytest.approx(want, abs=0.05)
-    # two far-apart points: a blind model that ignored x_t would err by Var(x1) + 1 = 401 a dimension; x_t tells
-    # them apart at all but the earliest times
-    two = torch.cat([torch.full((50, 2), -20.0), torch.full((50, 2), 20.0)])
-    assert 1.0 < blind_velocity_error(two) < 0.1 * 401
+    # two points +-(a, a): only the direction (1, 1) / sqrt(2) is uncertain, a 1D problem with x1 = +-A, A = a sqrt 2;
+    # there E[x1 | x_t] = A tanh(A t x_t / (1 - t)^2) and v - E[v | x_t] = (x1 - E[x1 | x_t]) / (1 - t). Quadrature
+    # over the logit-normal time and x0 (Gauss-Hermite), per dimension (/ 2), written independently of the code
+    a = 3.0
+    two = torch.cat([torch.full((50, 2), -a), torch.full((50, 2), a)])
+    big_a = a * np.sqrt(2.0)
+    z, wz = np.polynomial.hermite_e.hermegauss(80)  # nodes / weights for N(0, 1)
+    t = 1 / (1 + np.exp(-(z - 1.0)))  # logit-normal, mean -1, std 1
+    x0, w0 = z[None, :], wz[None, :] / wz.sum()
+    tt = t[:, None]
+    xt = tt * big_a + (1 - tt) * x0  # x1 = +A (the -A half is its mirror image)
+    err = ((big_a - big_a * np.tanh(big_a * tt * xt / (1 - tt) ** 2)) / (1 - tt)) ** 2
+    want = float((wz / wz.sum()) @ (err * w0).sum(1)) / 2
+    assert blind_velocity_error(two, samples=16384, seed=2) == pytest.approx(want, rel=0.05)
     with pytest.raises(ValueError, match="at least 2"):
         blind_velocity_error(torch.zeros(1, 6))

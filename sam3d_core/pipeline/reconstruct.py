@@ -480,7 +480,8 @@ class Pipeline:
         threads = min(len(masks), FINISH_THREADS)
         from sam3d_core.export.uv import import_chain
 
-        import_chain()  # here, before the finishing threads start (export/uv.CHAIN_MODULES says why)
+        # here, before the finishing threads and their side threads start (export/uv.CHAIN_MODULES says why)
+        import_chain()
         pool = ThreadPoolExecutor(threads, thread_name_prefix="sam3d-finish") if overlap else None
         pending: collections.deque = collections.deque()  # finishes running on the pool, in object order
         try:
@@ -798,10 +799,9 @@ class Pipeline:
     def _finish_mesh(self, dense, name: str, texture_size: int, faces: int, report: Progress, lap):
         from sam3d_core.export.bake import VertexColorSource, bake_texture
         from sam3d_core.export.gltf import TexturedMesh
-        from sam3d_core.export.uv import decimate_and_unwrap, import_chain
+        from sam3d_core.export.uv import decimate_and_unwrap
 
         report("postprocess", 0, 1)
-        import_chain()  # before the side thread: two first imports of scipy at once can deadlock
         # On a GPU the colour lookup, the UV raster and the mesh split run there; on a CPU the scipy search is
         # the faster lookup. The CPU chain (decimation in parts, clean-up, UVs) runs in the worker processes
         # while this thread builds the bake's colour lookup.
