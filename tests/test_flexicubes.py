@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sam3d_core.geometry.flexicubes import MeshResult, _case_ids, _tables, extract_mesh
+from sam3d_core.geometry.flexicubes import MeshResult, _case_ids, _member_sum, _tables, extract_mesh
 
 FIXTURE = Path(__file__).parent / "fixtures" / "stage2_small"
 CORNERS = torch.tensor([[i & 1, (i >> 1) & 1, (i >> 2) & 1] for i in range(8)])
@@ -48,6 +48,21 @@ def test_official_parity():
     torch.testing.assert_close(mesh.vertex_attrs, data["mesh/vertex_colors"], atol=1e-6, rtol=1e-4)
     assert torch.equal(mesh.faces, data["mesh/faces"].long())
     assert torch.equal(mesh.colors, mesh.vertex_attrs[:, :3])
+
+
+def test_member_sum_is_index_add_in_order():
+    """The dual vertices' sums equal the CPU's sequential index_add_ bit for bit (rows of 0 to 7 members, padding
+    anywhere in a row, values of mixed magnitude so that the order of the adds shows)."""
+    g = torch.Generator().manual_seed(0)
+    valid = torch.rand(500, 7, generator=g) < 0.6
+    valid[:3] = False  # rows without members sum to 0
+    values = torch.randn(int(valid.sum()), 3, generator=g)
+    values *= 10 ** torch.randint(-6, 7, (values.shape[0], 1), generator=g).float()
+    rows = torch.arange(500)[:, None].expand(-1, 7)[valid]
+    expected = torch.zeros(500, 3).index_add_(0, rows, values)
+    assert torch.equal(_member_sum(values, valid), expected)
+    doubles = torch.zeros(500, 3, dtype=torch.float64).index_add_(0, rows, values.double())
+    assert torch.equal(_member_sum(values.double(), valid), doubles)
 
 
 def test_input_not_modified():
@@ -148,3 +163,16 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(gpu.vertices.cpu(), cpu.vertices, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(gpu.vertex_attrs.cpu(), cpu.vertex_attrs, atol=1e-6, rtol=1e-4)
     assert torch.equal(gpu.faces.cpu(), cpu.faces)
+
+
+@pytest.mark.gpu
+def test_cuda_is_the_same_on_every_run():
+    """On CUDA the same input gives the same mesh bit for bit (the decimation after it turns last-bit differences
+    into different meshes)."""
+    data = load_file(FIXTURE / "data.safetensors")
+    coords, feats = data["mesh/fine_coords"].long().cuda(), data["mesh/fine_feats"].cuda()
+    first = extract_mesh(coords, feats)
+    for _ in range(3):
+        again = extract_mesh(coords, feats)
+        assert torch.equal(again.vertices, first.vertices) and torch.equal(again.faces, first.faces)
+        assert torch.equal(again.vertex_attrs, first.vertex_attrs)

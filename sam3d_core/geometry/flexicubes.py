@@ -115,6 +115,23 @@ def _triangulate(
     return quads.gather(1, split).reshape(-1, 3)
 
 
+def _member_sum(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per dual vertex, the sum of its members' values: values [G, C] of the True entries of valid [V, 7], row-major
+    -> [V, C].
+
+    Written out instead of `index_add_`: on CUDA that adds with float atomics in no fixed order, so the same latent
+    gave vertices differing in the last bits from run to run, which the decimation then turned into different
+    meshes. Here each row adds its members left to right from zero, the order the CPU's `index_add_` uses, so the
+    result is the same on every run and every device (a padded slot adds 0, which changes nothing).
+    """
+    full = values.new_zeros((*valid.shape, values.shape[-1]))  # [V, 7, C]
+    full[valid] = values
+    total = values.new_zeros((valid.shape[0], values.shape[-1]))
+    for k in range(valid.shape[1]):
+        total = total + full[:, k]
+    return total
+
+
 def flexicubes(
     vertices: torch.Tensor,
     sdf: torch.Tensor,
@@ -182,13 +199,13 @@ def flexicubes(
     b = beta.reshape(-1)[m_flat].unsqueeze(-1)  # [G, 1]
     w = s_pair * a_pair
 
-    b_sum = vertices.new_zeros((n_vd, 1)).index_add_(0, m_vd, b)
+    b_sum = _member_sum(b, valid)
     crossing_pos = _interp(w, vertices[ends])  # [G, 3]
-    vd = vertices.new_zeros((n_vd, 3)).index_add_(0, m_vd, crossing_pos * b) / b_sum
+    vd = _member_sum(crossing_pos * b, valid) / b_sum
     vd_color = None
     if colors is not None:
         crossing_col = _interp(w, colors[ends])
-        vd_color = colors.new_zeros((n_vd, colors.shape[-1])).index_add_(0, m_vd, crossing_col * b) / b_sum
+        vd_color = _member_sum(crossing_col * b, valid) / b_sum
     vd_gamma = gamma[vd_cube]  # [V]
     vd_of_edge = torch.zeros(n_cubes * 12, dtype=torch.long, device=device)
     vd_of_edge[m_flat] = m_vd
