@@ -519,3 +519,24 @@ def test_glb_files_load_in_pygltflib(tmp_path):
         gltf = pygltflib.GLTF2().load(str(path))
         assert gltf.asset.version == "2.0" and len(gltf.meshes) == 1
         assert len(gltf.binary_blob()) == gltf.buffers[0].byteLength
+
+
+def test_texture_png_is_encoded_once_per_content():
+    """The GLB writers' PNG encodings are remembered by content: the same pixels (another array) give the same
+    bytes without a second encoding; one changed pixel, or the same bytes in another shape, are encoded anew."""
+    import io
+
+    from PIL import Image
+
+    from sam3d_core.export import gltf
+
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    png = gltf.png_bytes(image)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), image)
+    assert gltf.png_bytes(image.copy()) is png
+    changed = image.copy()
+    changed[3, 4, 2] ^= 1
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(gltf.png_bytes(changed)))), changed)
+    reshaped = image.reshape(64, 48, 3)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(gltf.png_bytes(reshaped)))), reshaped)

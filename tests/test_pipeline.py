@@ -293,3 +293,45 @@ def test_overlapped_objects_equal_sequential_ones(pipe):
         np.testing.assert_allclose(x.mesh.vertices, y.mesh.vertices)
         np.testing.assert_array_equal(x.mesh.texture, y.mesh.texture)
         assert x.mask_iou == pytest.approx(y.mask_iou)
+
+
+def test_files_written_side_by_side_equal_one_after_another(pipe, done, tmp_path):
+    """The export's files written on several threads (the default) are byte for byte those written one after
+    another, and the scene GLB (reusing the objects' texture encodings) too."""
+    ctx, _, results, _, first, _ = done
+    before = pipe.file_workers
+    try:
+        for workers in (1, 4):
+            pipe.file_workers = workers
+            pipe.export(ctx, results, tmp_path / f"w{workers}")
+    finally:
+        pipe.file_workers = before
+    names = sorted(p.name for p in first.iterdir())
+    assert {"cup.glb", "cup.ply", "cup_mask.png", "cup_again.glb", "scene.glb", "scene.json"} <= set(names)
+    for workers in (1, 4):
+        assert sorted(p.name for p in (tmp_path / f"w{workers}").iterdir()) == names
+        for name in names:
+            assert (tmp_path / f"w{workers}" / name).read_bytes() == (first / name).read_bytes(), (workers, name)
+
+
+def test_side_by_side_jobs_all_finish_before_the_first_failure_is_raised():
+    import threading
+
+    from sam3d_core.pipeline.reconstruct import run_side_by_side
+
+    finished, go = [], threading.Event()
+
+    def fail(msg):
+        raise ValueError(msg)
+
+    def waits():
+        assert go.wait(60)
+        finished.append("waits")
+
+    jobs = [lambda: fail("first"), waits, go.set, lambda: fail("second")]
+    with pytest.raises(ValueError, match="first"):
+        run_side_by_side(jobs, 3)
+    assert finished == ["waits"]
+    ran = []
+    run_side_by_side([lambda: ran.append(1), lambda: ran.append(2)], 1)  # one worker: in order, in this thread
+    assert ran == [1, 2]

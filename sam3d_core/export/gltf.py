@@ -15,10 +15,13 @@ exporter writes neither cameras nor node extras. Layout of every mesh (object an
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,6 +169,37 @@ def _check_camera(camera: dict[str, Any]) -> dict[str, float]:
     return cam
 
 
+_PNG_CACHE: OrderedDict[bytes, bytes] = OrderedDict()  # content digest -> PNG, most recent last
+_PNG_CACHE_BYTES = 256 * 2**20
+_PNG_LOCK = threading.Lock()
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """The PNG encoding of a uint8 image [H, W, 3|4], remembered by content: an object's texture goes into its
+    GLB and again into scene.glb, and encoding a 1024² texture (~0.17 s) costs far more than hashing it (~3 ms).
+    Keyed by a digest of the pixels, shape and dtype, so a changed texture is always encoded anew. Thread-safe
+    (the writers run on several threads); the encoding itself runs outside the lock."""
+    from PIL import Image
+
+    image = np.ascontiguousarray(image)
+    digest = hashlib.blake2b(f"{image.shape} {image.dtype};".encode(), digest_size=20)
+    digest.update(image.data)
+    key = digest.digest()
+    with _PNG_LOCK:
+        if key in _PNG_CACHE:
+            _PNG_CACHE.move_to_end(key)
+            return _PNG_CACHE[key]
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    png = out.getvalue()
+    with _PNG_LOCK:
+        _PNG_CACHE[key] = png
+        total = sum(len(v) for v in _PNG_CACHE.values())
+        while total > _PNG_CACHE_BYTES and len(_PNG_CACHE) > 1:
+            total -= len(_PNG_CACHE.popitem(last=False)[1])
+    return png
+
+
 class _GlbBuilder:
     """glTF JSON plus one binary buffer; `to_bytes` packs the GLB container."""
 
@@ -204,11 +238,7 @@ class _GlbBuilder:
         return len(self.doc["accessors"]) - 1
 
     def _texture(self, image: np.ndarray) -> int:
-        from PIL import Image
-
-        png = io.BytesIO()
-        Image.fromarray(image).save(png, format="PNG")
-        self.doc["images"].append({"bufferView": self._view(png.getvalue(), None), "mimeType": "image/png"})
+        self.doc["images"].append({"bufferView": self._view(png_bytes(image), None), "mimeType": "image/png"})
         if not self.doc["samplers"]:
             filters = {"magFilter": _LINEAR, "minFilter": _LINEAR_MIPMAP_LINEAR}
             self.doc["samplers"].append({**filters, "wrapS": _CLAMP_TO_EDGE, "wrapT": _CLAMP_TO_EDGE})

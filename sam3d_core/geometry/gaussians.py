@@ -129,21 +129,21 @@ class Gaussians:
         """Write the 3DGS PLY convention (binary little-endian float32): x y z, nx ny nz (0), f_dc_0..2,
         opacity (logit), scale_0..2 (log), rot_0..3 (w x y z, not normalised, as the official writer)."""
         opacity = self.get_opacity.detach().double()
+        names = ["x", "y", "z", "nx", "ny", "nz", *(f"f_dc_{i}" for i in range(3)), "opacity"]
+        names += [f"scale_{i}" for i in range(3)] + [f"rot_{i}" for i in range(4)]
         columns = [
-            ("x", self.get_xyz[:, 0]),
-            ("y", self.get_xyz[:, 1]),
-            ("z", self.get_xyz[:, 2]),
-            *[(name, torch.zeros(len(self))) for name in ("nx", "ny", "nz")],
-            *[(f"f_dc_{i}", self._features_dc[:, 0, i]) for i in range(3)],
-            ("opacity", torch.log(opacity / (1 - opacity))[:, 0]),
-            *[(f"scale_{i}", torch.log(self.get_scaling[:, i])) for i in range(3)],
-            *[(f"rot_{i}", self.rotation_unnormalised[:, i]) for i in range(4)],
+            self.get_xyz,
+            self._xyz.new_zeros(len(self), 3),
+            self._features_dc[:, 0],
+            torch.log(opacity / (1 - opacity)),
+            torch.log(self.get_scaling),
+            self.rotation_unnormalised,
         ]
-        rows = np.empty(len(self), dtype=[(name, "<f4") for name, _ in columns])
-        for name, values in columns:
-            rows[name] = values.detach().float().cpu().numpy()
+        # One [M, 17] float32 table (each column rounded to float32 from its own precision), written straight
+        # from its memory: a PLY vertex row is exactly a row of it.
+        table = torch.cat([c.detach().float() for c in columns], 1).cpu().numpy().astype("<f4", copy=False)
         header = ["ply", "format binary_little_endian 1.0", f"element vertex {len(self)}"]
-        header += [f"property float {name}" for name, _ in columns] + ["end_header"]
+        header += [f"property float {name}" for name in names] + ["end_header"]
         with open(path, "wb") as f:
             f.write(("\n".join(header) + "\n").encode("ascii"))
-            f.write(rows.tobytes())
+            f.write(memoryview(np.ascontiguousarray(table)))

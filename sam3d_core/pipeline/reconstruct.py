@@ -86,6 +86,27 @@ def default_mesh_workers() -> int:
     return 0 if share < 4 else min(share - 1, 16)
 
 
+def default_file_workers() -> int:
+    """Threads that write a job's files: this process's share of the cores, at most 8 (past that the disk, not
+    the encoding, sets the pace)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1), 8))
+
+
+def run_side_by_side(jobs: Sequence[Callable[[], object]], workers: int) -> None:
+    """Run independent jobs on up to `workers` threads (in this thread when that is 1 or there is one job). Every
+    job has finished when this returns or raises, so a caller's clean-up never races a write still going on; the
+    first failure in the jobs' order is raised."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            job()
+        return
+    with ThreadPoolExecutor(min(workers, len(jobs)), thread_name_prefix="sam3d-files") as pool:
+        futures = [pool.submit(job) for job in jobs]
+    for future in futures:  # the with block has waited for all of them
+        future.result()
+
+
 @dataclass
 class PhotoContext:
     """One photo, checked, with its camera: computed once and shared by all its objects."""
@@ -269,6 +290,7 @@ class Pipeline:
         # (export/project.py); True writes the stage-1 voxels (NAME_voxels.glb), as before that existed.
         self.voxels_only = False
         self.mesh_workers = default_mesh_workers()  # processes for decimation, clean-up and UVs (0: in-process)
+        self.file_workers = default_file_workers()  # threads writing the files of an export (1: one after another)
         self._pool: ProcessPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._warm: list | None = None  # the warm-up tasks sent to the mesh workers
@@ -984,6 +1006,7 @@ class Pipeline:
         if not isinstance(out, OutputFolder):
             out = output_folder(out, overwrite=overwrite, inputs=inputs)
         objects, placed, nodes = [], [], {"camera"}
+        jobs: list[Callable[[], object]] = []  # every object file, written side by side once all names are claimed
         with out.writer() as w:
             scene_stem = w.claim("scene", (".json", ".glb"), last=True)  # first: an object named scene gets scene_1
             for res in results:
@@ -993,24 +1016,27 @@ class Pipeline:
                 stem = w.claim(check_name(res.name, "object name"), suffixes)
                 rec = self.object_record(res)
                 if res.mesh is not None:
-                    save_object_glb(w.staged(f"{stem}.glb"), res.mesh)
+                    jobs.append(partial(save_object_glb, w.staged(f"{stem}.glb"), res.mesh))
                     rec["mesh_glb"] = f"{stem}.glb"
                     node = next(n for n in (stem, *(f"{stem}_{i}" for i in range(1, 10**6))) if n not in nodes)
                     nodes.add(node)  # node names in scene.glb: unique, and not the camera's
                     placed.append((replace(res.mesh, name=node), frames.gltf_node_matrix(res.pose_matrix)))
                 else:
-                    save_voxels_glb(w.staged(f"{stem}_voxels.glb"), res.voxels, res.pose_matrix)
+                    jobs.append(partial(save_voxels_glb, w.staged(f"{stem}_voxels.glb"), res.voxels, res.pose_matrix))
                     rec["glb"] = f"{stem}_voxels.glb"
                 if res.gaussians is not None:
-                    res.gaussians.save_ply(w.staged(f"{stem}.ply"))
+                    jobs.append(partial(res.gaussians.save_ply, w.staged(f"{stem}.ply")))
                     rec["gaussians_ply"] = f"{stem}.ply"
                 if masks:
-                    save_mask_png(res.mask, w.staged(f"{stem}_mask.png"))
+                    jobs.append(partial(save_mask_png, res.mask, w.staged(f"{stem}_mask.png")))
                     rec["mask"] = f"{stem}_mask.png"
                 if latents and res.latents:
-                    save_latents(w.staged(f"{stem}_latents.safetensors"), res.latents, ctx.K)
+                    jobs.append(partial(save_latents, w.staged(f"{stem}_latents.safetensors"), res.latents, ctx.K))
                     rec["latents"] = f"{stem}_latents.safetensors"
                 objects.append(rec)
+            # The texture PNGs, the PLY arrays and the writes release the GIL: on threads the files of a photo take
+            # about as long as its largest file. The scene GLB comes after, reusing the textures' PNG encodings.
+            run_side_by_side(jobs, self.file_workers)
             scene = {
                 "version": 1,
                 "generator": f"sam3d {__version__}",
