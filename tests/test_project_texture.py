@@ -320,6 +320,29 @@ def test_carving_keeps_what_it_cannot_see_and_never_empties_a_shape(blob):
         SilhouetteCarve(pose, K, mask, np.zeros((2, 2, 3)))
 
 
+def test_growing_first_brings_back_what_a_small_blob_misses():
+    """A blob smaller than the object (radius 0.24 where the photo shows a box of half 0.3): carving alone can only
+    cut; grown by 3 voxels first, the solid reaches further out and the carve trims it to the outline again."""
+    logits, pose, mask = _sphere_logits(0.24), _box_pose(), box_mask()
+    plain = _silhouette(*occupancy_surface(logits, carve=SilhouetteCarve(pose, K, mask)), pose)
+    carve = SilhouetteCarve(pose, K, mask, grow=3)
+    grown = _silhouette(*occupancy_surface(logits, carve=carve), pose)
+    assert frames.mask_iou(grown, mask) > frames.mask_iou(plain, mask) + 0.1
+    assert (grown & ~mask).sum() < 0.1 * grown.sum()  # still inside the outline (within the carve's margin)
+    v0, _ = occupancy_surface(logits)
+    v1, _ = occupancy_surface(logits, carve=SilhouetteCarve(pose, K, np.zeros_like(mask), grow=3))
+    np.testing.assert_array_equal(v1, v0)  # the carve would drop every cell: nothing dropped, nothing grown
+    with pytest.raises(ValueError, match="grow"):
+        SilhouetteCarve(pose, K, mask, grow=-1)
+
+
+def test_the_benchmark_carves_as_the_pipeline():
+    from sam3d_core.evaluation.run import EvalSettings
+    from sam3d_core.export.project import CARVE_GROW
+
+    assert EvalSettings().carve_grow == CARVE_GROW == Pipeline.load("tiny", "cpu", stage2=False)[0].carve_grow
+
+
 def test_capped_carving_keeps_the_caps_map(blob):
     """With the cap's factor 2 the map comes from the uncarved occupancy: what is kept does not move."""
     logits, pose, mask = blob

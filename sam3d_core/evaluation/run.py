@@ -82,7 +82,8 @@ class EvalSettings:
     point map (pipeline/layout.py, as `sam3d reconstruct --refine-layout`; skipped on the fallback plane), with
     what it did in each sample's prediction info ("layout_refine"); carve: scored stage-1 voxels (no stage2) are
     cut down to the mask's silhouette cone after the layout step (export/project.SilhouetteCarve, as `sam3d
-    reconstruct` does for a model without stage 2), the count in the prediction info ("carve")."""
+    reconstruct` does for a model without stage 2; grown by `carve_grow` voxels first, as the pipeline), the count
+    in the prediction info ("carve")."""
 
     points: int = POINTS
     emd_points: int = EMD_POINTS
@@ -96,6 +97,7 @@ class EvalSettings:
     pointmap: bool = True
     refine_layout: bool = False
     carve: bool = False
+    carve_grow: int = 3  # voxels the solid grows by before the carve (export/project.CARVE_GROW, the pipeline's)
 
     def check(self) -> EvalSettings:
         if not 1_000 <= self.points <= 10_000_000:
@@ -194,7 +196,7 @@ class ModelPredictor:
             occupancy = out1.coords_original[:, 1:].cpu().numpy().astype(np.int64)
             scale = scale / out1.downsample_factor
             if s.carve:
-                occupancy, info["carve"] = _carve(occupancy, rotation, translation, scale, ctx, sample)
+                occupancy, info["carve"] = _carve(occupancy, rotation, translation, scale, ctx, sample, s.carve_grow)
             info["voxels"] = len(occupancy)
             return Prediction(occupancy, rotation, translation, scale, info=info)
         out2 = pipe.stage2(
@@ -230,18 +232,22 @@ def _refine(out1, rotation, translation, scale, ctx, sample: Sample) -> tuple:
     return rotation, new4[:3, 3].copy(), np.linalg.norm(new4[:3, :3], axis=0), record
 
 
-def _carve(occupancy, rotation, translation, scale, ctx, sample: Sample) -> tuple[np.ndarray, dict]:
-    """`EvalSettings.carve`: the voxels [N, 3] of the full grid that project inside the visible mask (or behind
-    something nearer in the point map; none of that on the fallback plane) -> (kept voxels, record)."""
+def _carve(occupancy, rotation, translation, scale, ctx, sample: Sample, grow: int) -> tuple[np.ndarray, dict]:
+    """`EvalSettings.carve`: the voxels [N, 3] of the full grid, filled and grown by `grow` voxels as the pipeline
+    does, that project inside the visible mask (or behind something nearer in the point map; none of that on the
+    fallback plane) -> (kept voxels, record)."""
     from sam3d_core.export.project import SilhouetteCarve
     from sam3d_core.geometry import frames
 
     depth = None if ctx.pointmap_source == "fallback plane" else ctx.pointmap
-    carve = SilhouetteCarve(frames.pose_matrix(rotation, translation, scale), ctx.K, sample.mask, depth)
-    keep = carve((occupancy + 0.5) / GRID - 0.5)
-    if not keep.any():  # as occupancy_surface: nothing inside the mask, nothing dropped
+    carve = SilhouetteCarve(frames.pose_matrix(rotation, translation, scale), ctx.K, sample.mask, depth, grow=grow)
+    solid = np.zeros((GRID,) * 3, bool)
+    solid[tuple(occupancy.T)] = True
+    grown = np.argwhere(carve.grown(solid)) if grow else occupancy
+    keep = carve((grown + 0.5) / GRID - 0.5)
+    if not keep.any():  # as occupancy_surface: nothing inside the mask, nothing dropped (nor grown)
         return occupancy, {"removed": 0, "why": "no voxel projects inside the mask"}
-    return occupancy[keep], carve.report
+    return grown[keep], {**carve.report, "grow": grow, "grown": len(grown) - len(occupancy)}
 
 
 def make_predictors(models: Sequence[str | None], settings: EvalSettings) -> list:
@@ -677,7 +683,9 @@ def _table(first: list[str], rows: list[tuple[list[str], dict]]) -> list[str]:
 def _pointmap_words(settings: dict) -> str:
     refined = "; stage-1 poses refined against it (--refine-layout)" if settings.get("refine_layout") else ""
     if settings.get("carve"):
-        refined += "; stage-1 voxels cut to the mask's silhouette cone (--carve)"
+        grow = settings.get("carve_grow", 0)
+        grown = f"grown by {grow} voxels, then " if grow else ""
+        refined += f"; stage-1 voxels {grown}cut to the mask's silhouette cone (--carve)"
     if settings.get("pointmap", True):
         return "each sample's point map (the flat fallback plane where a sample has none)" + refined
     return "the flat fallback plane (--no-pointmap; layout in relative units)" + refined

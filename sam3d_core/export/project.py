@@ -69,6 +69,12 @@ def _cap_map(occupied: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]
     return target_lo - lo * ratio, ratio
 
 
+# Voxels the filled stage-1 solid grows by before the carve (SilhouetteCarve.grow): on the render-paste benchmark
+# the first default model's Chamfer went 0.165 -> 0.149, voxel IoU 0.038 -> 0.040, ADD-S@0.1 0.87 -> 0.89, F1@0.01
+# 0.018 -> 0.016 (docs/benchmarks.md), and the demo armchair's silhouette IoU 0.54 -> 0.73.
+CARVE_GROW = 3
+
+
 class SilhouetteCarve:
     """What the photo rules out: a local-frame point placed by the pose is dropped when it projects into the photo
     outside the object's mask, unless something nearer is seen at that pixel (an occluder may hide it there).
@@ -91,7 +97,7 @@ class SilhouetteCarve:
     voxel in the local frame (1 / 64 for stage 1's grid)."""
 
     def __init__(self, pose4, K, mask, pointmap=None, *, voxel: float = 1.0 / 64, margin: float = 0.5,
-                 tolerance: float = 0.05):  # fmt: skip
+                 tolerance: float = 0.05, grow: int = 0):  # fmt: skip
         self.pose = np.asarray(pose4, np.float64)
         self.K = np.asarray(K, np.float64)
         self.mask = np.asarray(mask, bool)
@@ -102,8 +108,21 @@ class SilhouetteCarve:
             )
         if pointmap is not None and np.shape(pointmap) != (*self.mask.shape, 3):
             raise ValueError(f"pointmap: got {np.shape(pointmap)}, expected {(*self.mask.shape, 3)} (the mask's size)")
+        if not isinstance(grow, int) or grow < 0:
+            raise ValueError(f"grow={grow!r}: expected a number of voxels >= 0")
         self.pointmap, self.voxel, self.margin, self.tolerance = pointmap, float(voxel), float(margin), float(tolerance)
+        self.grow = grow
         self.report: dict = {}
+
+    def grown(self, solid: np.ndarray) -> np.ndarray:
+        """The solid [R, R, R] bool to be carved: its enclosed holes filled, then dilated by `grow` voxels (the
+        solid itself when grow is 0). Growing first lets the outline bring back what a coarse shape misses (a
+        chair's legs, the top of its back): the carve then cuts the grown solid down to the silhouette cone."""
+        solid = np.asarray(solid, bool)
+        if not self.grow or not solid.any():
+            return solid
+        ndimage = optional_import("scipy.ndimage")
+        return ndimage.binary_dilation(ndimage.binary_fill_holes(solid), iterations=self.grow)
 
     def __call__(self, local: np.ndarray) -> np.ndarray:
         ndimage = optional_import("scipy.ndimage")
@@ -154,9 +173,10 @@ def occupancy_surface(
     (a sigma of 0.6 would erase them); isolated single voxels vanish. clip: logits are clipped to +-clip first.
     fill: the enclosed empty interior of a surface-only occupancy is set inside (`scipy.ndimage.binary_fill_holes`).
     downsample_factor: `Stage1Output.downsample_factor` (see the module doc).
-    carve: a callable local points [N, 3] -> keep [N] bool (`SilhouetteCarve`): the cells of the filled solid it
-    drops are set outside before the surface is extracted (the cap's map is taken from the uncarved occupancy, so
-    what is kept stays where it was). When it would drop every cell, nothing is dropped.
+    carve: a callable local points [N, 3] -> keep [N] bool (`SilhouetteCarve`): the cells of the filled solid
+    (grown first by the carve's `grow` voxels) that it drops are set outside before the surface is extracted (the
+    cap's map is taken from the uncarved occupancy, so what is kept stays where it was). When it would drop every
+    cell, nothing is dropped and nothing grown.
     """
     ndimage = optional_import("scipy.ndimage")
     measure = optional_import("skimage.measure")
@@ -186,9 +206,12 @@ def occupancy_surface(
         interior = ndimage.binary_fill_holes(occupied) & ~occupied
         field[interior] = clip
     if carve is not None:
-        cells = np.argwhere(field > 0)  # [N, 3] the solid
+        solid = field > 0
+        grown = carve.grown(solid) if hasattr(carve, "grown") else solid  # SilhouetteCarve.grow: 0 = the solid
+        cells = np.argwhere(grown)  # [N, 3]
         keep = np.asarray(carve((offset + cells * ratio + 0.5) / res - 0.5), bool)
         if keep.any():
+            field[grown & ~solid] = clip
             gone = cells[~keep]
             field[gone[:, 0], gone[:, 1], gone[:, 2]] = -clip
     pad = 2  # outside values around the grid: a closed surface, and room for the smoothing

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from sam3d_core.export.output import OutputFolder, output_folder
+from sam3d_core.export.project import CARVE_GROW
 from sam3d_core.geometry import frames
 from sam3d_core.geometry.layout import matrix_to_quaternion
 from sam3d_core.inputs.imageio import InputError, Photo, load_mask, load_photo
@@ -286,6 +287,7 @@ class Pipeline:
         # models without stage 2: the occupancy is cut down to the mask's silhouette cone before its surface is
         # taken (export/project.SilhouetteCarve: what projects outside the mask, unless occluded there, goes)
         self.carve = True
+        self.carve_grow = CARVE_GROW  # voxels the solid grows by first, so that the outline can bring parts back
         # Without stage 2: False makes a mesh from stage 1's occupancy textured by projecting the photo
         # (export/project.py); True writes the stage-1 voxels (NAME_voxels.glb), as before that existed.
         self.voxels_only = False
@@ -871,7 +873,7 @@ class Pipeline:
         carve = None
         if self.carve:  # the fallback plane's depth says nothing about occluders: no point map then
             depth = None if ctx.pointmap_source == "fallback plane" else ctx.pointmap
-            carve = SilhouetteCarve(pose4, ctx.K, mask, depth)
+            carve = SilhouetteCarve(pose4, ctx.K, mask, depth, grow=self.carve_grow)
         v, f = occupancy_surface(logits, downsample_factor=factor, carve=carve)
         uv, clean_report = decimate_and_unwrap(
             v,
