@@ -170,7 +170,7 @@ def _check_camera(camera: dict[str, Any]) -> dict[str, float]:
 
 
 _PNG_CACHE: OrderedDict[bytes, bytes] = OrderedDict()  # content digest -> PNG, most recent last
-_PNG_CACHE_BYTES = 256 * 2**20
+_PNG_CACHE_BYTES = 64 * 2**20  # a 10-object photo's textures: up to ~30 MB of PNG
 _PNG_LOCK = threading.Lock()
 
 
